@@ -1,0 +1,1 @@
+"""Benchmarks of memtx_ops: ``python -m bench`` (the report) and ``pytest bench/ --benchmark-only``."""

@@ -1,0 +1,90 @@
+"""Turns bench rows into the markdown report, the JSON file and the plots under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+FIELDS = [("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"), ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"),
+          ("peak_mb", "peak MiB", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}")]
+
+
+def add_ratios(rows, baselines):
+    """Adds ``speedup`` (baseline fwd+bwd time / this one) and ``mem_ratio`` (peak / baseline peak)."""
+    base = {(r["op"], r["case"], r["dtype"]): r for r in rows if r["backend"] == baselines.get(r["op"])}
+    for r in rows:
+        b = base.get((r["op"], r["case"], r["dtype"]))
+        if b is None:
+            continue
+        if r.get("fwd_bwd_ms") and b.get("fwd_bwd_ms"):
+            r["speedup"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if r.get("peak_mb") and b.get("peak_mb"):
+            r["mem_ratio"] = r["peak_mb"] / b["peak_mb"]
+
+
+def markdown(rows, baselines, title):
+    """One table per op; the ratio columns compare with that op's baseline backend."""
+    lines = [f"# {title}", ""]
+    by_op = defaultdict(list)
+    for r in rows:
+        by_op[r["op"]].append(r)
+    for op, op_rows in by_op.items():
+        fields = [f for f in FIELDS if any(r.get(f[0]) is not None for r in op_rows)]
+        extra = sorted({k for r in op_rows for k in r.get("extra", {})})
+        header = ["case", "backend", "dtype"] + [f[1] for f in fields] + extra
+        header += [f"speedup vs {baselines[op]}", f"peak / {baselines[op]}"]
+        lines += [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in op_rows:
+            cells = [r["case"], r["backend"], r["dtype"]]
+            cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in fields]
+            cells += [str(r.get("extra", {}).get(k, "-")) for k in extra]
+            cells += [f"{r['speedup']:.2f}x" if "speedup" in r else "-", f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(rows, baselines, meta, out_dir, stem):
+    """Writes ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    text = markdown(rows, baselines, f"memtx_ops bench on {meta['device']}")
+    text += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def plot_against(rows, op, x_of, out_path, xlabel, title):
+    """Two panels (fwd+bwd time, peak memory) against ``x_of(row)``, one line per backend and dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for r in rows:
+        if r["op"] == op:
+            series[(r["backend"], r["dtype"])].append((x_of(r), r.get("fwd_bwd_ms"), r.get("peak_mb")))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (backend, dtype), pts in sorted(series.items()):
+        pts.sort()
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=f"{backend} {dtype}")
+        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=f"{backend} {dtype}")
+    for ax, ylabel in zip(axes, ("fwd+bwd time (ms)", "peak memory (MiB)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

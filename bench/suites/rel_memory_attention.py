@@ -1,0 +1,163 @@
+"""Bench suite: relative-position memory attention, every backend against the eager Transformer-XL code.
+
+FLOP convention (TFLOP/s column): matmuls over visible (query, key) pairs only, 2*D flops per pair
+and matmul; forward = 3 matmuls (content q.k, position q.r, p.v), backward = 8 (recomputed content and
+position, dv, dp, dq content, dk, dq position, dr). SDPA (no position term) is counted with 2 and 5.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import memtx_ops
+from bench.harness import median_time, peak_memory
+
+NAME = "rel_memory_attention"
+BASELINE = "reference"
+
+
+def default_config(device):
+    if device.type == "cuda":
+        return dict(batch=4, heads=16, lengths=[512, 1024, 2048, 4096], head_dims=[64, 128], dtypes=["bfloat16"],
+                    backends=["reference", "triton", "cuda", "flex_table", "sdpa_flash"])
+    return dict(batch=2, heads=8, lengths=[256, 512, 1024], head_dims=[64], dtypes=["float32"],
+                backends=["reference", "cpu"])
+
+
+def visible_pairs(L: int, M: int, window=None) -> int:
+    if window is None:
+        return L * M + L * (L + 1) // 2
+    return sum(min(window, M + i + 1) for i in range(L))
+
+
+def make_inputs(B, H, L, M, D, dtype, device):
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    return leaf(B, H, L, D), leaf(B, H, M + L, D), leaf(B, H, M + L, D), leaf(H, M + L, D), leaf(H, D), leaf(H, D)
+
+
+def _flex_table_fn():
+    """FlexAttention with the position scores precomputed as a [B, H, L, K] table read in score_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from memtx_ops.reference import rel_shift
+
+    compiled = torch.compile(flex_attention)
+    cache = {}
+
+    def fn(q, k, v, r, u, vb):
+        B, H, L, D = q.shape
+        K = k.shape[2]
+        M = K - L
+        if (L, K) not in cache:
+            cache[(L, K)] = create_block_mask(lambda b, h, i, j: j <= M + i, None, None, L, K, device=q.device)
+        table = rel_shift(torch.einsum("bhid,hjd->bhij", q + vb[None, :, None], r.flip(1)))
+
+        def score_mod(score, b, h, i, j):
+            return score + table[b, h, i, j] * D ** -0.5
+
+        return compiled(q + u[None, :, None], k, v, score_mod=score_mod, block_mask=cache[(L, K)])
+
+    return fn
+
+
+def _sdpa_flash(q, k, v, r, u, vb):
+    """The ceiling: SDPA's flash backend on the same shapes, without the position term."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    L, K = q.shape[2], k.shape[2]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        # Bottom-right causal alignment equals "j <= M + i"; flash needs it expressed as a causal bias.
+        from torch.nn.attention.bias import causal_lower_right
+
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, K))
+
+
+def backend_fn(name, device):
+    """A callable (q, k, v, r, u, vb) -> out for a backend or baseline name, or None when unavailable here."""
+    if name == "flex_table":
+        return _flex_table_fn() if device.type == "cuda" else None
+    if name == "sdpa_flash":
+        return _sdpa_flash if device.type == "cuda" else None
+    if name not in memtx_ops.BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}")
+    if name not in ("auto", "reference"):
+        from memtx_ops.backends import BACKENDS
+
+        if BACKENDS[name].unavailable_reason(device) is not None:
+            return None
+    return lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=name)
+
+
+def measure(fn, inputs, device, repeats):
+    """fwd, bwd, fwd+bwd median seconds and the peak bytes of one fwd+bwd above the inputs."""
+    grad = torch.randn_like(inputs[0])
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def forward_backward():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).backward(grad)
+
+    out = fn(*inputs)
+
+    def backward():
+        out.backward(grad, retain_graph=True)
+
+    t_fwd = median_time(forward, device, repeats=repeats)
+    t_bwd = median_time(backward, device, repeats=repeats)
+    del out
+    t_fb = median_time(forward_backward, device, repeats=repeats)
+    for t in inputs:
+        t.grad = None
+    return t_fwd, t_bwd, t_fb, peak_memory(forward_backward, device)
+
+
+def run(opts):
+    device = opts.device
+    cfg = default_config(device)
+    B = opts.batch or cfg["batch"]
+    H = opts.heads or cfg["heads"]
+    rows = []
+    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
+                                              opts.dtypes or cfg["dtypes"]):
+        dtype = getattr(torch, dtype_name)
+        inputs = make_inputs(B, H, L, L, D, dtype, device)
+        case = f"B={B} H={H} L=M={L} D={D}"
+        pairs = B * H * visible_pairs(L, L)
+        for backend in opts.backends or cfg["backends"]:
+            fn = backend_fn(backend, device)
+            if fn is None:
+                continue
+            try:
+                t_fwd, t_bwd, t_fb, peak = measure(fn, inputs, device, opts.repeats)
+            except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
+                print(f"  skip {backend} {case} {dtype_name}: {exc}")
+                continue
+            n_fwd, n_bwd = (2, 5) if backend == "sdpa_flash" else (3, 8)
+            flops = 2 * D * pairs * (n_fwd + n_bwd)
+            rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_ms=1e3 * t_fwd,
+                             bwd_ms=1e3 * t_bwd, fwd_bwd_ms=1e3 * t_fb, peak_mb=None if peak is None else peak / 2**20,
+                             tflops=flops / t_fb / 1e12))
+            print(f"  {case} {dtype_name} {backend}: fwd+bwd {1e3 * t_fb:.2f} ms")
+    return rows
+
+
+def plot(rows, out_dir, stem):
+    """fwd+bwd time and peak memory against L (= M), one figure per head dim."""
+    from bench.report import plot_against
+
+    paths = []
+    for D in sorted({int(r["case"].split("D=")[1]) for r in rows if r["op"] == NAME}):
+        sel = [r for r in rows if r["op"] == NAME and r["case"].endswith(f"D={D}")]
+        path = plot_against(sel, NAME, lambda r: int(r["case"].split("L=M=")[1].split()[0]),
+                            f"{out_dir}/{stem}-{NAME}-D{D}.png", "L = M", f"{NAME}, D={D}")
+        if path:
+            paths.append(path)
+    return paths

@@ -1,0 +1,37 @@
+#include "rel_memory_attention.h"
+
+#include <ATen/ATen.h>
+
+namespace memtx {
+
+RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& r, const at::Tensor& u, const at::Tensor& vb,
+                                   const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 3 && u.dim() == 2 && vb.dim() == 2,
+              "rel_memory_attention: expected q, k, v [B, H|Hk, L|K, D], r [Hk, R, D], u, vb [H, D]");
+  RelAttnShape s{};
+  s.B = q.size(0), s.H = q.size(1), s.L = q.size(2), s.D = q.size(3);
+  s.Hk = k.size(1), s.K = k.size(2), s.M = s.K - s.L, s.R = r.size(1);
+  s.window = window, s.mem_offset = mem_offset;
+  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D && v.sizes() == k.sizes(), "rel_memory_attention: bad k/v shape");
+  TORCH_CHECK(s.M >= 0, "rel_memory_attention: K must be >= L");
+  TORCH_CHECK(r.size(0) == s.Hk && r.size(2) == s.D && s.R >= 1, "rel_memory_attention: bad r shape");
+  TORCH_CHECK(u.size(0) == s.H && u.size(1) == s.D && vb.sizes() == u.sizes(), "rel_memory_attention: bad u/vb shape");
+  TORCH_CHECK(window >= 0 && mem_offset >= 0, "rel_memory_attention: window and mem_offset must be >= 0");
+  for (const at::Tensor* t : {&q, &k, &v, &r, &u, &vb}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "rel_memory_attention: inputs must share one dtype");
+    TORCH_CHECK(t->device() == q.device(), "rel_memory_attention: inputs must share one device");
+    TORCH_CHECK(t->stride(-1) == 1, "rel_memory_attention: inputs need a contiguous last dimension");
+  }
+  TORCH_CHECK(kv_head_index.scalar_type() == at::kLong && kv_head_index.dim() == 1 && kv_head_index.size(0) == s.H,
+              "rel_memory_attention: kv_head_index must be int64 [H]");
+  if (kv_head_index.device().is_cpu()) {
+    auto idx = kv_head_index.contiguous();
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t h = 0; h < s.H; ++h)
+      TORCH_CHECK(p[h] >= 0 && p[h] < s.Hk, "rel_memory_attention: kv_head_index values must lie in [0, Hk)");
+  }
+  return s;
+}
+
+}  // namespace memtx

@@ -1,0 +1,1 @@
+"""Triton kernels of memtx_ops (installed as ``memtx_ops.kernels``)."""

@@ -1,0 +1,9 @@
+"""memtx_ops: fused kernels for memory-based transformers (Transformer-XL attention, skip cross-head, MRBP)."""
+
+from memtx_ops import _extension, reference
+from memtx_ops.backends import BACKEND_NAMES
+from memtx_ops.ops import rel_memory_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKEND_NAMES", "reference", "rel_memory_attention"]

@@ -1,0 +1,68 @@
+"""What every fused backend of ``rel_memory_attention`` provides."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Backend:
+    """A fused implementation of ``rel_memory_attention``.
+
+    ``forward`` returns ``(out [B, H, L, D], lse [B, H, L] float32)``; ``backward`` returns the
+    gradients of ``(q, k, v, r, u, vb)``. Arguments arrive validated: ``kv_head_index`` is an int64
+    ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a float, and
+    every tensor has a contiguous last dimension (other strides are arbitrary).
+    """
+
+    name: str = ""
+    dtypes: Tuple[torch.dtype, ...] = ()
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
+        raise NotImplementedError
+
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self, grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class ExtensionBackend(Backend):
+    """The C++ operators of ``memtx_ops._C`` (``torch.ops.memtx_C``) for one device type."""
+
+    def __init__(self, name: str, device_type: str, dtypes: Tuple[torch.dtype, ...]):
+        self.name = name
+        self.device_type = device_type
+        self.dtypes = dtypes
+
+    def unavailable_reason(self, device):
+        from memtx_ops._extension import extension_error, has_cuda_kernels
+
+        if device.type != self.device_type:
+            return f"backend {self.name!r} runs on {self.device_type} tensors, got tensors on {device}"
+        error = extension_error()
+        if error is not None:
+            return error
+        if self.device_type == "cuda" and not has_cuda_kernels():
+            return (
+                "memtx_ops._C was built without its CUDA kernels; rebuild with a CUDA build of torch and "
+                "nvcc on the PATH (or MEMTX_CUDA=1): `pip install --no-build-isolation .`"
+            )
+        return None
+
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
+        return torch.ops.memtx_C.rel_memory_attention_fwd(
+            q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale
+        )
+
+    def backward(self, grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
+        return torch.ops.memtx_C.rel_memory_attention_bwd(
+            grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
+        )

@@ -1,0 +1,48 @@
+"""Triton backend (``kernels/rel_memory_attention``): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Backend
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs its kernels in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def unavailable_reason(self, device):
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not installed ({exc}); `pip install triton`"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreter_enabled():
+            return None
+        return (
+            f"backend 'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got tensors on {device}"
+        )
+
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
+        from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_fwd
+
+        return rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
+
+    def backward(self, grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
+        from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_bwd
+
+        return rel_memory_attention_bwd(
+            grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
+        )
+
+
+BACKEND = TritonBackend()

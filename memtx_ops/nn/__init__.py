@@ -1,0 +1,1 @@
+"""Drop-in ``nn.Module``s over the fused ops."""

@@ -1,0 +1,192 @@
+"""``rel_memory_attention``: the public op, its argument checks and its ``torch.library`` registration."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from memtx_ops import reference
+from memtx_ops.backends import BACKEND_NAMES, get_backend, resolve_backend
+
+Tensor = torch.Tensor
+
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(message: str, error=ValueError):
+    raise error(f"rel_memory_attention: {message}")
+
+
+def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend) -> None:
+    """Raises ``TypeError``/``ValueError`` naming the offending argument; nothing is launched before this."""
+    named = {"q": q, "k": k, "v": v, "r": r, "u": u, "vb": vb}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    for name, t, rank, layout in (
+        ("q", q, 4, "[B, H, L, D]"),
+        ("k", k, 4, "[B, Hk, K, D]"),
+        ("v", v, 4, "[B, Hk, K, D]"),
+        ("r", r, 3, "[Hk, R, D]"),
+        ("u", u, 2, "[H, D]"),
+        ("vb", vb, 2, "[H, D]"),
+    ):
+        if t.dim() != rank:
+            _fail(f"{name} must have shape {layout} ({rank} dims), got {tuple(t.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}", TypeError)
+    for name, t in named.items():
+        if t.dtype != q.dtype:
+            _fail(f"{name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, r, u, vb must share one dtype", TypeError)
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+
+    B, H, L, D = q.shape
+    Bk, Hk, K, Dk = k.shape
+    if L < 1 or B < 1 or H < 1 or D < 1:
+        _fail(f"q must have B, H, L, D >= 1, got {tuple(q.shape)}")
+    if Bk != B:
+        _fail(f"k has batch {Bk} but q has batch {B}")
+    if Dk != D:
+        _fail(f"k has head dim {Dk} but q has {D}")
+    if Hk < 1:
+        _fail(f"k must have at least one head, got shape {tuple(k.shape)}")
+    if K < L:
+        _fail(f"k has K={K} keys but q has L={L} queries; keys cover [memory ; segment] so K = M + L >= L")
+    if tuple(v.shape) != tuple(k.shape):
+        _fail(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if r.shape[0] != Hk or r.shape[2] != D:
+        _fail(f"r must have shape [Hk={Hk}, R, D={D}], got {tuple(r.shape)}")
+    if r.shape[1] < 1:
+        _fail("r must have at least one row (R >= 1): row d embeds distance d")
+    for name, t in (("u", u), ("vb", vb)):
+        if tuple(t.shape) != (H, D):
+            _fail(f"{name} must have shape [H={H}, D={D}], got {tuple(t.shape)}")
+
+    if kv_head_index is None:
+        if H % Hk != 0:
+            _fail(f"q has H={H} heads and k has Hk={Hk}: without kv_head_index, H must be a multiple of Hk")
+    else:
+        if not isinstance(kv_head_index, torch.Tensor):
+            _fail(f"kv_head_index must be an integer tensor of shape [H={H}], got {type(kv_head_index).__name__}", TypeError)
+        if kv_head_index.dtype not in (torch.int32, torch.int64):
+            _fail(f"kv_head_index must have dtype int32 or int64, got {kv_head_index.dtype}", TypeError)
+        if tuple(kv_head_index.shape) != (H,):
+            _fail(f"kv_head_index must have shape [H={H}], got {tuple(kv_head_index.shape)}")
+        if kv_head_index.device != q.device:
+            _fail(f"kv_head_index is on {kv_head_index.device} but q is on {q.device}")
+        if not torch.compiler.is_compiling():  # a value check would break the graph; kernels bound-check too
+            lo, hi = int(kv_head_index.min()), int(kv_head_index.max())
+            if lo < 0 or hi >= Hk:
+                _fail(f"kv_head_index values must lie in [0, Hk={Hk}), got values in [{lo}, {hi}]")
+
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            _fail(f"window must be an int or None, got {type(window).__name__}", TypeError)
+        if window < 1:
+            _fail(f"window must be >= 1 (the query itself is always visible), got {window}")
+    if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
+        _fail(f"mem_offset must be an int, got {type(mem_offset).__name__}", TypeError)
+    if mem_offset < 0:
+        _fail(f"mem_offset must be >= 0, got {mem_offset}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        _fail(f"scale must be a float or None, got {type(scale).__name__}", TypeError)
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        _fail(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend != "reference" and D > MAX_HEAD_DIM:
+        _fail(f"head dim D={D} is not supported by the fused backends (D <= {MAX_HEAD_DIM}); use backend='reference'")
+
+
+def rel_memory_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    u: Tensor,
+    vb: Tensor,
+    *,
+    kv_head_index: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    mem_offset: int = 0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Relative-position attention over ``[memory ; segment]`` (SPEC §1), fused.
+
+    q ``[B, H, L, D]``; k, v ``[B, Hk, K, D]`` with ``K = M + L``; r ``[Hk, R, D]`` (row d embeds
+    distance d; longer distances read row ``R - 1``); u, vb ``[H, D]``; kv_head_index ``[H]``
+    (query head h reads kv head ``kv_head_index[h]``; default ``h * Hk // H``). ``window`` keeps
+    the ``window`` most recent keys, ``mem_offset`` adds distance to memory keys. -> ``[B, H, L, D]``.
+
+    ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
+    "triton" or "cuda". Differentiable in every tensor argument but ``kv_head_index``.
+    """
+    check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend)
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "reference":
+        return reference.rel_memory_attention(
+            q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
+        )
+    get_backend(backend, q.device, q.dtype)  # raises when it cannot run here
+    if kv_head_index is None:
+        kv_head_index = reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
+    q, k, v, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, r))
+    out, _ = _rel_memory_attention_op(
+        q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64),
+        window or 0, mem_offset, float(scale), backend,
+    )
+    return out
+
+
+@torch.library.custom_op("memtx_ops::rel_memory_attention", mutates_args=())
+def _rel_memory_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, kv_head_index: Tensor,
+    window: int, mem_offset: int, scale: float, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    return get_backend(backend, q.device, q.dtype).forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
+
+
+@_rel_memory_attention_op.register_fake
+def _(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend):
+    B, H, L, D = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=lse_dtype)
+
+
+@torch.library.custom_op("memtx_ops::rel_memory_attention_backward", mutates_args=())
+def _rel_memory_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, out: Tensor,
+    lse: Tensor, kv_head_index: Tensor, window: int, mem_offset: int, scale: float, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return get_backend(backend, q.device, q.dtype).backward(
+        grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
+    )
+
+
+@_rel_memory_attention_backward_op.register_fake
+def _(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, r, u, vb))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, r, u, vb, out, lse, kv_head_index)
+    ctx.window, ctx.mem_offset, ctx.scale, ctx.backend = window, mem_offset, scale, backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, r, u, vb, out, lse, kv_head_index = ctx.saved_tensors
+    grads = _rel_memory_attention_backward_op(
+        grad_out.contiguous(), q, k, v, r, u, vb, out, lse, kv_head_index,
+        ctx.window, ctx.mem_offset, ctx.scale, ctx.backend,
+    )
+    return (*grads, None, None, None, None, None)
+
+
+_rel_memory_attention_op.register_autograd(_backward, setup_context=_setup_context)

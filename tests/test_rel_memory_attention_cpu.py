@@ -1,0 +1,101 @@
+"""C++ CPU backend against the float64 reference: every feature, shapes crossing the 64 x 256 tiles."""
+
+import pytest
+import torch
+
+import memtx_ops
+from helpers import FEATURE_CASES, Case, assert_matches_reference, make_inputs
+from memtx_ops._extension import extension_error
+
+pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
+
+
+def cpu_attention(*args, **kwargs):
+    return memtx_ops.rel_memory_attention(*args, backend="cpu", **kwargs)
+
+
+# Larger than the feature grid: several query blocks of 64 and key blocks of 256 on both sides of M.
+TILE_CASES = [
+    Case(B=2, H=3, L=200, M=300, D=64),
+    Case(B=1, H=2, L=129, M=513, D=32, window=300, mem_offset=129),
+    Case(B=2, H=4, Hk=2, L=65, M=255, D=128, R=100),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FEATURE_CASES + TILE_CASES, ids=str)
+def test_matches_reference(case, dtype):
+    assert_matches_reference(cpu_attention, case, dtype)
+
+
+@pytest.mark.parametrize("case", [FEATURE_CASES[2], FEATURE_CASES[8], FEATURE_CASES[12]], ids=str)
+def test_strided_fused_projection_views(case):
+    """q, k, v as views of a fused qkv projection are read through their strides."""
+    assert_matches_reference(cpu_attention, case, torch.float32, strided=True)
+
+
+def test_strided_inputs_are_not_copied(monkeypatch):
+    from memtx_ops.backends import BACKENDS
+
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=8, M=8, D=16), torch.float32, strided=True))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    seen = {}
+    forward = BACKENDS["cpu"].forward
+
+    def spy(*args):
+        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
+        return forward(*args)
+
+    monkeypatch.setattr(BACKENDS["cpu"], "forward", spy)
+    cpu_attention(q, k, v, r, u, vb)
+    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+
+
+def test_gradcheck_float64():
+    for case in (Case(B=1, H=2, Hk=1, L=5, M=4, D=4, R=6, window=6, mem_offset=2),
+                 Case(B=2, H=2, L=3, M=0, D=4, kv_head_index=(1, 0))):
+        inputs = make_inputs(case, torch.float64)
+        assert torch.autograd.gradcheck(lambda *t: cpu_attention(*t, **case.kwargs()), inputs)
+
+
+def test_window_one_attends_to_itself_only():
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=40, M=90, D=32), torch.float32))
+    out = cpu_attention(q, k, v, r, u, vb, window=1)
+    torch.testing.assert_close(out, v[:, :, 90:], rtol=1e-6, atol=1e-6)
+
+
+def test_default_kv_head_index_is_grouped_query():
+    case = Case(B=1, H=4, Hk=2, L=10, M=6, D=16)
+    inputs = [t.detach() for t in make_inputs(case, torch.float64)]
+    implicit = cpu_attention(*inputs)
+    explicit = cpu_attention(*inputs, kv_head_index=torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+
+
+def test_auto_picks_cpu_backend_for_float32():
+    from memtx_ops.backends import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "reference"
+
+
+def test_opcheck():
+    case = Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3)
+    q, k, v, r, u, vb = make_inputs(case, torch.float32)
+    idx = torch.tensor([1, 0])
+    op = torch.ops.memtx_ops.rel_memory_attention
+    torch.library.opcheck(op, (q, k, v, r, u, vb, idx, 10, 3, 0.25, "cpu"))
+    out, lse = op(q, k, v, r, u, vb, idx, 10, 3, 0.25, "cpu")
+    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
+    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, idx, 10, 3, 0.25, "cpu"))
+
+
+def test_torch_compile_fullgraph():
+    case = Case(B=1, H=2, L=12, M=20, D=16)
+    inputs = make_inputs(case, torch.float32)
+    compiled = torch.compile(lambda *t: cpu_attention(*t, window=16).sum(), fullgraph=True, backend="aot_eager")
+    compiled(*inputs).backward()
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    cpu_attention(*eager_inputs, window=16).sum().backward()
+    for a, b in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, b.grad)

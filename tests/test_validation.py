@@ -1,0 +1,99 @@
+"""Bad inputs fail with a ValueError/TypeError naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+import memtx_ops
+from helpers import Case, make_inputs
+
+
+def good(**over):
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=2, H=4, Hk=2, L=6, M=4, D=16), torch.float32))
+    args = dict(q=q, k=k, v=v, r=r, u=u, vb=vb)
+    args.update(over)
+    return args
+
+
+def call(args, **kwargs):
+    q, k, v, r, u, vb = (args[n] for n in ("q", "k", "v", "r", "u", "vb"))
+    return memtx_ops.rel_memory_attention(q, k, v, r, u, vb, **kwargs)
+
+
+def test_good_inputs_run():
+    assert call(good(), backend="reference").shape == (2, 4, 6, 16)
+
+
+T = torch.randn
+BAD_TENSORS = [
+    ("q rank", dict(q=T(4, 6, 16)), ValueError, r"q must have shape \[B, H, L, D\]"),
+    ("k rank", dict(k=T(2, 2, 10)), ValueError, r"k must have shape"),
+    ("r rank", dict(r=T(2, 10, 16, 1)), ValueError, r"r must have shape \[Hk, R, D\]"),
+    ("u rank", dict(u=T(4 * 16)), ValueError, r"u must have shape \[H, D\]"),
+    ("batch mismatch", dict(k=T(3, 2, 10, 16), v=T(3, 2, 10, 16)), ValueError, r"k has batch 3 but q has batch 2"),
+    ("head dim mismatch", dict(k=T(2, 2, 10, 8), v=T(2, 2, 10, 8)), ValueError, r"k has head dim 8 but q has 16"),
+    ("K < L", dict(k=T(2, 2, 5, 16), v=T(2, 2, 5, 16)), ValueError, r"K = M \+ L >= L"),
+    ("v shape", dict(v=T(2, 2, 11, 16)), ValueError, r"v must have the shape of k"),
+    ("H not multiple of Hk", dict(k=T(2, 3, 10, 16), v=T(2, 3, 10, 16), r=T(3, 10, 16)), ValueError,
+     r"H must be a multiple of Hk"),
+    ("r heads", dict(r=T(4, 10, 16)), ValueError, r"r must have shape \[Hk=2, R, D=16\]"),
+    ("r empty", dict(r=T(2, 0, 16)), ValueError, r"r must have at least one row"),
+    ("u shape", dict(u=T(2, 16)), ValueError, r"u must have shape \[H=4, D=16\]"),
+    ("vb shape", dict(vb=T(4, 8)), ValueError, r"vb must have shape \[H=4, D=16\]"),
+    ("mixed dtype", dict(v=T(2, 2, 10, 16, dtype=torch.float64)), TypeError, r"v has dtype torch.float64"),
+    ("int dtype", dict(q=torch.ones(2, 4, 6, 16, dtype=torch.int32)), TypeError, r"q must be float16"),
+    ("not a tensor", dict(u=[[0.0] * 16] * 4), TypeError, r"u must be a torch.Tensor"),
+    ("meta device", dict(vb=T(4, 16, device="meta")), ValueError, r"vb is on meta"),
+]
+
+
+@pytest.mark.parametrize("name,over,error,match", BAD_TENSORS, ids=[b[0] for b in BAD_TENSORS])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_tensor(name, over, error, match, backend):
+    with pytest.raises(error, match=match):
+        call(good(**over), backend=backend)
+
+
+BAD_OPTIONS = [
+    ("index length", dict(kv_head_index=torch.tensor([0, 1])), ValueError, r"kv_head_index must have shape \[H=4\]"),
+    ("index dtype", dict(kv_head_index=torch.tensor([0.0, 1, 0, 1])), TypeError, r"kv_head_index must have dtype"),
+    ("index range", dict(kv_head_index=torch.tensor([0, 1, 2, 1])), ValueError, r"values must lie in \[0, Hk=2\)"),
+    ("index negative", dict(kv_head_index=torch.tensor([0, -1, 0, 1])), ValueError, r"values must lie in"),
+    ("index list", dict(kv_head_index=[0, 1, 0, 1]), TypeError, r"kv_head_index must be an integer tensor"),
+    ("window 0", dict(window=0), ValueError, r"window must be >= 1"),
+    ("window float", dict(window=2.5), TypeError, r"window must be an int"),
+    ("mem_offset < 0", dict(mem_offset=-1), ValueError, r"mem_offset must be >= 0"),
+    ("scale str", dict(scale="0.1"), TypeError, r"scale must be a float"),
+    ("backend", dict(backend="tpu"), ValueError, r"backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,error,match", BAD_OPTIONS, ids=[b[0] for b in BAD_OPTIONS])
+def test_bad_option(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        call(good(), **kwargs)
+
+
+def test_unsupported_head_dim_names_the_limit():
+    args = good(q=T(1, 1, 2, 512), k=T(1, 1, 2, 512), v=T(1, 1, 2, 512), r=T(1, 2, 512), u=T(1, 512), vb=T(1, 512))
+    with pytest.raises(ValueError, match=r"head dim D=512 is not supported .*D <= 256"):
+        call(args, backend="cpu")
+    assert call(args, backend="reference").shape == (1, 1, 2, 512)
+
+
+def test_backend_dtype_not_supported():
+    args = {n: t.half() for n, t in good().items()}
+    with pytest.raises(TypeError, match=r"backend 'cpu' supports dtypes float32, float64; got float16"):
+        call(args, backend="cpu")
+
+
+def test_backend_on_wrong_device_says_why():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: .*runs on cuda tensors"):
+        call(good(), backend="cuda")
+
+
+def test_checks_run_before_any_kernel(monkeypatch):
+    from memtx_ops.backends import BACKENDS
+
+    monkeypatch.setattr(BACKENDS["cpu"], "forward", lambda *a: pytest.fail("kernel launched"))
+    with pytest.raises(ValueError):
+        call(good(), backend="cpu", window=-3)
