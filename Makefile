@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
-	$(PYTHON) -m pip install numpy pytest pytest-benchmark matplotlib ninja triton
+	$(PYTHON) -m pip install "setuptools>=64" wheel numpy pytest pytest-benchmark matplotlib ninja triton
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 
 test: install
