@@ -10,7 +10,7 @@ Switches (environment variables):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -50,8 +50,8 @@ setup(
     name="memtx_ops",
     version="0.1.0",
     description="Fused kernels for memory-based transformers: Transformer-XL attention, skip cross-head, MRBP",
-    packages=["memtx_ops", "memtx_ops.reference", "memtx_ops.ops", "memtx_ops.backends", "memtx_ops.nn",
-              "memtx_ops.kernels"],
+    packages=find_packages(include=["memtx_ops", "memtx_ops.*"])
+    + ["memtx_ops.kernels"] + [f"memtx_ops.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"memtx_ops.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

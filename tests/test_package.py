@@ -37,3 +37,15 @@ def test_kernels_install_as_memtx_ops_kernels_only(tmp_path):
     """, cwd=tmp_path)  # away from the checkout, so only what is installed is importable
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["memtx_ops.kernels", "None"]
+
+
+def test_regular_install_ships_every_kernel_subpackage(tmp_path):
+    """A non-editable build copies kernels/ (and its subpackages) under memtx_ops/kernels only."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "MEMTX_CUDA": "0"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "memtx_ops" / "kernels" / "rel_memory_attention" / "fwd.py").is_file()
+    assert not (tmp_path / "kernels").exists()

@@ -1,0 +1,386 @@
+"""Backward of relative-position memory attention, recomputing the probabilities from the saved log-sum-exp.
+
+Kernels, in launch order:
+
+* ``_bwd_preprocess``: ``delta_i = dO_i . O_i``.
+* ``_bwd_dkdv_kernel``: one program per (batch, kv head, key block) owns dk, dv of its keys and sums over every
+  query head mapped to that kv head (any ``kv_head_index``; unused kv heads get zeros). No atomics.
+* ``_bwd_dq_kernel``: one program per (batch, head, query block) owns dq and writes per-block partials of du, dvb
+  and of the clamped row ``dr[R - 1]``; the unclamped rows of dr are added with float32 atomics.
+* ``_bwd_dr_kernel`` (deterministic mode only, replacing those atomics): one program per (kv head, block of
+  distances) sums, in a fixed order, the gradient of its r rows over batches, query heads and queries.
+
+With ``dS = scale * P * (dP - delta)``: ``dq = dS k + band(dS) rwin``, ``dk = dS^T (q+u)``, ``dv = P^T dO``,
+``dr[d] = sum over (i, j) at clamped distance d of dS_ij (q_i+vb)``, ``du``/``dvb`` = the two parts of dq
+summed over batch and queries.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import autotune_tiles, dot_precision, load_rows, smallest_block, store_rows, tile_scores, unshift_band
+
+LOG2E = math.log2(math.e)
+
+# {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}
+BWD_CONFIGS = {
+    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+    128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+    256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+}
+# {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}
+DR_CONFIGS = {
+    64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+    128: [(32, 32, 4, 2), (64, 32, 8, 2)],
+    256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+}
+
+
+def deterministic() -> bool:
+    """True under ``MEMTX_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``: dr without atomics."""
+    return os.environ.get("MEMTX_DETERMINISTIC", "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
+
+
+def band_config(block_m: int, block_r: int, num_warps: int = 4, num_stages: int = 2) -> triton.Config:
+    """``BLOCK_M`` queries by ``BLOCK_R`` distances: tiles of ``BLOCK_T`` keys and ``BLOCK_W`` r rows (powers of 2)."""
+    block_t = triton.next_power_of_2(block_m + block_r - 1)
+    block_w = triton.next_power_of_2(block_m + block_t - 1)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_T": block_t, "BLOCK_W": block_w},
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    H, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(cdiv(L, BLOCK_M), B * H)``: ``delta [B, H, L] = sum_d dO * O`` in float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    i0 = pid_m * BLOCK_M
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    o = load_rows(O + b * stride_ob + h * stride_oh, i0, 0, L, stride_om, offs_d, mask_d, BLOCK_M)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_i, delta, mask=offs_i < L)
+
+
+@triton.jit
+def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh, stride_vbh,
+                      stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M: tl.constexpr):
+    """Rows ``[i0, i0 + BLOCK_M)`` of head h -> (q+u, q+vb, dO in the input dtype; lse in log2 units, delta)."""
+    h = tl.cast(h, tl.int64)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, i0, 0, L, stride_qm, offs_d, mask_d, BLOCK_M)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
+    u = tl.load(U + h * stride_uh + offs_d, mask=mask_d, other=0.0)
+    vb = tl.load(VB + h * stride_vbh + offs_d, mask=mask_d, other=0.0)
+    qu = (q.to(tl.float32) + u[None, :].to(tl.float32)).to(q.dtype)
+    qv = (q.to(tl.float32) + vb[None, :].to(tl.float32)).to(q.dtype)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    rows = (b * H + h) * L + offs_i
+    lse2 = tl.load(LSE + rows, mask=offs_i < L, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + rows, mask=offs_i < L, other=0.0)
+    return qu, qv, do, lse2, delta
+
+
+@autotune_tiles(BWD_CONFIGS)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, HK, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(cdiv(M, BLOCK_N) + cdiv(L, BLOCK_N), B * Hk)``: memory key blocks, then segment key blocks."""
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HK).to(tl.int64)
+    g = (pid_bg % HK).to(tl.int64)
+    n_mem = tl.cdiv(M, BLOCK_N)
+    segment = pid_n >= n_mem
+    j0 = tl.where(segment, M + (pid_n - n_mem) * BLOCK_N, pid_n * BLOCK_N)
+    j_lo = tl.where(segment, M, 0)
+    j_hi = tl.where(segment, M + L, M)
+    offset = tl.where(segment, 0, MEM_OFFSET)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+
+    k = load_rows(K + b * stride_kb + g * stride_kh, j0, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
+    v = load_rows(V + b * stride_vb + g * stride_vh, j0, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
+    r_base = R_ + g * stride_rh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # queries that see a key of the block: i >= j0 - M (causal) and i < j_last - M + WINDOW (window)
+    i_lo = tl.maximum(j0 - M, 0)
+    i_hi = tl.minimum(L - 1, tl.minimum(j0 + BLOCK_N, j_hi) - 1 - M + WINDOW - 1)
+    for h in range(H):
+        if tl.load(KV_HEAD + h) == g:
+            for i0 in range(i_lo // BLOCK_M * BLOCK_M, i_hi + 1, BLOCK_M):
+                qu, qv, do, lse2, delta = _load_query_block(
+                    Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh, stride_vbh,
+                    stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M)
+                offs_i = i0 + tl.arange(0, BLOCK_M)
+                s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j_lo, j_hi, offset,
+                                   L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
+                p = tl.math.exp2(s - lse2[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None]) * scale
+                dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=PRECISION)
+    store_rows(DK + b * stride_dkb + g * stride_dkh, j0, j_hi, stride_dkn, offs_d, mask_d, dk, BLOCK_N)
+    store_rows(DV + b * stride_dvb + g * stride_dvh, j0, j_hi, stride_dvn, offs_d, mask_d, dv, BLOCK_N)
+
+
+@triton.jit
+def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+             stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
+             i0, j0, j_hi, offset, L, M, R, WINDOW, scale, qk_scale,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+             DETERMINISTIC: tl.constexpr):
+    """One key block ``[j0, j0 + BLOCK_N)`` of the dq program; unless DETERMINISTIC, atomically adds its dr rows
+    below ``R - 1`` to DR. ``clamped`` collects, per query, dS over the keys at distance ``>= R - 1``."""
+    k = load_rows(k_base, j0, j0, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
+    v = load_rows(v_base, j0, j0, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
+    s, rwin = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j0, j_hi, offset,
+                          L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None]) * scale
+    dq_c += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    band = unshift_band(ds, BLOCK_M, BLOCK_N, BLOCK_W)
+    dq_p += tl.dot(band.to(rwin.dtype), rwin, input_precision=PRECISION)
+    dmax = M + i0 + BLOCK_M - 1 - j0 + offset
+    dist = dmax - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] - tl.arange(0, BLOCK_N)[None, :]
+    clamped += tl.sum(tl.where(dist >= R - 1, ds, 0.0), 1)
+    if not DETERMINISTIC:
+        drwin = tl.dot(tl.trans(band.to(qv.dtype)), qv, input_precision=PRECISION)
+        rows = dmax - tl.arange(0, BLOCK_W)
+        tl.atomic_add(DR + g * stride_drh + rows[:, None] * stride_drn + offs_d[None, :], drwin,
+                      mask=((rows >= 0) & (rows < R - 1))[:, None] & mask_d[None, :], sem="relaxed")
+    return dq_c, dq_p, clamped
+
+
+@autotune_tiles(BWD_CONFIGS, reset_to_zero=["DR"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DQ, DU, DVB, DR, CQ,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm, stride_drh, stride_drn,
+    H, HK, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    """Grid ``(cdiv(L, BLOCK_M), B * H)``. DU, DVB, CQ: float32 partials ``[B, NUM_SLOTS, H, D]``, slot = query
+    block; CQ holds the gradient of the clamped row ``r[R - 1]``. DR: float32 ``[Hk, R, D]`` atomic accumulator
+    (rows below ``R - 1``, and ``R - 1`` itself unless DETERMINISTIC)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = tl.load(KV_HEAD + h).to(tl.int64)
+    g_valid = (g >= 0) & (g < HK)  # as in the forward: NaN for a bad index, never a stray read or write
+    g = tl.where(g_valid, g, 0)
+    i0 = pid_m * BLOCK_M
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    qu, qv, do, lse2, delta = _load_query_block(
+        Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh, stride_vbh,
+        stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    r_base = R_ + g * stride_rh
+
+    dq_c = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq_p = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    clamped = tl.zeros([BLOCK_M], tl.float32)  # sum of dS over the keys at distance >= R - 1
+    hi = M + tl.minimum(i0 + BLOCK_M, L) - 1
+    lo = tl.maximum(M + i0 - WINDOW + 1, 0)
+    for j0 in range(lo // BLOCK_N * BLOCK_N, tl.minimum(hi + 1, M), BLOCK_N):
+        dq_c, dq_p, clamped = _dq_tile(
+            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+            stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
+            i0, j0, M, MEM_OFFSET, L, M, R, WINDOW, scale, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, DETERMINISTIC)
+    for j0 in range(M + (tl.maximum(lo, M) - M) // BLOCK_N * BLOCK_N, hi + 1, BLOCK_N):
+        dq_c, dq_p, clamped = _dq_tile(
+            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+            stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
+            i0, j0, M + L, 0, L, M, R, WINDOW, scale, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, DETERMINISTIC)
+
+    dq = tl.where(g_valid, dq_c + dq_p, float("nan"))
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, i0, L, stride_dqm, offs_d, mask_d, dq, BLOCK_M)
+    slot = ((b * NUM_SLOTS + pid_m) * H + h) * D + offs_d
+    tl.store(DU + slot, tl.sum(dq_c, 0), mask=mask_d)
+    tl.store(DVB + slot, tl.sum(dq_p, 0), mask=mask_d)
+    cq = tl.sum(clamped[:, None] * qv.to(tl.float32), 0)
+    if DETERMINISTIC:
+        tl.store(CQ + slot, cq, mask=mask_d)
+    else:
+        tl.atomic_add(DR + g * stride_drh + (R - 1) * stride_drn + offs_d, cq, mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _band_needed(j_first, j_lo, j_hi, i0, L, M, WINDOW, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Whether keys ``[j_first, j_first + BLOCK_M + BLOCK_R - 1)`` meet ``[j_lo, j_hi)`` and the keys visible
+    to queries ``[i0, i0 + BLOCK_M)``."""
+    first = tl.maximum(tl.maximum(j_first, j_lo), M + i0 - WINDOW + 1)
+    last = tl.minimum(tl.minimum(j_first + BLOCK_M + BLOCK_R - 2, j_hi - 1), M + tl.minimum(i0 + BLOCK_M, L) - 1)
+    return first <= last
+
+
+@triton.jit
+def _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
+             offs_i, offs_d, mask_d, i0, d0, j_first, j_lo, j_hi, offset, L, M, R, WINDOW, scale, qk_scale,
+             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Adds to ``acc [BLOCK_R, BLOCK_D]`` the gradient of r rows ``[d0, d0 + BLOCK_R)`` (those below ``R - 1``)
+    from queries ``[i0, i0 + BLOCK_M)`` and the keys in ``[j_lo, j_hi)`` at those distances.
+
+    Query ``ii`` meets distance ``d0 + dd`` at key ``j_first + ii + BLOCK_R - 1 - dd``: the tile of keys
+    ``j_first + arange(BLOCK_T)`` covers them all, read back along its diagonals with ``tl.gather``."""
+    k = load_rows(k_base, j_first, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_T)
+    v = load_rows(v_base, j_first, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_T)
+    s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j_first, j_lo, j_hi, offset,
+                       L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_T, BLOCK_W, PRECISION)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None]) * scale
+    dist = d0 + BLOCK_R - 1 + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_T)[None, :]
+    ds = tl.where(dist < R - 1, ds, 0.0)  # the clamped row comes from the dq kernel's partials
+    index = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_R - 1 - tl.arange(0, BLOCK_R))[None, :]
+    by_distance = tl.gather(ds, index, axis=1)  # [BLOCK_M, BLOCK_R]
+    return acc + tl.dot(tl.trans(by_distance.to(qv.dtype)), qv, input_precision=PRECISION)
+
+
+@autotune_tiles(DR_CONFIGS, make_config=band_config)
+@triton.jit
+def _bwd_dr_kernel(
+    Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, CQ, DR,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom, stride_drh, stride_drn,
+    B, H, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid ``(cdiv(R, BLOCK_R), Hk)``: rows ``[d0, d0 + BLOCK_R)`` of ``dr[g]``, summed in a fixed order over
+    batches, the query heads of g, query blocks, and (row ``R - 1``) the dq kernel's partials CQ."""
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_R
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    r_base = R_ + g * stride_rh
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    clamped = tl.zeros([BLOCK_D], tl.float32)
+    owns_clamped_row = (d0 <= R - 1) & (R - 1 < d0 + BLOCK_R)
+    for batch in range(B):
+        b = tl.cast(batch, tl.int64)
+        k_base = K + b * stride_kb + g * stride_kh
+        v_base = V + b * stride_vb + g * stride_vh
+        for h in range(H):
+            if tl.load(KV_HEAD + h) == g:
+                for i0 in range(0, L, BLOCK_M):
+                    # query i meets distance d at segment key M + i - d and memory key M + i + MEM_OFFSET - d
+                    j_segment = M + i0 - d0 - (BLOCK_R - 1)
+                    j_memory = j_segment + MEM_OFFSET
+                    need_segment = (d0 < R - 1) & _band_needed(j_segment, M, M + L, i0, L, M, WINDOW, BLOCK_M, BLOCK_R)
+                    need_memory = (d0 < R - 1) & _band_needed(j_memory, 0, M, i0, L, M, WINDOW, BLOCK_M, BLOCK_R)
+                    if need_segment | need_memory:
+                        qu, qv, do, lse2, delta = _load_query_block(
+                            Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh,
+                            stride_vbh, stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M)
+                        offs_i = i0 + tl.arange(0, BLOCK_M)
+                        if need_segment:
+                            acc = _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn,
+                                           stride_rn, offs_i, offs_d, mask_d, i0, d0, j_segment, M, M + L, 0,
+                                           L, M, R, WINDOW, scale, qk_scale,
+                                           BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, PRECISION)
+                        if need_memory:
+                            acc = _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn,
+                                           stride_rn, offs_i, offs_d, mask_d, i0, d0, j_memory, 0, M, MEM_OFFSET,
+                                           L, M, R, WINDOW, scale, qk_scale,
+                                           BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, PRECISION)
+                if owns_clamped_row:
+                    for slot in range(NUM_SLOTS):
+                        clamped += tl.load(CQ + ((b * NUM_SLOTS + slot) * H + h) * D + offs_d, mask=mask_d, other=0.0)
+    acc += tl.where((tl.arange(0, BLOCK_R) == R - 1 - d0)[:, None], clamped[None, :], 0.0)
+    store_rows(DR + g * stride_drh, d0, R, stride_drn, offs_d, mask_d, acc, BLOCK_R)
+
+
+def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
+    """Backward. grad_out, out ``[B, H, L, D]``; lse ``[B, H, L]`` float32 from the forward; the other
+    arguments as in :func:`rel_memory_attention_fwd`.
+
+    -> (dq, dk, dv, dr, du, dvb), each with its input's shape and dtype. Deterministic (no atomics) under
+    ``MEMTX_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
+    """
+    B, H, L, D = q.shape
+    Hk, K = k.shape[1], k.shape[2]
+    M, R = K - L, r.shape[1]
+    window = window if window > 0 else K + 1
+    block_d = max(16, triton.next_power_of_2(D))
+    precision = dot_precision(q.dtype)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    common_strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), r.stride(0), r.stride(1), u.stride(0), vb.stride(0),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+    )
+
+    delta = torch.empty(B, H, L, **f32)
+    _bwd_preprocess[(triton.cdiv(L, 64), B * H)](
+        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), H, L, D, BLOCK_M=64, BLOCK_D=block_d,
+    )
+
+    dk = torch.empty(B, Hk, K, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, Hk, K, D, dtype=v.dtype, device=v.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_N"]) + triton.cdiv(L, meta["BLOCK_N"]), B * Hk)  # noqa: E731
+    _bwd_dkdv_kernel[grid](
+        q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, dk, dv, *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, Hk, L, M, R, D, window, mem_offset, scale, scale * LOG2E, BLOCK_D=block_d, PRECISION=precision,
+    )
+
+    is_deterministic = deterministic()
+    dq = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    num_slots = triton.cdiv(L, smallest_block(_bwd_dq_kernel, "BLOCK_M"))
+    du_part, dvb_part, cq_part = (torch.zeros(B, num_slots, H, D, **f32) for _ in range(3))
+    dr_acc = torch.zeros(Hk, R, D, **f32)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _bwd_dq_kernel[grid](
+        q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, dq, du_part, dvb_part, dr_acc, cq_part,
+        *common_strides, dq.stride(0), dq.stride(1), dq.stride(2), dr_acc.stride(0), dr_acc.stride(1),
+        H, Hk, L, M, R, D, window, mem_offset, scale, scale * LOG2E, num_slots,
+        BLOCK_D=block_d, PRECISION=precision, DETERMINISTIC=is_deterministic,
+    )
+
+    if is_deterministic:
+        dr = torch.empty(Hk, R, D, dtype=r.dtype, device=r.device)
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), Hk)  # noqa: E731
+        _bwd_dr_kernel[grid](
+            q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, cq_part, dr, *common_strides,
+            dr.stride(0), dr.stride(1), B, H, L, M, R, D, window, mem_offset, scale, scale * LOG2E, num_slots,
+            BLOCK_D=block_d, PRECISION=precision,
+        )
+    else:
+        dr = dr_acc.to(r.dtype)
+    du = du_part.sum((0, 1)).to(u.dtype)
+    dvb = dvb_part.sum((0, 1)).to(vb.dtype)
+    return dq, dk, dv, dr, du, dvb

@@ -1,0 +1,137 @@
+"""Helpers shared by the Triton kernels: tile loads, the relative-position band of a tile, visibility, configs.
+
+Inside a tile of ``BLOCK_M`` queries ``[i0, i0 + BLOCK_M)`` by ``BLOCK_N`` keys ``[j0, j0 + BLOCK_N)`` the
+distances ``M + i - j + offset`` form a band of ``BLOCK_M + BLOCK_N - 1`` consecutive values. Window row ``w``
+holds r row ``clamp(dmax - w, 0, R - 1)`` with ``dmax`` the tile's largest distance, so query ``ii`` and key
+``jj`` meet at window row ``BLOCK_M - 1 - ii + jj``: the position term of the tile is one matmul of the biased
+queries against the window followed by that per-row shift (``tl.gather``), and its gradient is the inverse shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memtx_ops.backends.triton import interpreter_enabled
+
+# Under TRITON_INTERPRET=1 every config is one kernel run of numpy: one small tile keeps the tests fast
+# while the test shapes still cross several blocks.
+INTERPRETER_BLOCK = 32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot``: TF32 for float32 only when torch allows it for CUDA matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def tile_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2) -> triton.Config:
+    """A ``BLOCK_M`` x ``BLOCK_N`` tile; ``BLOCK_W``: the power of two holding its ``BLOCK_M + BLOCK_N - 1`` r rows."""
+    block_w = triton.next_power_of_2(block_m + block_n - 1)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": block_w}, num_warps=num_warps, num_stages=num_stages
+    )
+
+
+def autotune_tiles(gpu_table, make_config=tile_config, reset_to_zero=None):
+    """``triton.autotune`` over ``gpu_table`` = ``{largest BLOCK_D: [make_config arguments, ...]}``.
+
+    Keyed on ``BLOCK_D`` (and, by Triton, the dtypes); only the row of the smallest bound ``>= BLOCK_D`` is
+    benchmarked. Under the interpreter there is exactly one config: ``make_config(32, 32)``.
+    """
+    if interpreter_enabled():
+        return triton.autotune([make_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK)], key=["BLOCK_D"])
+    bounds = sorted(gpu_table)
+    tagged = [(bound, make_config(*row)) for bound in bounds for row in gpu_table[bound]]
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        bound = next((b for b in bounds if b >= block_d), bounds[-1])
+        return [config for b, config in tagged if b == bound]
+
+    return triton.autotune(
+        [config for _, config in tagged], key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
+    )
+
+
+def smallest_block(kernel, name: str) -> int:
+    """The smallest value of the constexpr ``name`` among the configs of the autotuned ``kernel``."""
+    return min(config.kwargs[name] for config in kernel.configs)
+
+
+@triton.jit
+def load_rows(base, row0, lo, hi, stride, offs_d, mask_d, BLOCK: tl.constexpr):
+    """Rows ``[row0, row0 + BLOCK)`` of a row-major ``[*, D]`` matrix (unit last stride) -> ``[BLOCK, BLOCK_D]``.
+
+    Rows outside ``[lo, hi)`` and columns past ``D`` read 0. ``row0`` is advanced in int64.
+    """
+    offs = tl.arange(0, BLOCK)
+    rows = row0 + offs
+    ptrs = base + tl.cast(row0, tl.int64) * stride + (offs[:, None] * stride + offs_d[None, :])
+    return tl.load(ptrs, mask=((rows >= lo) & (rows < hi))[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(base, row0, hi, stride, offs_d, mask_d, value, BLOCK: tl.constexpr):
+    """Stores ``value [BLOCK, BLOCK_D]`` into rows ``[row0, min(row0 + BLOCK, hi))`` and columns ``< D``."""
+    offs = tl.arange(0, BLOCK)
+    ptrs = base + tl.cast(row0, tl.int64) * stride + (offs[:, None] * stride + offs_d[None, :])
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=((row0 + offs) < hi)[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def load_r_window(r_base, stride_r, dmax, R, offs_d, mask_d, BLOCK_W: tl.constexpr):
+    """Window row ``w`` = r row ``clamp(dmax - w, 0, R - 1)`` (descending distance) -> ``[BLOCK_W, BLOCK_D]``."""
+    rows = tl.minimum(tl.maximum(dmax - tl.arange(0, BLOCK_W), 0), R - 1)
+    return tl.load(r_base + rows[:, None] * stride_r + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def shift_band(band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``band [BLOCK_M, BLOCK_W]`` (query x window row) -> ``[BLOCK_M, BLOCK_N]``.
+
+    ``out[ii, jj] = band[ii, BLOCK_M - 1 - ii + jj]``.
+    """
+    index = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+    return tl.gather(band, index, axis=1)
+
+
+@triton.jit
+def unshift_band(tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Inverse of :func:`shift_band`: ``tile [BLOCK_M, BLOCK_N]`` -> ``[BLOCK_M, BLOCK_W]``, 0 off the band."""
+    jj = tl.arange(0, BLOCK_W)[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    on_band = (jj >= 0) & (jj < BLOCK_N)
+    band = tl.gather(tile, tl.minimum(tl.maximum(jj, 0), BLOCK_N - 1), axis=1)
+    return tl.where(on_band, band, 0.0)
+
+
+@triton.jit
+def tile_scores(qu, qv, k, r_base, stride_r, offs_d, mask_d, offs_i, i0, j0, j_lo, j_hi, offset, L, M, R, WINDOW,
+                qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Scores of the queries ``offs_i = i0 + arange(BLOCK_M)`` against the keys ``j0 + arange(BLOCK_N)``.
+
+    qu = q + u, qv = q + vb ``[BLOCK_M, BLOCK_D]``; k ``[BLOCK_N, BLOCK_D]``; the tile's keys lie in
+    ``[j_lo, j_hi)`` and their distances carry ``offset``. -> (``qk_scale * ((q+u) k^T + (q+vb) r_dist^T)``,
+    float32 ``[BLOCK_M, BLOCK_N]``, ``-inf`` where not visible; the r window ``[BLOCK_W, BLOCK_D]``).
+    """
+    rwin = load_r_window(r_base, stride_r, M + i0 + BLOCK_M - 1 - j0 + offset, R, offs_d, mask_d, BLOCK_W)
+    band = tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
+    s = tl.dot(qu, tl.trans(k), input_precision=PRECISION) + shift_band(band, BLOCK_M, BLOCK_N)
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    return tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), s * qk_scale, float("-inf")), rwin
+
+
+@triton.jit
+def visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW):
+    """SPEC ``visible(i, j)``, for queries ``offs_i < L`` and keys ``offs_j`` in ``[j_lo, j_hi)`` only -> boolean
+    ``[BLOCK_M, BLOCK_N]``.
+
+    ``WINDOW`` is the window, or anything above ``M + L`` for none.
+    """
+    i = offs_i[:, None]
+    j = offs_j[None, :]
+    return (i < L) & (j >= j_lo) & (j < j_hi) & (j <= M + i) & (j > M + i - WINDOW)

@@ -1,0 +1,160 @@
+"""Triton backend against the float64 reference.
+
+On CUDA: the feature grid and larger shapes in float32, float16 and bfloat16. Without CUDA the kernels run on CPU
+tensors in the Triton interpreter, which must be switched on before triton is imported (tests/conftest.py does so
+when CUDA is absent; alone: ``TRITON_INTERPRET=1 python -m pytest tests/test_rel_memory_attention_triton.py``).
+The interpreter runs float32 and float16 only: its bfloat16 arithmetic is wrong.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+import memtx_ops
+from helpers import FEATURE_CASES, Case, assert_matches_reference, make_inputs
+from memtx_ops.backends.triton import interpreter_enabled
+
+INTERPRETED = interpreter_enabled()
+ON_CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if ON_CUDA else "cpu"
+
+if importlib.util.find_spec("triton") is None:
+    pytestmark = pytest.mark.skip(reason="triton is not installed")
+elif not (ON_CUDA or INTERPRETED):
+    pytestmark = pytest.mark.skip(
+        reason="backend 'triton' needs a CUDA device, or the Triton interpreter on CPU tensors: run "
+        "`TRITON_INTERPRET=1 python -m pytest tests/test_rel_memory_attention_triton.py` (set before importing triton)"
+    )
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+
+# Beyond the feature grid: head dims that are not powers of two (masked BLOCK_D), D = 256, an unused kv head.
+EXTRA_CASES = [
+    Case(B=1, H=2, L=40, M=30, D=24, window=50, R=45),
+    Case(B=1, H=1, L=35, M=40, D=200, mem_offset=5),
+    Case(B=1, H=2, Hk=3, L=20, M=12, D=16, kv_head_index=(2, 0)),
+]
+# On CUDA: several blocks of every GPU tile size, on both sides of M.
+CUDA_CASES = [
+    Case(B=2, H=4, L=300, M=500, D=64),
+    Case(B=1, H=4, Hk=2, L=257, M=513, D=128, window=300, mem_offset=257, R=200),
+    Case(B=2, H=2, L=129, M=255, D=256, R=100, kv_head_index=(1, 0)),
+    Case(B=1, H=2, L=200, M=100, D=80, window=128),
+]
+CASES = FEATURE_CASES + EXTRA_CASES + (CUDA_CASES if ON_CUDA else [])
+# Strided views: aged memory, GQA, clamp + window + offset + permutation.
+STRIDED_CASES = [FEATURE_CASES[i] for i in (5, 8, 12)]
+
+
+def triton_attention(*args, **kwargs):
+    return memtx_ops.rel_memory_attention(*args, backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case, dtype):
+    assert_matches_reference(triton_attention, case, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=str)
+def test_strided_fused_projection_views(case, dtype):
+    """q, k, v as views of a fused qkv projection are read through their strides."""
+    assert_matches_reference(triton_attention, case, dtype, DEVICE, strided=True)
+
+
+def test_strided_inputs_are_not_copied(monkeypatch):
+    from memtx_ops.backends import BACKENDS
+
+    case = Case(B=1, H=2, L=8, M=8, D=16)
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(case, torch.float32, DEVICE, strided=True))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    seen = {}
+    forward = BACKENDS["triton"].forward
+
+    def spy(*args):
+        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
+        return forward(*args)
+
+    monkeypatch.setattr(BACKENDS["triton"], "forward", spy)
+    triton_attention(q, k, v, r, u, vb)
+    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+
+
+@pytest.mark.parametrize("case", [FEATURE_CASES[i] for i in (5, 6, 8, 12)], ids=str)
+def test_deterministic_dr(case, monkeypatch):
+    """MEMTX_DETERMINISTIC=1: dr from the distance-block kernel instead of atomics."""
+    monkeypatch.setenv("MEMTX_DETERMINISTIC", "1")
+    assert_matches_reference(triton_attention, case, torch.float32, DEVICE)
+
+
+def test_deterministic_backward_is_reproducible(monkeypatch):
+    monkeypatch.setenv("MEMTX_DETERMINISTIC", "1")
+    case = FEATURE_CASES[12]
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    out = triton_attention(*inputs, **case.kwargs(DEVICE))
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="TF32 needs a CUDA device")
+def test_tf32_when_allowed():
+    """float32 dots use TF32 only when torch allows it; the SPEC tolerance is then 5e-3."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert_matches_reference(triton_attention, CUDA_CASES[0], torch.float32, DEVICE, tolerance=5e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_deterministic_follows_torch_setting():
+    from memtx_ops.kernels.rel_memory_attention.bwd import deterministic
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert deterministic()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_unused_kv_head_gets_zero_gradients():
+    case = EXTRA_CASES[2]
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    out = triton_attention(*inputs, **case.kwargs(DEVICE))
+    _, dk, dv, dr, _, _ = torch.autograd.grad(out, inputs, torch.randn_like(out))
+    assert not dk[:, 1].any() and not dv[:, 1].any() and not dr[1].any()
+    assert dk[:, 0].any() and dk[:, 2].any() and dr[0].any() and dr[2].any()
+
+
+def test_window_one_attends_to_itself_only():
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=40, M=90, D=32), torch.float32, DEVICE))
+    out = triton_attention(q, k, v, r, u, vb, window=1)
+    torch.testing.assert_close(out, v[:, :, 90:], rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    case = Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3)
+    q, k, v, r, u, vb = make_inputs(case, torch.float32, DEVICE)
+    idx = torch.tensor([1, 0], device=DEVICE)
+    op = torch.ops.memtx_ops.rel_memory_attention
+    torch.library.opcheck(op, (q, k, v, r, u, vb, idx, 10, 3, 0.25, "triton"))
+    out, lse = op(q, k, v, r, u, vb, idx, 10, 3, 0.25, "triton")
+    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
+    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, idx, 10, 3, 0.25, "triton"))
+
+
+def test_torch_compile_fullgraph():
+    case = Case(B=1, H=2, L=12, M=20, D=16)
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    compiled = torch.compile(lambda *t: triton_attention(*t, window=16).sum(), fullgraph=True)
+    compiled(*inputs).backward()
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    triton_attention(*eager_inputs, window=16).sum().backward()
+    for a, b in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, b.grad)
