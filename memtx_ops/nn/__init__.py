@@ -1,1 +1,6 @@
 """Drop-in ``nn.Module``s over the fused ops."""
+
+from .cross_head import CrossHeadPermutation
+from .skip_retain import LayerMemory, SkipRetainSchedule
+
+__all__ = ["CrossHeadPermutation", "LayerMemory", "SkipRetainSchedule"]

@@ -31,6 +31,31 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return padded[..., 1:, :].reshape(*lead, L, T)
 
 
+def position_scores(q_biased: torch.Tensor, r_table: torch.Tensor) -> torch.Tensor:
+    """Transformer-XL ``BD`` term: ``rel_shift((q + vb) . r_table^T)``.
+
+    q_biased ``[B, H, L, D]`` (queries plus the position bias), r_table ``[H, T, D]`` ordered from
+    distance ``T - 1`` down to 0 -> ``[B, H, L, T]``, where column j holds distance ``T - L + i - j``.
+    """
+    return rel_shift(torch.einsum("bhid,hjd->bhij", q_biased, r_table))
+
+
+def relative_scores(q, k, u, vb, r_table, mem_offset: int, scale: float) -> torch.Tensor:
+    """Scaled Transformer-XL scores ``scale * (AC + BD)``, unmasked: ``[B, H, L, K]``.
+
+    q ``[B, H, L, D]``, k ``[B, H, K, D]``, u, vb ``[H, D]``, r_table ``[H, K + mem_offset, D]`` ordered from
+    distance ``K + mem_offset - 1`` down to 0. With a memory offset the shifted position scores have
+    ``mem_offset`` more columns: memory keys read the first ``M``, segment keys the last ``L``.
+    """
+    L, K = q.shape[2], k.shape[2]
+    M = K - L
+    ac = torch.einsum("bhid,bhjd->bhij", q + u[None, :, None, :], k)
+    bd = position_scores(q + vb[None, :, None, :], r_table)
+    if mem_offset:
+        bd = torch.cat([bd[..., :M], bd[..., M + mem_offset:]], dim=-1)
+    return (ac + bd) * scale
+
+
 def visibility_mask(L: int, K: int, window: Optional[int], device=None) -> torch.Tensor:
     """Boolean ``[L, K]``, True where query ``i`` may see key ``j`` (SPEC §1 ``visible``)."""
     M = K - L
@@ -63,7 +88,6 @@ def rel_memory_attention(
     """
     B, H, L, D = q.shape
     Hk, K = k.shape[1], k.shape[2]
-    M = K - L
     R = r.shape[1]
     if scale is None:
         scale = D ** -0.5
@@ -74,19 +98,9 @@ def rel_memory_attention(
     v = v.index_select(1, kv_head_index)
     r = r.index_select(0, kv_head_index)
 
-    # Position table ordered like Transformer-XL's r_head_k: distance T-1 down to 0.  With a
-    # memory offset the memory columns need T = K + mem_offset distances; the segment columns
-    # are then read from the last L columns of the shifted matrix.
-    T = K + mem_offset
-    distances = torch.arange(T - 1, -1, -1, device=q.device).clamp(max=R - 1)
-    r_table = r.index_select(1, distances)  # [H, T, D]
-
-    ac = torch.einsum("bhid,bhjd->bhij", q + u[None, :, None, :], k)
-    bd = torch.einsum("bhid,hjd->bhij", q + vb[None, :, None, :], r_table)
-    bd = rel_shift(bd)
-    if mem_offset:
-        bd = torch.cat([bd[..., :M], bd[..., M + mem_offset:]], dim=-1)
-    scores = (ac + bd) * scale
+    # Position table ordered like Transformer-XL's r_head_k: distance T-1 down to 0, T = K + mem_offset.
+    distances = torch.arange(K + mem_offset - 1, -1, -1, device=q.device).clamp(max=R - 1)
+    scores = relative_scores(q, k, u, vb, r.index_select(1, distances), mem_offset, scale)
     scores = scores.masked_fill(~visibility_mask(L, K, window, q.device), float("-inf"))
     softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)

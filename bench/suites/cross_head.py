@@ -1,0 +1,78 @@
+"""Bench suite: cross-head attention (SPEC §2) against plain attention and against copying, per backend.
+
+Rows per backend ``b``: ``b:plain`` (``rel_memory_attention``), ``b:cross_head`` (``cross_head_attention``,
+i.e. ``kv_head_index=perm``, with a permutation that moves every head) and ``b:copying`` (the paper's
+``K[:, perm]``, ``V[:, perm]``, ``R[perm]`` copies, then ``b``; ``reference:copying`` computes as the paper's code
+and :func:`memtx_ops.reference.cross_head_attention` do). The report's ratio columns compare with ``reference:copying``;
+the extra columns ``time/plain`` and ``peak/plain`` compare each row with ``b:plain`` (target for the fused
+path: time within 5%, equal peak).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import memtx_ops
+from memtx_ops.backends import BACKENDS
+from bench.suites.rel_memory_attention import make_inputs, measure
+
+NAME = "cross_head"
+BASELINE = "reference:copying"
+
+
+def default_config(device):
+    if device.type == "cuda":
+        return dict(batch=4, heads=16, lengths=[1024, 2048], head_dims=[64, 128], dtypes=["bfloat16"],
+                    backends=["reference", "triton", "cuda"])
+    return dict(batch=2, heads=8, lengths=[512], head_dims=[64], dtypes=["float32"], backends=["reference", "cpu"])
+
+
+def variants(backend, device, perm):
+    """``(label, fn(q, k, v, r, u, vb))`` of one backend, or nothing when it cannot run on ``device``."""
+    if backend not in ("auto", "reference") and BACKENDS[backend].unavailable_reason(device) is not None:
+        return []
+    perm = perm.to(device)
+    return [
+        (f"{backend}:plain", lambda *t: memtx_ops.rel_memory_attention(*t, backend=backend)),
+        (f"{backend}:cross_head", lambda *t: memtx_ops.cross_head_attention(*t, perm, backend=backend)),
+        (f"{backend}:copying", lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(
+            q, k[:, perm], v[:, perm], r[perm], u, vb, backend=backend)),
+    ]
+
+
+def add_plain_ratios(rows):
+    """``extra`` columns: fwd+bwd time and peak memory over those of ``<backend>:plain`` on the same case."""
+    plain = {(r["case"], r["dtype"], r["backend"].split(":")[0]): r for r in rows if r["backend"].endswith(":plain")}
+    for r in rows:
+        p = plain.get((r["case"], r["dtype"], r["backend"].split(":")[0]))
+        if p is not None:
+            r["extra"] = {"time/plain": round(r["fwd_bwd_ms"] / p["fwd_bwd_ms"], 3)}
+            if r["peak_mb"] is not None and p["peak_mb"]:
+                r["extra"]["peak/plain"] = round(r["peak_mb"] / p["peak_mb"], 3)
+
+
+def run(opts):
+    device = opts.device
+    cfg = default_config(device)
+    B = opts.batch or cfg["batch"]
+    H = opts.heads or cfg["heads"]
+    perm = torch.roll(torch.arange(H), 1)  # every query head reads another head's k, v, r
+    rows = []
+    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
+                                              opts.dtypes or cfg["dtypes"]):
+        dtype = getattr(torch, dtype_name)
+        inputs = make_inputs(B, H, L, L, D, dtype, device)
+        case = f"B={B} H={H} L=M={L} D={D}"
+        for label, fn in itertools.chain.from_iterable(variants(b, device, perm) for b in opts.backends or cfg["backends"]):
+            try:
+                t_fwd, t_bwd, t_fb, peak = measure(fn, inputs, device, opts.repeats)
+            except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
+                print(f"  skip {label} {case} {dtype_name}: {exc}")
+                continue
+            rows.append(dict(op=NAME, case=case, backend=label, dtype=dtype_name, fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
+                             fwd_bwd_ms=1e3 * t_fb, peak_mb=None if peak is None else peak / 2**20))
+            print(f"  {case} {dtype_name} {label}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
+    add_plain_ratios(rows)
+    return rows
