@@ -1,0 +1,128 @@
+"""Drop-in ``RelPartialLearnableMultiHeadAttn`` (Transformer-XL) running the fused attention op.
+
+Constructor arguments, parameter names and ``forward(w, r, attn_mask=None, mems=None)`` follow the
+Transformer-XL module of that name (in its widely used port with per-layer or shared ``r_w_bias`` /
+``r_r_bias``), so its state dicts load with ``strict=True``. Inside, the ``[qlen, klen]`` boolean mask is
+recognised as causal-with-memory or ``same_length`` (a window), the flipped position embeddings become the
+op's ``r`` (clamped distances are read off repeated rows), and q, k, v are passed as strided views of the
+fused projection. Cases the fused op cannot express fall back to the eager reference with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from memtx_ops import reference
+from memtx_ops.ops.rel_memory_attention import rel_memory_attention
+
+
+def window_of_mask(attn_mask: torch.Tensor, qlen: int, klen: int):
+    """Reads a Transformer-XL boolean mask (True = masked) ``[qlen, klen]`` or ``[qlen, klen, 1]``.
+
+    Returns ``(True, window)`` when it is causal-with-memory (window None) or ``same_length`` (a window),
+    else ``(False, None)``.
+    """
+    mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[1]) if attn_mask.dim() == 3 else attn_mask
+    if mask.dim() != 2 or tuple(mask.shape) != (qlen, klen):
+        return False, None
+    visible_last_row = int((~mask[-1].bool()).sum())
+    window = visible_last_row if visible_last_row < klen else None
+    if window == 0:
+        return False, None
+    expected = reference.visibility_mask(qlen, klen, window, mask.device)
+    return bool(torch.equal(~mask.bool(), expected)), window
+
+
+def clamp_rows(r_asc: torch.Tensor) -> int:
+    """Number of rows to keep of ``r_asc`` ``[rlen, ...]`` (ascending distance): rows past the first of a
+    run of identical last rows repeat it, which the op's clamp at ``R - 1`` reproduces."""
+    flat = r_asc.reshape(r_asc.shape[0], -1)
+    changes = torch.nonzero((flat[1:] != flat[:-1]).any(-1))
+    return int(changes[-1]) + 2 if changes.numel() else 1
+
+
+class RelPartialLearnableMultiHeadAttn(nn.Module):
+    """Transformer-XL relative multi-head attention layer (attention + residual + layer norm).
+
+    w ``[qlen, bsz, d_model]``, r ``[klen, 1, d_model]`` (position embeddings, distance ``klen-1`` down to
+    0), attn_mask bool ``[qlen, klen]`` or ``[qlen, klen, 1]`` (True = masked), mems ``[mlen, bsz, d_model]``
+    -> ``[qlen, bsz, d_model]``. Extensions: ``kv_head_index`` ``[n_head]`` (cross-head permutation) and
+    ``mem_offset`` (aged memory; r then has ``klen + mem_offset`` rows). ``clamp_len`` (optional) states the
+    position clamp instead of reading it off r; ``backend`` selects the attention backend ("auto").
+    """
+
+    def __init__(self, n_head, d_model, d_head, dropout, dropatt=0.0, pre_lnorm=False, r_r_bias=None,
+                 r_w_bias=None, layer_norm_epsilon=1e-5, *, clamp_len: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        self.n_head, self.d_model, self.d_head, self.dropout = n_head, d_model, d_head, dropout
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_epsilon)
+        self.scale = 1 / (d_head ** 0.5)
+        self.pre_lnorm = pre_lnorm
+        if r_r_bias is None or r_w_bias is None:  # per-layer biases
+            self.r_r_bias = nn.Parameter(torch.zeros(n_head, d_head))
+            self.r_w_bias = nn.Parameter(torch.zeros(n_head, d_head))
+        else:  # shared across layers, owned by the model
+            self.r_r_bias, self.r_w_bias = r_r_bias, r_w_bias
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.clamp_len = clamp_len
+        self.backend = backend
+
+    def _fallback_reason(self, klen, rlen, mem_offset, attn_mask):
+        if self.training and self.dropatt.p > 0:
+            return "attention dropout (dropatt > 0) in training"
+        if rlen != klen + mem_offset:
+            return f"r has {rlen} rows but klen + mem_offset is {klen + mem_offset}"
+        if attn_mask is None:
+            return "no attn_mask (the fused op is causal)"
+        return None
+
+    def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0):
+        qlen, bsz = w.shape[0], w.shape[1]
+        cat = w if mems is None else torch.cat([mems, w], 0)
+        heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
+        klen, rlen = heads.shape[0], r.shape[0]
+        H, D = self.n_head, self.d_head
+
+        reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask)
+        window = None
+        if reason is None:
+            recognised, window = window_of_mask(attn_mask, qlen, klen)
+            if not recognised:
+                reason = "attn_mask is neither causal-with-memory nor same_length"
+        if reason is not None:
+            warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
+
+        # [klen, bsz, 3, H, D] -> strided [bsz, H, len, D] views, no copies
+        q, k, v = heads.view(klen, bsz, 3, H, D).permute(2, 1, 3, 0, 4).unbind(0)
+        q = q[:, :, klen - qlen:]
+        r_asc = r.flip(0).squeeze(1)  # row d embeds distance d
+        if reason is None:
+            rows = self.clamp_len + 1 if self.clamp_len else clamp_rows(r_asc)
+            r_asc = r_asc[: min(rows, rlen)]
+        r_head = self.r_net(r_asc).view(-1, H, D).transpose(0, 1)  # [H, R, D]
+        if reason is None:
+            attn_vec = rel_memory_attention(q, k, v, r_head, self.r_w_bias, self.r_r_bias, kv_head_index=kv_head_index,
+                                            window=window, mem_offset=mem_offset, scale=self.scale,
+                                            backend=self.backend)
+        else:
+            attn_vec = self._eager_attention(q, k, v, r_head, attn_mask, kv_head_index, mem_offset)
+        attn_out = self.drop(self.o_net(attn_vec.permute(2, 0, 1, 3).reshape(qlen, bsz, H * D)))
+        return w + attn_out if self.pre_lnorm else self.layer_norm(w + attn_out)
+
+    def _eager_attention(self, q, k, v, r_head, attn_mask, kv_head_index, mem_offset):
+        """The eager path for what the fused op cannot express: any mask, attention dropout."""
+        if kv_head_index is not None:
+            k, v, r_head = k[:, kv_head_index], v[:, kv_head_index], r_head[kv_head_index]
+        score = reference.relative_scores(q, k, self.r_w_bias, self.r_r_bias, r_head.flip(1), mem_offset, self.scale)
+        if attn_mask is not None:
+            mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[1]) if attn_mask.dim() == 3 else attn_mask
+            score = score.masked_fill(mask.bool(), float("-inf"))
+        return torch.einsum("bhij,bhjd->bhid", self.dropatt(torch.softmax(score, dim=-1)), v)

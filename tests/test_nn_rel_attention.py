@@ -1,0 +1,161 @@
+"""Drop-in RelPartialLearnableMultiHeadAttn against a time-major eager module written like Transformer-XL's."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn, clamp_rows, window_of_mask
+
+
+class TimeMajorTxlAttn(nn.Module):
+    """Transformer-XL's relative attention layer restated in its own time-major layout ([len, bsz, ...]),
+    with AC/BD einsums, the zero-pad shift along the key axis, -inf masking and softmax over keys."""
+
+    def __init__(self, n_head, d_model, d_head, pre_lnorm=False):
+        super().__init__()
+        self.n_head, self.d_head, self.pre_lnorm = n_head, d_head, pre_lnorm
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.r_r_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.3)
+        self.r_w_bias = nn.Parameter(torch.randn(n_head, d_head) * 0.3)
+
+    @staticmethod
+    def shift(x):  # x [qlen, klen, bsz, n_head]
+        zero = x.new_zeros((x.size(0), 1, *x.shape[2:]))
+        padded = torch.cat([zero, x], 1).view(x.size(1) + 1, x.size(0), *x.shape[2:])
+        return padded[1:].view_as(x)
+
+    def forward(self, w, r, attn_mask, mems=None):
+        qlen, bsz = w.shape[:2]
+        cat = w if mems is None else torch.cat([mems, w], 0)
+        heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
+        q, k, v = torch.chunk(heads, 3, dim=-1)
+        klen = k.shape[0]
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
+        k = k.view(klen, bsz, self.n_head, self.d_head)
+        v = v.view(klen, bsz, self.n_head, self.d_head)
+        r_k = self.r_net(r).view(r.shape[0], self.n_head, self.d_head)
+        ac = torch.einsum("ibnd,jbnd->ijbn", q + self.r_w_bias, k)
+        bd = self.shift(torch.einsum("ibnd,jnd->ijbn", q + self.r_r_bias, r_k))
+        score = (ac + bd) / self.d_head ** 0.5
+        mask = attn_mask if attn_mask.dim() == 3 else attn_mask[:, :, None]
+        score = score.masked_fill(mask[:, :, :, None], float("-inf"))
+        prob = torch.softmax(score, dim=1)
+        vec = torch.einsum("ijbn,jbnd->ibnd", prob, v).reshape(qlen, bsz, -1)
+        out = self.o_net(vec)
+        return w + out if self.pre_lnorm else self.layer_norm(w + out)
+
+
+def txl_mask(qlen, mlen, same_length=False, mem_len=None, dim3=True):
+    klen = qlen + mlen
+    ones = torch.ones(qlen, klen, dtype=torch.uint8)
+    if same_length:
+        mask_len = klen - mem_len
+        shift = qlen - mask_len if mask_len > 0 else qlen
+        mask = (torch.triu(ones, 1 + mlen) + torch.tril(ones, -shift)).bool()
+    else:
+        mask = torch.triu(ones, diagonal=1 + mlen).bool()
+    return mask[:, :, None] if dim3 else mask
+
+
+def positions(klen, d_model, clamp_len=0):
+    pos = torch.arange(klen - 1, -1, -1.0, dtype=torch.float64)
+    if clamp_len > 0:
+        pos = pos.clamp(max=clamp_len)
+    inv = 1 / (10000 ** (torch.arange(0, d_model, 2.0, dtype=torch.float64) / d_model))
+    ang = pos[:, None] * inv[None]
+    return torch.cat([ang.sin(), ang.cos()], -1)[:, None, :]
+
+
+CONFIGS = [
+    dict(qlen=20, mlen=12, pre_lnorm=False),
+    dict(qlen=16, mlen=0, pre_lnorm=True),
+    dict(qlen=24, mlen=30, same_length=True, mem_len=30),
+    dict(qlen=24, mlen=10, same_length=True, mem_len=30),  # partial memory
+    dict(qlen=18, mlen=14, clamp_len=9, dim3=False),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_transformer_xl_layer(cfg, backend):
+    n_head, d_model, d_head, bsz = 3, 24, 8, 2
+    qlen, mlen = cfg["qlen"], cfg["mlen"]
+    original = TimeMajorTxlAttn(n_head, d_model, d_head, cfg.get("pre_lnorm", False)).double()
+    fused = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout=0.0,
+                                             pre_lnorm=cfg.get("pre_lnorm", False), backend=backend).double()
+    fused.load_state_dict(original.state_dict(), strict=True)
+    w = torch.randn(qlen, bsz, d_model, dtype=torch.float64, requires_grad=True)
+    mems = torch.randn(mlen, bsz, d_model, dtype=torch.float64, requires_grad=True) if mlen else None
+    r = positions(qlen + mlen, d_model, cfg.get("clamp_len", 0))
+    mask = txl_mask(qlen, mlen, cfg.get("same_length", False), cfg.get("mem_len"), cfg.get("dim3", True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the fused path runs
+        out = fused(w, r, attn_mask=mask, mems=mems)
+    expected = original(w, r, mask, mems)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    leaves = [w] + ([mems] if mems is not None else []) + list(fused.parameters())
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, [w] + ([mems] if mems is not None else []) + list(original.parameters()), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_mask_recognition():
+    assert window_of_mask(txl_mask(8, 5), 8, 13) == (True, None)
+    assert window_of_mask(txl_mask(8, 5, same_length=True, mem_len=5), 8, 13) == (True, 5)
+    odd = txl_mask(8, 5).clone()
+    odd[3, 0] = True
+    assert window_of_mask(odd, 8, 13) == (False, None)
+
+
+def test_clamp_rows_reads_repeated_rows():
+    r = positions(20, 8, clamp_len=6).flip(0)
+    assert clamp_rows(r) == 7
+    assert clamp_rows(positions(20, 8).flip(0)) == 20
+
+
+def test_arbitrary_mask_falls_back_with_warning():
+    torch.manual_seed(0)
+    original = TimeMajorTxlAttn(2, 16, 8).double()
+    fused = RelPartialLearnableMultiHeadAttn(2, 16, 8, dropout=0.0).double()
+    fused.load_state_dict(original.state_dict())
+    w = torch.randn(6, 1, 16, dtype=torch.float64)
+    mask = txl_mask(6, 4)
+    mask[2, 1] = True
+    mems, r = torch.randn(4, 1, 16, dtype=torch.float64), positions(10, 16)
+    with pytest.warns(UserWarning, match="neither causal-with-memory nor same_length"):
+        out = fused(w, r, attn_mask=mask, mems=mems)
+    torch.testing.assert_close(out, original(w, r, mask, mems), rtol=1e-10, atol=1e-10)
+
+
+def test_shared_biases_are_not_copied():
+    r_w, r_r = nn.Parameter(torch.zeros(2, 8)), nn.Parameter(torch.zeros(2, 8))
+    layer = RelPartialLearnableMultiHeadAttn(2, 16, 8, 0.1, r_r_bias=r_r, r_w_bias=r_w)
+    assert layer.r_w_bias is r_w and layer.r_r_bias is r_r
+
+
+def test_cross_head_and_aged_memory_match_eager_path():
+    """kv_head_index and mem_offset reach the fused op; the eager fallback computes the same thing."""
+    torch.manual_seed(1)
+    layer = RelPartialLearnableMultiHeadAttn(4, 32, 8, dropout=0.0, backend="cpu").double()
+    nn.init.normal_(layer.r_w_bias, std=0.3)
+    nn.init.normal_(layer.r_r_bias, std=0.3)
+    qlen, mlen, offset, bsz = 10, 7, 10, 2
+    w = torch.randn(qlen, bsz, 32, dtype=torch.float64)
+    mems = torch.randn(mlen, bsz, 32, dtype=torch.float64)
+    r = positions(qlen + mlen + offset, 32)
+    perm = torch.tensor([2, 3, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = layer(w, r, attn_mask=txl_mask(qlen, mlen), mems=mems, kv_head_index=perm, mem_offset=offset)
+    heads = layer.qkv_net(torch.cat([mems, w])).view(qlen + mlen, bsz, 3, 4, 8).permute(2, 1, 3, 0, 4)
+    r_head = layer.r_net(r.flip(0).squeeze(1)).view(-1, 4, 8).transpose(0, 1)
+    vec = layer._eager_attention(heads[0][:, :, mlen:], heads[1], heads[2], r_head, txl_mask(qlen, mlen), perm, offset)
+    eager = layer.layer_norm(w + layer.o_net(vec.permute(2, 0, 1, 3).reshape(qlen, bsz, 32)))
+    torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-10)
