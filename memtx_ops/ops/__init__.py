@@ -1,6 +1,7 @@
 """Fused ops: public entry points with argument checks, autograd and ``torch.library`` registration."""
 
 from .cross_head_attention import cross_head_attention
+from .memory_replay import memory_replay
 from .rel_memory_attention import rel_memory_attention
 
-__all__ = ["cross_head_attention", "rel_memory_attention"]
+__all__ = ["cross_head_attention", "memory_replay", "rel_memory_attention"]
