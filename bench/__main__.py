@@ -32,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output folder")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--record-auto", action="store_true",
+                   help="on a GPU: record the faster of triton/cuda per dtype and head dim for backend='auto'")
     opts = p.parse_args(argv)
     unknown = [o for o in opts.ops if o not in SUITES]
     if unknown:
@@ -55,6 +57,10 @@ def main(argv=None):
     meta = dict(device=stem, torch=torch.__version__, python=platform.python_version(),
                 threads=torch.get_num_threads(), repeats=opts.repeats)
     print(report.write(rows, baselines, meta, opts.out, stem))
+    if opts.record_auto and opts.device.type == "cuda":
+        for name in opts.ops:
+            if hasattr(SUITES[name], "record_auto"):
+                print(f"auto choices: {SUITES[name].record_auto(rows, opts.device)}")
     if not opts.no_plots:
         for name in opts.ops:
             for path in getattr(SUITES[name], "plot", lambda rows, out_dir, stem: [])(rows, opts.out, stem):

@@ -75,8 +75,8 @@ def test_default_kv_head_index_is_grouped_query():
 def test_auto_picks_cpu_backend_for_float32():
     from memtx_ops.backends import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "reference"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 64) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 64) == "reference"
 
 
 def test_opcheck():

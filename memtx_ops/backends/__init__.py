@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict
+import functools
+import json
+import os
+from typing import Dict, Optional
 
 import torch
 
@@ -12,8 +15,26 @@ from .base import Backend
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (cpu.BACKEND, triton.BACKEND, cuda.BACKEND)}
 BACKEND_NAMES = ("auto", "reference") + tuple(BACKENDS)
 
-# backend="auto" on CUDA tensors: tried in this order, the first one available wins.
+# backend="auto" on CUDA tensors: the faster of "triton" and "cuda" measured by `python -m bench
+# --record-auto` on that GPU, per dtype and head dim (this file); otherwise this order.
+CUDA_CHOICES_FILE = os.path.join(os.path.dirname(__file__), "cuda_choices.json")
 _CUDA_PREFERENCE = ("triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
+    """{GPU name: {dtype: {head dim: backend}}} from CUDA_CHOICES_FILE (empty when absent)."""
+    try:
+        with open(CUDA_CHOICES_FILE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def measured_cuda_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """The backend recorded as fastest for this GPU, dtype and head dim, or None."""
+    by_dtype = _cuda_choices().get(torch.cuda.get_device_name(device), {})
+    return by_dtype.get(str(dtype).replace("torch.", ""), {}).get(str(head_dim))
 
 
 def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
@@ -30,11 +51,14 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return backend
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """Turns ``"auto"`` into a concrete backend name; other names are returned unchanged."""
     if name != "auto":
         return name
-    candidates = _CUDA_PREFERENCE if device.type == "cuda" else ("cpu",)
+    candidates = ("cpu",)
+    if device.type == "cuda":
+        measured = measured_cuda_choice(device, dtype, head_dim)
+        candidates = ((measured,) if measured else ()) + _CUDA_PREFERENCE
     for candidate in candidates:
         backend = BACKENDS[candidate]
         if dtype in backend.dtypes and backend.unavailable_reason(device) is None:

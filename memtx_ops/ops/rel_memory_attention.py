@@ -124,7 +124,7 @@ def rel_memory_attention(
     "triton" or "cuda". Differentiable in every tensor argument but ``kv_head_index``.
     """
     check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend)
-    backend = resolve_backend(backend, q.device, q.dtype)
+    backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "reference":
