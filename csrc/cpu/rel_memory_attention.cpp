@@ -62,6 +62,10 @@ struct QueryTile {
   bool sees(const KeyBlock& kb) const {
     return kb.j0 <= s.M + i0 + bm - 1 && kb.j1 - 1 >= first_visible(i0);
   }
+  // kb narrowed to the keys some row of the tile sees (no work on columns masked for every row).
+  KeyBlock clip(const KeyBlock& kb) const {
+    return {std::max(kb.j0, first_visible(i0)), std::min(kb.j1, s.M + i0 + bm), kb.offset};
+  }
   // Visible keys of row ii inside kb, relative to kb.j0, inclusive; lo > hi when none.
   void visible_range(const KeyBlock& kb, int64_t ii, int64_t& lo, int64_t& hi) const {
     const int64_t i = i0 + ii;
@@ -142,8 +146,9 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       const T* r_head = r_data + tile.g * r.stride(0);
 
-      for (const KeyBlock& kb : blocks) {
-        if (!tile.sees(kb)) continue;
+      for (const KeyBlock& block : blocks) {
+        if (!tile.sees(block)) continue;
+        const KeyBlock kb = tile.clip(block);
         const int64_t n = kb.j1 - kb.j0;
         tile.gather_window(kb, r_head, r.stride(1), rwin.data());
         tile.scores(kb, qu.data(), qv.data(), Kt.row(b, tile.g, kb.j0), Kt.s2, rwin.data(), score.data(), pos.data());
@@ -223,8 +228,9 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
             std::fill(dq_content.begin(), dq_content.end(), T(0));
             std::fill(dq_position.begin(), dq_position.end(), T(0));
 
-            for (const KeyBlock& kb : blocks) {
-              if (!tile.sees(kb)) continue;
+            for (const KeyBlock& block : blocks) {
+              if (!tile.sees(block)) continue;
+              const KeyBlock kb = tile.clip(block);
               const int64_t n = kb.j1 - kb.j0, width = bm + n - 1;
               const T* k_rows = Kt.row(b, g, kb.j0);
               tile.gather_window(kb, r_head, r.stride(1), rwin.data());
