@@ -3,5 +3,7 @@
 from .cross_head import CrossHeadPermutation
 from .rel_attention import RelPartialLearnableMultiHeadAttn
 from .skip_retain import LayerMemory, SkipRetainSchedule
+from .transformer_xl import TransformerXL
 
-__all__ = ["CrossHeadPermutation", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule"]
+__all__ = ["CrossHeadPermutation", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule",
+           "TransformerXL"]

@@ -109,7 +109,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             r_asc = r_asc[: min(rows, rlen)]
         r_head = self.r_net(r_asc).view(-1, H, D).transpose(0, 1)  # [H, R, D]
         if reason is None:
-            attn_vec = rel_memory_attention(q, k, v, r_head, self.r_w_bias, self.r_r_bias, kv_head_index=kv_head_index,
+            u, vb = self.r_w_bias.to(q.dtype), self.r_r_bias.to(q.dtype)  # autocast leaves parameters in float32
+            attn_vec = rel_memory_attention(q, k, v, r_head, u, vb, kv_head_index=kv_head_index,
                                             window=window, mem_offset=mem_offset, scale=self.scale,
                                             backend=self.backend)
         else:

@@ -1,0 +1,216 @@
+"""A compact Transformer-XL language model on the fused ops.
+
+Embedding, a stack of relative-attention decoder layers with per-layer memory, sinusoid relative positions
+and a tied output layer. Options: cross-head attention (SPEC §2), skip-retain two-phase training (SPEC §2)
+and gradient through the memory with memory replay back-propagation (SPEC §3) instead of detached memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtx_ops.nn.cross_head import CrossHeadPermutation
+from memtx_ops.ops.memory_replay import memory_replay
+from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
+from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
+from memtx_ops.reference import visibility_mask
+
+Memory = List[LayerMemory]
+
+
+def sinusoid_positions(klen: int, d_model: int, clamp_len: int, device, dtype) -> torch.Tensor:
+    """Transformer-XL position embeddings for distances ``klen - 1`` down to 0 (clamped): ``[klen, 1, d_model]``."""
+    pos = torch.arange(klen - 1, -1, -1.0, device=device)
+    if clamp_len > 0:
+        pos = pos.clamp(max=clamp_len)
+    inv_freq = 1 / (10000 ** (torch.arange(0.0, d_model, 2.0, device=device) / d_model))
+    angles = pos[:, None] * inv_freq[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :].to(dtype)
+
+
+class PositionwiseFF(nn.Module):
+    """Transformer-XL feed-forward block with residual and layer norm: ``[L, B, d_model] -> same``."""
+
+    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.CoreNet = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                     nn.Linear(d_inner, d_model), nn.Dropout(dropout))
+        self.layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.pre_lnorm = pre_lnorm
+
+    def forward(self, x):
+        if self.pre_lnorm:
+            return x + self.CoreNet(self.layer_norm(x))
+        return self.layer_norm(x + self.CoreNet(x))
+
+
+class DecoderLayer(nn.Module):
+    """Relative attention over ``[memory ; segment]`` then the feed-forward block; time-major ``[L, B, d]``."""
+
+    def __init__(self, n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, r_w_bias, r_r_bias,
+                 cross_head_p, backend):
+        super().__init__()
+        self.dec_attn = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout, dropatt, pre_lnorm,
+                                                         r_r_bias=r_r_bias, r_w_bias=r_w_bias, backend=backend)
+        self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
+        self.cross_head = CrossHeadPermutation(cross_head_p) if cross_head_p > 0 else None
+
+    def draw_permutation(self, device) -> Optional[torch.Tensor]:
+        """This forward's cross-head permutation ``[n_head]``, or None (no cross-head, eval, or the coin)."""
+        return self.cross_head(self.dec_attn.n_head, device) if self.cross_head is not None else None
+
+    def forward(self, h, pos_emb, attn_mask, mems, mem_offset=0, kv_head_index=None):
+        out = self.dec_attn(h, pos_emb, attn_mask, mems, kv_head_index=kv_head_index, mem_offset=mem_offset)
+        return self.pos_ff(out)
+
+
+class TransformerXL(nn.Module):
+    """Character- or word-level Transformer-XL language model.
+
+    ``forward(tokens [B, L], memory=None, targets=None) -> (logits [B, L, n_token] or mean loss, memory)``
+    where ``memory`` is one :class:`~memtx_ops.nn.LayerMemory` per layer (``None``: empty). Options:
+    ``cross_head_p`` (probability of a head permutation per layer forward in training), ``skip_retain_p``
+    with ``skip_schedule`` and ``phase`` (two-phase training), ``same_length``, ``clamp_len``, and
+    ``backend`` for the attention op. :meth:`replay_segments` trains with gradient through the memory.
+    """
+
+    def __init__(self, n_token: int, n_layer: int = 4, n_head: int = 4, d_model: int = 128, d_head: int = 32,
+                 d_inner: int = 512, dropout: float = 0.1, dropatt: float = 0.0, mem_len: int = 128,
+                 same_length: bool = False, clamp_len: int = -1, pre_lnorm: bool = False,
+                 cross_head_p: float = 0.0, skip_retain_p: float = 0.0, skip_schedule: str = "linear",
+                 phase: str = "pretrain", backend: str = "auto"):
+        super().__init__()
+        self.n_token, self.n_layer, self.n_head, self.d_model = n_token, n_layer, n_head, d_model
+        self.mem_len, self.same_length, self.clamp_len = mem_len, same_length, clamp_len
+        self.word_emb = nn.Embedding(n_token, d_model)
+        nn.init.normal_(self.word_emb.weight, std=0.02)
+        self.emb_scale = d_model ** 0.5
+        self.r_w_bias = nn.Parameter(torch.zeros(n_head, d_head))
+        self.r_r_bias = nn.Parameter(torch.zeros(n_head, d_head))
+        self.layers = nn.ModuleList(
+            DecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, self.r_w_bias, self.r_r_bias,
+                         cross_head_p, backend)
+            for _ in range(n_layer)
+        )
+        self.drop = nn.Dropout(dropout)
+        self.out_bias = nn.Parameter(torch.zeros(n_token))  # output weights tied to the embedding
+        self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
+                            if skip_retain_p > 0 else None)
+        self._masks: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
+
+    def set_phase(self, phase: str) -> None:
+        """``"pretrain"`` (skip-retain active in training) or ``"finetune"`` (never skips)."""
+        if self.skip_retain is not None:
+            self.skip_retain.phase = phase
+
+    def empty_memory(self, batch_size: int, device=None, dtype=None) -> Memory:
+        """One empty :class:`LayerMemory` per layer (``[B, 0, d_model]``)."""
+        x = self.word_emb.weight.new_empty(batch_size, 0, self.d_model, device=device, dtype=dtype)
+        return [LayerMemory.empty(x) for _ in range(self.n_layer)]
+
+    def _mask(self, qlen: int, klen: int, device) -> torch.Tensor:
+        """Transformer-XL's boolean mask ``[qlen, klen, 1]`` (True = masked), cached per shape."""
+        window = self.mem_len if self.same_length else None
+        key = (qlen, klen, window, device)
+        if key not in self._masks:
+            self._masks[key] = ~visibility_mask(qlen, klen, window, device)[:, :, None]
+        return self._masks[key]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output layer: ``[..., d_model] -> [..., n_token]``."""
+        return F.linear(hidden, self.word_emb.weight, self.out_bias)
+
+    def hidden_states(self, tokens: torch.Tensor, memory: Memory, detach_memory: bool = True,
+                      kv_head_index: Optional[Sequence[Optional[torch.Tensor]]] = None, top_layer: bool = True):
+        """The stack over one segment: tokens ``[B, L]`` -> (top hidden ``[B, L, d_model]``, next memory).
+
+        ``kv_head_index``: per-layer head permutations to use instead of drawing them (memory replay).
+        ``top_layer=False`` stops once every memory is updated (the last layer feeds no memory) and
+        returns None for the hidden states.
+        """
+        B, L = tokens.shape
+        skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
+        h = self.drop(self.word_emb(tokens) * self.emb_scale).transpose(0, 1)  # [L, B, d]
+        next_memory = []
+        for index, (layer, mem, skipped) in enumerate(zip(self.layers, memory, skip)):
+            layer_input = h.transpose(0, 1)
+            next_memory.append(mem.update(skipped, layer_input.detach() if detach_memory else layer_input,
+                                          self.mem_len))
+            if skipped or (index == self.n_layer - 1 and not top_layer):
+                continue
+            klen = mem.hidden.shape[1] + L
+            pos_emb = self.drop(sinusoid_positions(klen + mem.mem_offset, self.d_model, self.clamp_len, h.device,
+                                                   h.dtype))
+            perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
+            h = layer(h, pos_emb, self._mask(L, klen, h.device), mem.hidden.transpose(0, 1), mem.mem_offset, perm)
+        if not top_layer:
+            return None, next_memory
+        return self.drop(h).transpose(0, 1), next_memory
+
+    def forward(self, tokens: torch.Tensor, memory: Optional[Memory] = None, targets: Optional[torch.Tensor] = None):
+        """tokens ``[B, L]`` -> (logits ``[B, L, n_token]``, or the mean cross-entropy when ``targets``
+        ``[B, L]`` is given; the next memory, detached as in Transformer-XL)."""
+        if memory is None:
+            memory = self.empty_memory(tokens.shape[0], tokens.device)
+        hidden, next_memory = self.hidden_states(tokens, memory)
+        if targets is None:
+            return self.logits(hidden), next_memory
+        return self._loss(hidden, targets), next_memory
+
+    def replay_segments(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                        memory: Optional[Memory] = None, offload: bool = False):
+        """Trains over T consecutive segments with gradient through the memory (SPEC §3).
+
+        inputs, targets: T tensors ``[B, L]``. -> (the T segment losses, the memory after them, still
+        attached to the graph so that rollouts chain; detach it to truncate). Back-propagating the sum of
+        the losses gives the gradients of full back-propagation through time, at the activation memory of
+        about one segment: memory replay runs once the memory has reached ``mem_len`` (its shapes are then
+        fixed); the segments before that keep their graphs.
+        """
+        if self.skip_retain is not None and self.training and self.skip_retain.phase == "pretrain":
+            raise ValueError("replay_segments: skip-retain changes the memory's structure between segments; "
+                             "train the pre-training phase with detached memory (forward) instead")
+        if len(inputs) != len(targets) or not inputs:
+            raise ValueError(f"replay_segments: need as many targets as inputs (>= 1), got {len(inputs)} and "
+                             f"{len(targets)}")
+        if memory is None:
+            memory = self.empty_memory(inputs[0].shape[0], inputs[0].device)
+        losses, t = [], 0
+        while t < len(inputs) and any(m.hidden.shape[1] < self.mem_len for m in memory):
+            hidden, memory = self.hidden_states(inputs[t], memory, detach_memory=False)
+            losses.append(self._loss(hidden, targets[t]))
+            t += 1
+        if t == len(inputs):
+            return losses, memory
+        xs = [(inputs[i], targets[i]) + self._draw_permutations(inputs[i].device) for i in range(t, len(inputs))]
+        ys, mem_last = memory_replay(self._replay_step, tuple(m.hidden for m in memory), xs,
+                                     params=[p for p in self.parameters() if p.requires_grad], offload=offload)
+        return losses + list(ys), [LayerMemory(h) for h in mem_last]
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(hidden).reshape(-1, self.n_token), targets.reshape(-1))
+
+    def _draw_permutations(self, device) -> Tuple[torch.Tensor, ...]:
+        """Each layer's cross-head draw for one segment as an int64 ``[n_layer, n_head]`` table (row of -1: none),
+        drawn before memory replay so that the replayed step uses the same permutations; () without cross-head."""
+        if all(layer.cross_head is None for layer in self.layers):
+            return ()
+        rows = []
+        for layer in self.layers:
+            perm = layer.draw_permutation(device)
+            rows.append(perm if perm is not None else torch.full((self.n_head,), -1, device=device))
+        return (torch.stack(rows),)
+
+    def _replay_step(self, mem: Tuple[torch.Tensor, ...], x: Tuple[torch.Tensor, ...], need_output: bool = True):
+        """One segment for memory_replay: mem (per-layer ``[B, M, d_model]``), x (tokens, targets[, perms])
+        -> (loss or None, next mem)."""
+        tokens, targets = x[0], x[1]
+        perms = [None if row[0] < 0 else row for row in x[2]] if len(x) > 2 else None
+        hidden, next_memory = self.hidden_states(tokens, [LayerMemory(h) for h in mem], detach_memory=False,
+                                                 kv_head_index=perms, top_layer=need_output)
+        next_mem = tuple(m.hidden for m in next_memory)
+        return (self._loss(hidden, targets) if need_output else None), next_mem

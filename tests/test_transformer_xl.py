@@ -1,0 +1,111 @@
+"""TransformerXL model: memory bookkeeping, options, fused vs reference backend, memory replay = BPTT."""
+
+import pytest
+import torch
+
+from memtx_ops.nn import TransformerXL
+
+
+def small_model(**kwargs):
+    torch.manual_seed(0)
+    cfg = dict(n_token=31, n_layer=3, n_head=2, d_model=16, d_head=8, d_inner=32, mem_len=8, dropout=0.0)
+    cfg.update(kwargs)
+    return TransformerXL(**cfg).double()
+
+
+def segments(T, B=2, L=8, n_token=31, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return ([torch.randint(0, n_token, (B, L), generator=gen) for _ in range(T)],
+            [torch.randint(0, n_token, (B, L), generator=gen) for _ in range(T)])
+
+
+def test_forward_shapes_and_memory_length():
+    model = small_model(mem_len=12)
+    xs, ys = segments(3)
+    memory = None
+    for t, x in enumerate(xs):
+        logits, memory = model(x, memory)
+        assert logits.shape == (2, 8, 31)
+        assert [m.hidden.shape[1] for m in memory] == [min(12, 8 * (t + 1))] * 3
+        assert all(not m.hidden.requires_grad for m in memory)  # detached, as in Transformer-XL
+    loss, _ = model(xs[0], memory, ys[0])
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(same_length=True, clamp_len=5), dict(pre_lnorm=True)],
+                         ids=["plain", "same_length+clamp", "pre_lnorm"])
+def test_fused_backend_equals_reference_backend(options):
+    xs, ys = segments(3)
+    results = []
+    for backend in ("cpu", "reference"):
+        model = small_model(backend=backend, **options)
+        memory, total = None, 0
+        for x, y in zip(xs, ys):
+            loss, memory = model(x, memory, y)
+            total = total + loss
+        total.backward()
+        results.append((total.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_skip_retain_ages_memory_and_finetune_never_skips():
+    model = small_model(skip_retain_p=1.0, skip_schedule="uniform", phase="finetune")
+    xs, _ = segments(4)
+    _, memory = model(xs[0])  # fills every memory
+    written = [m.hidden for m in memory]
+    model.set_phase("pretrain")  # now every layer but the last skips
+    for x in xs[1:3]:
+        _, memory = model(x, memory)
+    assert [m.age for m in memory] == [3, 3, 1]
+    assert [m.mem_offset for m in memory] == [16, 16, 0]
+    assert memory[0].hidden is written[0] and memory[1].hidden is written[1]
+    model.eval()  # evaluation never skips
+    _, memory = model(xs[3], memory)
+    assert [m.age for m in memory] == [1, 1, 1]
+
+
+def bptt_like_replay(model, xs, ys):
+    """Full back-propagation through time over the segments, with the random-number stream memory replay
+    uses: plain segments until the memory is full, then before each step the state the forward pass of
+    memory replay (memory path only) leaves."""
+    memory, losses = model.empty_memory(xs[0].shape[0]), []
+    for x, y in zip(xs, ys):
+        full = all(m.hidden.shape[1] >= model.mem_len for m in memory)
+        perms = model._draw_permutations(x.device) if full else ()
+        state = torch.get_rng_state()
+        kv = [None if row[0] < 0 else row for row in perms[0]] if perms else None
+        hidden, next_memory = model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv)
+        losses.append(model._loss(hidden, y))
+        if full:
+            torch.set_rng_state(state)
+            with torch.no_grad():
+                model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv, top_layer=False)
+        memory = next_memory
+    return losses, memory
+
+
+@pytest.mark.parametrize("cross_head_p", [0.0, 0.5])
+def test_replay_segments_equal_bptt_with_dropout(cross_head_p):
+    model = small_model(dropout=0.2, cross_head_p=cross_head_p)
+    xs, ys = segments(6)
+    grads = []
+    for run in (bptt_like_replay, lambda m, a, b: m.replay_segments(a, b)):
+        torch.manual_seed(7)
+        for layer in model.layers:
+            if layer.cross_head is not None:
+                layer.cross_head.generator = torch.Generator().manual_seed(3)
+        model.zero_grad()
+        losses, memory = run(model, xs, ys)
+        (sum(losses) / len(losses)).backward()
+        grads.append([torch.stack([l.detach() for l in losses])] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_replay_segments_rejects_skip_retain_pretraining():
+    model = small_model(skip_retain_p=0.5)
+    xs, ys = segments(2)
+    with pytest.raises(ValueError, match="skip-retain changes the memory's structure"):
+        model.replay_segments(xs, ys)
