@@ -34,9 +34,12 @@ def extension():
     cxx = ["-O3", "-std=c++17", f"-march={os.environ.get('MEMTX_CPU_ARCH', 'native')}", "-fopenmp"]
     if not cuda_wanted():
         return CppExtension("memtx_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    archs = os.environ.get("MEMTX_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
-    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    archs = [a for a in os.environ.get("MEMTX_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+    # Machine code per arch, plus PTX of the newest one so that later GPUs can JIT it; nvcc builds the
+    # targets of one file in parallel (--threads), ninja runs the files in parallel (MAX_JOBS).
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"] if archs else []
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", f"--threads={max(1, len(gencode))}", *gencode]
     return CUDAExtension(
         "memtx_ops._C",
         sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
