@@ -22,3 +22,16 @@ def test_recorded_choice_is_used_and_written(monkeypatch, tmp_path):
     assert backends.measured_cuda_choice(device, torch.bfloat16, 128) == "cuda"
     assert backends.measured_cuda_choice(device, torch.bfloat16, 32) is None
     backends._cuda_choices.cache_clear()
+
+
+def test_cuda_backend_head_dim_limit_is_checked_before_launch(monkeypatch):
+    import pytest
+
+    cuda = backends.BACKENDS["cuda"]
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
+    with pytest.raises(ValueError, match=r"backend 'cuda' supports head dims D <= 128; got D=192"):
+        backends.get_backend("cuda", torch.device("cuda"), torch.float16, 192)
+    assert backends.get_backend("cuda", torch.device("cuda"), torch.float16, 128) is cuda
+    monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: "no triton here")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    assert backends.resolve_backend("auto", torch.device("cuda"), torch.float16, 192) == "reference"

@@ -37,8 +37,9 @@ def measured_cuda_choice(device: torch.device, dtype: torch.dtype, head_dim: int
     return by_dtype.get(str(dtype).replace("torch.", ""), {}).get(str(head_dim))
 
 
-def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend called ``name``, checked to run on ``device`` and ``dtype``; raises a clear error if not."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The backend called ``name``, checked to run on ``device``, ``dtype`` and ``head_dim``; raises a clear
+    error if not."""
     backend = BACKENDS[name]
     reason = backend.unavailable_reason(device)
     if reason is not None:
@@ -47,6 +48,10 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         supported = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
         raise TypeError(
             f"rel_memory_attention: backend {name!r} supports dtypes {supported}; got {str(dtype).replace('torch.', '')}"
+        )
+    if head_dim > backend.max_head_dim:
+        raise ValueError(
+            f"rel_memory_attention: backend {name!r} supports head dims D <= {backend.max_head_dim}; got D={head_dim}"
         )
     return backend
 
@@ -61,6 +66,6 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
         candidates = ((measured,) if measured else ()) + _CUDA_PREFERENCE
     for candidate in candidates:
         backend = BACKENDS[candidate]
-        if dtype in backend.dtypes and backend.unavailable_reason(device) is None:
+        if dtype in backend.dtypes and head_dim <= backend.max_head_dim and backend.unavailable_reason(device) is None:
             return candidate
     return "reference"

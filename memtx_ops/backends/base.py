@@ -20,6 +20,7 @@ class Backend:
 
     name: str = ""
     dtypes: Tuple[torch.dtype, ...] = ()
+    max_head_dim: int = 256
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
@@ -37,10 +38,11 @@ class Backend:
 class ExtensionBackend(Backend):
     """The C++ operators of ``memtx_ops._C`` (``torch.ops.memtx_C``) for one device type."""
 
-    def __init__(self, name: str, device_type: str, dtypes: Tuple[torch.dtype, ...]):
+    def __init__(self, name: str, device_type: str, dtypes: Tuple[torch.dtype, ...], max_head_dim: int = 256):
         self.name = name
         self.device_type = device_type
         self.dtypes = dtypes
+        self.max_head_dim = max_head_dim
 
     def unavailable_reason(self, device):
         from memtx_ops._extension import extension_error, has_cuda_kernels

@@ -4,4 +4,4 @@ import torch
 
 from .base import ExtensionBackend
 
-BACKEND = ExtensionBackend("cuda", "cuda", (torch.float16, torch.bfloat16, torch.float32))
+BACKEND = ExtensionBackend("cuda", "cuda", (torch.float16, torch.bfloat16, torch.float32), max_head_dim=128)

@@ -131,7 +131,7 @@ def rel_memory_attention(
         return reference.rel_memory_attention(
             q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
         )
-    get_backend(backend, q.device, q.dtype)  # raises when it cannot run here
+    get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
     if kv_head_index is None:
         kv_head_index = reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
     q, k, v, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, r))
@@ -147,7 +147,8 @@ def _rel_memory_attention_op(
     q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, kv_head_index: Tensor,
     window: int, mem_offset: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    return get_backend(backend, q.device, q.dtype).forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
+    impl = get_backend(backend, q.device, q.dtype, q.shape[-1])
+    return impl.forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
 
 
 @_rel_memory_attention_op.register_fake
@@ -162,7 +163,7 @@ def _rel_memory_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, out: Tensor,
     lse: Tensor, kv_head_index: Tensor, window: int, mem_offset: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return get_backend(backend, q.device, q.dtype).backward(
+    return get_backend(backend, q.device, q.dtype, q.shape[-1]).backward(
         grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
     )
 
