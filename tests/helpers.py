@@ -122,3 +122,21 @@ FEATURE_CASES = [
     Case(B=1, H=2, L=70, M=130, D=16, window=60, mem_offset=70, R=100, kv_head_index=(1, 0)),  # everything
     Case(B=1, H=2, L=64, M=64, D=128, scale=0.3),
 ]
+
+
+def assert_strided_inputs_reach_backend(backend: str, fn, dtype, device, monkeypatch):
+    """Strided q, k, v (views of a fused projection) reach ``backend``'s forward as they are, uncopied."""
+    from memtx_ops.backends import BACKENDS
+
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=8, M=8, D=16), dtype, device, strided=True))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    seen = {}
+    forward = BACKENDS[backend].forward
+
+    def spy(*args):
+        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
+        return forward(*args)
+
+    monkeypatch.setattr(BACKENDS[backend], "forward", spy)
+    fn(q, k, v, r, u, vb)
+    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import FEATURE_CASES, Case, assert_matches_reference, make_inputs
+from helpers import Case, FEATURE_CASES, assert_matches_reference, assert_strided_inputs_reach_backend, make_inputs
 from memtx_ops._extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
@@ -35,20 +35,7 @@ def test_strided_fused_projection_views(case):
 
 
 def test_strided_inputs_are_not_copied(monkeypatch):
-    from memtx_ops.backends import BACKENDS
-
-    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=8, M=8, D=16), torch.float32, strided=True))
-    assert not q.is_contiguous() and not k.is_contiguous()
-    seen = {}
-    forward = BACKENDS["cpu"].forward
-
-    def spy(*args):
-        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
-        return forward(*args)
-
-    monkeypatch.setattr(BACKENDS["cpu"], "forward", spy)
-    cpu_attention(q, k, v, r, u, vb)
-    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+    assert_strided_inputs_reach_backend("cpu", cpu_attention, torch.float32, "cpu", monkeypatch)
 
 
 def test_gradcheck_float64():

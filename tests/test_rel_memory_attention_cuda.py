@@ -19,7 +19,16 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import FEATURE_CASES, GRAD_NAMES, Case, assert_matches_reference, make_inputs, reference_float64, rel_error
+from helpers import (
+    Case,
+    FEATURE_CASES,
+    GRAD_NAMES,
+    assert_matches_reference,
+    assert_strided_inputs_reach_backend,
+    make_inputs,
+    reference_float64,
+    rel_error,
+)
 from memtx_ops._extension import extension_error, has_cuda_kernels
 
 if not torch.cuda.is_available():
@@ -94,21 +103,7 @@ def test_float32_ignores_tf32_setting():
 
 
 def test_strided_inputs_are_not_copied(monkeypatch):
-    from memtx_ops.backends import BACKENDS
-
-    case = Case(B=1, H=2, L=8, M=8, D=16)
-    q, k, v, r, u, vb = (t.detach() for t in make_inputs(case, torch.float16, DEVICE, strided=True))
-    assert not q.is_contiguous() and not k.is_contiguous()
-    seen = {}
-    forward = BACKENDS["cuda"].forward
-
-    def spy(*args):
-        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
-        return forward(*args)
-
-    monkeypatch.setattr(BACKENDS["cuda"], "forward", spy)
-    cuda_attention(q, k, v, r, u, vb)
-    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+    assert_strided_inputs_reach_backend("cuda", cuda_attention, torch.float16, DEVICE, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

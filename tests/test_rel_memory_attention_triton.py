@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import FEATURE_CASES, Case, assert_matches_reference, make_inputs
+from helpers import Case, FEATURE_CASES, assert_matches_reference, assert_strided_inputs_reach_backend, make_inputs
 from memtx_ops.backends.triton import interpreter_enabled
 
 INTERPRETED = interpreter_enabled()
@@ -65,21 +65,7 @@ def test_strided_fused_projection_views(case, dtype):
 
 
 def test_strided_inputs_are_not_copied(monkeypatch):
-    from memtx_ops.backends import BACKENDS
-
-    case = Case(B=1, H=2, L=8, M=8, D=16)
-    q, k, v, r, u, vb = (t.detach() for t in make_inputs(case, torch.float32, DEVICE, strided=True))
-    assert not q.is_contiguous() and not k.is_contiguous()
-    seen = {}
-    forward = BACKENDS["triton"].forward
-
-    def spy(*args):
-        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
-        return forward(*args)
-
-    monkeypatch.setattr(BACKENDS["triton"], "forward", spy)
-    triton_attention(q, k, v, r, u, vb)
-    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+    assert_strided_inputs_reach_backend("triton", triton_attention, torch.float32, DEVICE, monkeypatch)
 
 
 @pytest.mark.parametrize("case", [FEATURE_CASES[i] for i in (5, 6, 8, 12)], ids=str)
