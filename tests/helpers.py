@@ -105,7 +105,7 @@ def assert_matches_reference(fn, case: Case, dtype, device="cpu", strided=False,
         assert g.shape == t.shape and g.dtype == t.dtype, f"{name}: {g.shape}/{g.dtype} vs {t.shape}/{t.dtype}"
 
 
-# The feature grid every backend runs. Sizes cross the CPU tiles (64 x 256) and typical GPU tiles.
+# The feature grid every backend runs. Sizes cross the CPU query tiles (32) and typical GPU tiles.
 FEATURE_CASES = [
     Case(B=1, H=2, L=5, M=3, D=16),
     Case(B=2, H=2, L=70, M=0, D=32),  # no memory
