@@ -140,3 +140,25 @@ def assert_strided_inputs_reach_backend(backend: str, fn, dtype, device, monkeyp
     monkeypatch.setattr(BACKENDS[backend], "forward", spy)
     fn(q, k, v, r, u, vb)
     assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+
+
+def assert_opcheck_passes(backend: str, dtype, device):
+    """``torch.library.opcheck`` on the forward and backward custom ops with ``backend``."""
+    q, k, v, r, u, vb = make_inputs(Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3), dtype, device)
+    idx = torch.tensor([1, 0], device=device)
+    options = (idx, 10, 3, 0.25, backend)
+    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention, (q, k, v, r, u, vb, *options))
+    out, lse = torch.ops.memtx_ops.rel_memory_attention(q, k, v, r, u, vb, *options)
+    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
+    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, *options))
+
+
+def assert_compiled_matches_eager(fn, case: Case, dtype, device, window, compile_backend="inductor", **close):
+    """``torch.compile(fullgraph=True)`` of ``fn(...).sum()`` gives the eager gradients."""
+    inputs = make_inputs(case, dtype, device)
+    compiled = torch.compile(lambda *t: fn(*t, window=window).float().sum(), fullgraph=True, backend=compile_backend)
+    compiled(*inputs).backward()
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    fn(*eager_inputs, window=window).float().sum().backward()
+    for a, b in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, b.grad, **close)

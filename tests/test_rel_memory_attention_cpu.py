@@ -4,7 +4,15 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import Case, FEATURE_CASES, assert_matches_reference, assert_strided_inputs_reach_backend, make_inputs
+from helpers import (
+    Case,
+    FEATURE_CASES,
+    assert_compiled_matches_eager,
+    assert_matches_reference,
+    assert_opcheck_passes,
+    assert_strided_inputs_reach_backend,
+    make_inputs,
+)
 from memtx_ops._extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
@@ -67,22 +75,9 @@ def test_auto_picks_cpu_backend_for_float32():
 
 
 def test_opcheck():
-    case = Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3)
-    q, k, v, r, u, vb = make_inputs(case, torch.float32)
-    idx = torch.tensor([1, 0])
-    op = torch.ops.memtx_ops.rel_memory_attention
-    torch.library.opcheck(op, (q, k, v, r, u, vb, idx, 10, 3, 0.25, "cpu"))
-    out, lse = op(q, k, v, r, u, vb, idx, 10, 3, 0.25, "cpu")
-    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
-    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, idx, 10, 3, 0.25, "cpu"))
+    assert_opcheck_passes("cpu", torch.float32, "cpu")
 
 
 def test_torch_compile_fullgraph():
-    case = Case(B=1, H=2, L=12, M=20, D=16)
-    inputs = make_inputs(case, torch.float32)
-    compiled = torch.compile(lambda *t: cpu_attention(*t, window=16).sum(), fullgraph=True, backend="aot_eager")
-    compiled(*inputs).backward()
-    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    cpu_attention(*eager_inputs, window=16).sum().backward()
-    for a, b in zip(inputs, eager_inputs):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(cpu_attention, Case(B=1, H=2, L=12, M=20, D=16), torch.float32, "cpu", window=16,
+                                  compile_backend="aot_eager")

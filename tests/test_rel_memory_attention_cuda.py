@@ -23,7 +23,9 @@ from helpers import (
     Case,
     FEATURE_CASES,
     GRAD_NAMES,
+    assert_compiled_matches_eager,
     assert_matches_reference,
+    assert_opcheck_passes,
     assert_strided_inputs_reach_backend,
     make_inputs,
     reference_float64,
@@ -193,27 +195,13 @@ def test_lse_is_the_log_sum_exp_of_the_scores():
 
 
 def test_opcheck():
-    case = Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3)
-    q, k, v, r, u, vb = make_inputs(case, torch.float16, DEVICE)
-    idx = torch.tensor([1, 0], device=DEVICE)
-    op = torch.ops.memtx_ops.rel_memory_attention
-    torch.library.opcheck(op, (q, k, v, r, u, vb, idx, 10, 3, 0.25, "cuda"))
-    out, lse = op(q, k, v, r, u, vb, idx, 10, 3, 0.25, "cuda")
-    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]
-    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, idx, 10, 3, 0.25, "cuda"))
+    assert_opcheck_passes("cuda", torch.float16, DEVICE)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend):
-    case = Case(B=1, H=2, L=40, M=50, D=64)
-    inputs = make_inputs(case, torch.float16, DEVICE)
-    compiled = torch.compile(lambda *t: cuda_attention(*t, window=48).float().sum(), fullgraph=True,
-                             backend=compile_backend)
-    compiled(*inputs).backward()
-    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    cuda_attention(*eager_inputs, window=48).float().sum().backward()
-    for a, b in zip(inputs, eager_inputs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)
+    assert_compiled_matches_eager(cuda_attention, Case(B=1, H=2, L=40, M=50, D=64), torch.float16, DEVICE, window=48,
+                                  compile_backend=compile_backend, rtol=1e-2, atol=1e-2)
 
 
 def test_runs_on_the_current_stream():

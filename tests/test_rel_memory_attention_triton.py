@@ -12,7 +12,15 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import Case, FEATURE_CASES, assert_matches_reference, assert_strided_inputs_reach_backend, make_inputs
+from helpers import (
+    Case,
+    FEATURE_CASES,
+    assert_compiled_matches_eager,
+    assert_matches_reference,
+    assert_opcheck_passes,
+    assert_strided_inputs_reach_backend,
+    make_inputs,
+)
 from memtx_ops.backends.triton import interpreter_enabled
 
 INTERPRETED = interpreter_enabled()
@@ -125,22 +133,8 @@ def test_window_one_attends_to_itself_only():
 
 
 def test_opcheck():
-    case = Case(B=1, H=2, L=9, M=7, D=16, window=10, mem_offset=3)
-    q, k, v, r, u, vb = make_inputs(case, torch.float32, DEVICE)
-    idx = torch.tensor([1, 0], device=DEVICE)
-    op = torch.ops.memtx_ops.rel_memory_attention
-    torch.library.opcheck(op, (q, k, v, r, u, vb, idx, 10, 3, 0.25, "triton"))
-    out, lse = op(q, k, v, r, u, vb, idx, 10, 3, 0.25, "triton")
-    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
-    torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, idx, 10, 3, 0.25, "triton"))
+    assert_opcheck_passes("triton", torch.float32, DEVICE)
 
 
 def test_torch_compile_fullgraph():
-    case = Case(B=1, H=2, L=12, M=20, D=16)
-    inputs = make_inputs(case, torch.float32, DEVICE)
-    compiled = torch.compile(lambda *t: triton_attention(*t, window=16).sum(), fullgraph=True)
-    compiled(*inputs).backward()
-    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    triton_attention(*eager_inputs, window=16).sum().backward()
-    for a, b in zip(inputs, eager_inputs):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(triton_attention, Case(B=1, H=2, L=12, M=20, D=16), torch.float32, DEVICE, window=16)
