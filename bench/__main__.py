@@ -44,8 +44,6 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not harness.env_has_malloc_settings():  # re-run with allocator settings that make peak RSS honest
-        os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], {**os.environ, **harness.MALLOC_ENV})
     opts = parse_args(argv)
     rows = []
     for name in opts.ops:

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import gc
-import os
 import re
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
-# glibc keeps freed blocks resident unless large allocations are mmap'd: `python -m bench` sets these so
-# that the peak resident set measures what a call really allocates (see bench/__main__.py).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -35,19 +29,13 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1,
     return statistics.median(times)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes of tensors the call ``fn()`` holds at its peak above what was allocated before it.
 
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Bytes the call ``fn()`` holds at its peak above what was allocated before it.
-
-    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) above the resident set before the call; None where that is not available.
+    CUDA: the caching allocator's peak. CPU: the running sum of torch's allocation and free events recorded by
+    the profiler (``profile_memory=True``), so the number does not depend on the C allocator's settings and the
+    timings are taken under the allocator users run with. Not counted on the CPU: kernels' per-thread scratch
+    that is not a tensor (the C++ CPU attention keeps a few tiles, well under 1 MiB per thread).
     """
     gc.collect()
     if device.type == "cuda":
@@ -57,14 +45,15 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    try:
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        return None
-    fn()
-    return (_status_kib("VmHWM") - base) * 1024
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
 def device_name(device: torch.device) -> str:
@@ -85,7 +74,3 @@ def device_name(device: torch.device) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def env_has_malloc_settings() -> bool:
-    return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())

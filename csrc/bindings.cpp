@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common/rel_memory_attention.h"
+#include "cpu/dropout.h"
 
 TORCH_LIBRARY(memtx_C, m) {
   m.def(
@@ -11,11 +12,13 @@ TORCH_LIBRARY(memtx_C, m) {
       "rel_memory_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor r, Tensor u, Tensor vb, "
       "Tensor out, Tensor lse, Tensor kv_head_index, int window, int mem_offset, float scale) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dr, Tensor du, Tensor dvb)");
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(memtx_C, CPU, m) {
   m.impl("rel_memory_attention_fwd", &memtx::rel_memory_attention_fwd_cpu);
   m.impl("rel_memory_attention_bwd", &memtx::rel_memory_attention_bwd_cpu);
+  m.impl("dropout", &memtx::dropout_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,9 +1,10 @@
-"""memtx_ops: fused kernels for memory-based transformers (Transformer-XL attention, skip cross-head, MRBP)."""
+"""memtx_ops: fused kernels for memory-based transformers (Transformer-XL attention, skip cross-head, MRBP,
+Philox dropout)."""
 
 from memtx_ops import _extension, reference
 from memtx_ops.backends import BACKEND_NAMES
-from memtx_ops.ops import cross_head_attention, memory_replay, rel_memory_attention
+from memtx_ops.ops import cross_head_attention, dropout, memory_replay, rel_memory_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKEND_NAMES", "cross_head_attention", "memory_replay", "reference", "rel_memory_attention"]
+__all__ = ["BACKEND_NAMES", "cross_head_attention", "dropout", "memory_replay", "reference", "rel_memory_attention"]

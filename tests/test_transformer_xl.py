@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memtx_ops.nn import TransformerXL
+from memtx_ops.nn import Dropout, TransformerXL
 
 
 def small_model(**kwargs):
@@ -30,6 +30,20 @@ def test_forward_shapes_and_memory_length():
         assert all(not m.hidden.requires_grad for m in memory)  # detached, as in Transformer-XL
     loss, _ = model(xs[0], memory, ys[0])
     assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dropout_backend", ["auto", "cpu", "torch"])
+def test_dropout_backend_reaches_every_dropout(dropout_backend):
+    model = small_model(dropout=0.1, dropout_backend=dropout_backend)
+    drops = [m for m in model.modules() if isinstance(m, Dropout)]
+    assert len(drops) == 1 + 3 * model.n_layer  # embedding/output, and per layer: attention out, FF inner, FF out
+    assert {d.backend for d in drops} == {dropout_backend}
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())  # dropatt=0: never used
+    torch.manual_seed(5)
+    loss_a, _ = model(*segments(1)[0], None, segments(1)[1][0])
+    torch.manual_seed(5)
+    loss_b, _ = model(*segments(1)[0], None, segments(1)[1][0])
+    assert loss_a == loss_b  # the masks follow torch's generator
 
 
 @pytest.mark.parametrize("options", [dict(), dict(same_length=True, clamp_len=5), dict(pre_lnorm=True)],

@@ -49,7 +49,7 @@ def add_plain_ratios(rows):
         p = plain.get((r["case"], r["dtype"], r["backend"].split(":")[0]))
         if p is not None:
             r["extra"] = {"time/plain": round(r["fwd_bwd_ms"] / p["fwd_bwd_ms"], 3)}
-            if r["peak_mb"] is not None and p["peak_mb"]:
+            if p["peak_mb"]:
                 r["extra"]["peak/plain"] = round(r["peak_mb"] / p["peak_mb"], 3)
 
 
@@ -72,7 +72,7 @@ def run(opts):
                 print(f"  skip {label} {case} {dtype_name}: {exc}")
                 continue
             rows.append(dict(op=NAME, case=case, backend=label, dtype=dtype_name, fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
-                             fwd_bwd_ms=1e3 * t_fb, peak_mb=None if peak is None else peak / 2**20))
+                             fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20))
             print(f"  {case} {dtype_name} {label}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
     add_plain_ratios(rows)
     return rows

@@ -15,7 +15,6 @@ of ``--lengths`` as the segment length L.
 
 from __future__ import annotations
 
-import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,6 @@ from bench.harness import median_time, peak_memory
 NAME = "memory_replay"
 BASELINE = "bptt"
 METHODS = ("bptt", "checkpoint", "mrbp", "mrbp_need_output")
-MEASURE_ORDER = ("mrbp_need_output", "mrbp", "checkpoint", "bptt")
 
 
 def default_config(device):
@@ -104,15 +102,6 @@ class SlotLM(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), slots_next
 
 
-def release_freed_heap() -> None:
-    """Returns glibc's free heap pages to the system, so that a CPU peak (resident set) measured next counts the
-    small tensors it allocates (below the mmap threshold) even where an earlier run left freed heap resident."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def rollout(method, model, slots, xs):
     """The T losses of one forward pass by ``method`` -> list of 0-dim tensors."""
     if method == "mrbp_need_output":
@@ -138,8 +127,6 @@ def measure(method, model, slots, xs, device, repeats):
     t_fb = median_time(forward_backward, device, warmup=0 if long_rollout else 1,
                        repeats=1 if long_rollout else repeats)
     model.zero_grad(set_to_none=True)
-    if device.type == "cpu":
-        release_freed_heap()
     peak = peak_memory(forward_backward, device)
     model.zero_grad(set_to_none=True)
     return t_fb, peak
@@ -163,19 +150,18 @@ def run(opts):
         model = SlotLM(V, d, H, cfg["layers"], S, L).to(device=device, dtype=dtype)
         slots = torch.randn(B, S, d, device=device, dtype=dtype)
         xs = [tuple(torch.randint(V, (B, L), device=device) for _ in range(2)) for _ in range(segments[-1])]
-        # Smallest footprint first: on the CPU, heap left fragmented by a larger run inflates the next peaks.
-        for method in (m for m in MEASURE_ORDER if opts.backends is None or m in opts.backends):
+        for method in (m for m in METHODS if opts.backends is None or m in opts.backends):
             peak_at_one = None
             for T in segments:
                 case = f"T={T} B={B} L={L} S={S} d={d} V={V}"
                 t_fb, peak = measure(method, model, slots, xs[:T], device, opts.repeats)
-                peak_mb = None if peak is None else peak / 2**20
+                peak_mb = peak / 2**20
                 if T == 1:
                     peak_at_one = peak_mb
-                extra = {"peak_vs_T1": round(peak_mb / peak_at_one, 3)} if peak_mb and peak_at_one else {}
+                extra = {"peak_vs_T1": round(peak_mb / peak_at_one, 3)} if peak_at_one else {}
                 rows.append(dict(op=NAME, case=case, backend=method, dtype=dtype_name, fwd_bwd_ms=1e3 * t_fb,
                                  peak_mb=peak_mb, extra=extra))
-                print(f"  {case} {dtype_name} {method}: fwd+bwd {1e3 * t_fb:.1f} ms, peak {peak_mb or 0:.1f} MiB",
+                print(f"  {case} {dtype_name} {method}: fwd+bwd {1e3 * t_fb:.1f} ms, peak {peak_mb:.1f} MiB",
                       flush=True)
     order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (r["dtype"], segments_of(r), order[r["backend"]]))

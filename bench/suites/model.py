@@ -1,13 +1,15 @@
 """Bench suite: one training step (forward, backward, Adam) of the TransformerXL model, fused vs reference ops.
 
 Tokens/s counts the segment's tokens (B x L) per step; peak memory is that of one step above the model,
-its optimiser state and the memory carried in. The model is the same in both rows; only the attention
-backend differs (``backend`` column: the op backend, "reference" = eager Transformer-XL attention).
+its optimiser state and the memory carried in. The model is the same in every row; only the ops differ:
+"reference" is the eager Transformer-XL (reference attention, torch's dropout), the other rows run the
+attention backend named and memtx_ops' dropout (its C++ Philox kernel on the CPU, torch's on CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -19,9 +21,9 @@ BASELINE = "reference"
 
 
 def default_config(device):
-    cfg = dict(batch=2, length=512, n_layer=4, n_head=4, d_model=256, d_inner=1024, vocab=256)
+    cfg = dict(batches=[2, 4, 8], length=512, n_layer=4, n_head=4, d_model=256, d_inner=1024, vocab=256)
     if device.type == "cuda":
-        cfg.update(batch=8, n_layer=8, n_head=8, d_model=512, d_inner=2048, backends=["reference", "auto"],
+        cfg.update(batches=[8], n_layer=8, n_head=8, d_model=512, d_inner=2048, backends=["reference", "auto"],
                    dtypes=["bfloat16"])
     else:
         cfg.update(backends=["reference", "cpu"], dtypes=["float32"])
@@ -31,17 +33,18 @@ def default_config(device):
 def run(opts):
     device = opts.device
     cfg = default_config(device)
-    B = opts.batch or cfg["batch"]
     L = (opts.lengths or [cfg["length"]])[0]
     rows = []
-    for dtype_name in opts.dtypes or cfg["dtypes"]:
+    batches = [opts.batch] if opts.batch else cfg["batches"]
+    for B, dtype_name in itertools.product(batches, opts.dtypes or cfg["dtypes"]):
         autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype_name)) if dtype_name != "float32"
                     else contextlib.nullcontext())
         for backend in opts.backends or cfg["backends"]:
             torch.manual_seed(0)
             model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
                                   d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
-                                  mem_len=L, backend=backend).to(device)
+                                  mem_len=L, backend=backend,
+                                  dropout_backend="torch" if backend == "reference" else "auto").to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             tokens = torch.randint(0, cfg["vocab"], (B, L + 1), device=device)
             with torch.no_grad(), autocast:
@@ -59,7 +62,7 @@ def run(opts):
             peak = peak_memory(train_step, device)
             case = f"B={B} L=M={L} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
             rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_bwd_ms=1e3 * seconds,
-                             peak_mb=None if peak is None else peak / 2**20,
+                             peak_mb=peak / 2**20,
                              extra={"tokens/s": f"{B * L / seconds:.0f}"}))
             print(f"  {case} {dtype_name} {backend}: {B * L / seconds:.0f} tokens/s")
     return rows

@@ -143,7 +143,7 @@ def run(opts):
             n_fwd, n_bwd = (2, 5) if backend == "sdpa_flash" else (3, 8)
             flops = 2 * D * pairs * (n_fwd + n_bwd)
             rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_ms=1e3 * t_fwd,
-                             bwd_ms=1e3 * t_bwd, fwd_bwd_ms=1e3 * t_fb, peak_mb=None if peak is None else peak / 2**20,
+                             bwd_ms=1e3 * t_bwd, fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20,
                              tflops=flops / t_fb / 1e12))
             print(f"  {case} {dtype_name} {backend}: fwd+bwd {1e3 * t_fb:.2f} ms")
     return rows

@@ -1,9 +1,10 @@
 """Drop-in ``nn.Module``s over the fused ops."""
 
 from .cross_head import CrossHeadPermutation
+from .dropout import Dropout
 from .rel_attention import RelPartialLearnableMultiHeadAttn
 from .skip_retain import LayerMemory, SkipRetainSchedule
 from .transformer_xl import TransformerXL
 
-__all__ = ["CrossHeadPermutation", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule",
+__all__ = ["CrossHeadPermutation", "Dropout", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule",
            "TransformerXL"]

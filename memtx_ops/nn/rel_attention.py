@@ -4,8 +4,9 @@ Constructor arguments, parameter names and ``forward(w, r, attn_mask=None, mems=
 Transformer-XL module of that name (in its widely used port with per-layer or shared ``r_w_bias`` /
 ``r_r_bias``), so its state dicts load with ``strict=True``. Inside, the ``[qlen, klen]`` boolean mask is
 recognised as causal-with-memory or ``same_length`` (a window), the flipped position embeddings become the
-op's ``r`` (clamped distances are read off repeated rows), and q, k, v are passed as strided views of the
-fused projection. Cases the fused op cannot express fall back to the eager reference with a warning.
+op's ``r`` (clamped distances are read off repeated rows), q is projected from the segment's rows only (the
+memory rows' queries are never used), k and v are passed as strided views of their fused projection, and the
+output dropout is :class:`memtx_ops.nn.Dropout`. Cases the fused op cannot express fall back to the eager reference with a warning.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memtx_ops import reference
+from memtx_ops.nn.dropout import Dropout
 from memtx_ops.ops.rel_memory_attention import rel_memory_attention
 
 
@@ -52,15 +55,17 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     0), attn_mask bool ``[qlen, klen]`` or ``[qlen, klen, 1]`` (True = masked), mems ``[mlen, bsz, d_model]``
     -> ``[qlen, bsz, d_model]``. Extensions: ``kv_head_index`` ``[n_head]`` (cross-head permutation) and
     ``mem_offset`` (aged memory; r then has ``klen + mem_offset`` rows). ``clamp_len`` (optional) states the
-    position clamp instead of reading it off r; ``backend`` selects the attention backend ("auto").
+    position clamp instead of reading it off r; ``backend`` selects the attention backend ("auto") and
+    ``dropout_backend`` that of the output dropout (:func:`memtx_ops.dropout`; "torch" for torch's own).
     """
 
     def __init__(self, n_head, d_model, d_head, dropout, dropatt=0.0, pre_lnorm=False, r_r_bias=None,
-                 r_w_bias=None, layer_norm_epsilon=1e-5, *, clamp_len: Optional[int] = None, backend: str = "auto"):
+                 r_w_bias=None, layer_norm_epsilon=1e-5, *, clamp_len: Optional[int] = None, backend: str = "auto",
+                 dropout_backend: str = "auto"):
         super().__init__()
         self.n_head, self.d_model, self.d_head, self.dropout = n_head, d_model, d_head, dropout
         self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout, backend=dropout_backend)
         self.dropatt = nn.Dropout(dropatt)
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_epsilon)
@@ -87,9 +92,13 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0):
         qlen, bsz = w.shape[0], w.shape[1]
         cat = w if mems is None else torch.cat([mems, w], 0)
-        heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
-        klen, rlen = heads.shape[0], r.shape[0]
+        x = self.layer_norm(cat) if self.pre_lnorm else cat
+        klen, rlen = cat.shape[0], r.shape[0]
         H, D = self.n_head, self.d_head
+        # qkv_net's rows: q, then k and v; [len, bsz, ...] -> strided [bsz, H, len, D] views, no copies
+        q = F.linear(x[klen - qlen:], self.qkv_net.weight[: H * D]).view(qlen, bsz, H, D).permute(1, 2, 0, 3)
+        kv = F.linear(x, self.qkv_net.weight[H * D:]).view(klen, bsz, 2, H, D)
+        k, v = kv.permute(2, 1, 3, 0, 4).unbind(0)
 
         reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask)
         window = None
@@ -100,9 +109,6 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         if reason is not None:
             warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
 
-        # [klen, bsz, 3, H, D] -> strided [bsz, H, len, D] views, no copies
-        q, k, v = heads.view(klen, bsz, 3, H, D).permute(2, 1, 3, 0, 4).unbind(0)
-        q = q[:, :, klen - qlen:]
         r_asc = r.flip(0).squeeze(1)  # row d embeds distance d
         if reason is None:
             rows = self.clamp_len + 1 if self.clamp_len else clamp_rows(r_asc)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memtx_ops.nn.cross_head import CrossHeadPermutation
+from memtx_ops.nn.dropout import Dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
 from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
@@ -35,10 +36,12 @@ def sinusoid_positions(klen: int, d_model: int, clamp_len: int, device, dtype) -
 class PositionwiseFF(nn.Module):
     """Transformer-XL feed-forward block with residual and layer norm: ``[L, B, d_model] -> same``."""
 
-    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool = False, eps: float = 1e-5):
+    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool = False, eps: float = 1e-5,
+                 dropout_backend: str = "auto"):
         super().__init__()
-        self.CoreNet = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                                     nn.Linear(d_inner, d_model), nn.Dropout(dropout))
+        self.CoreNet = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(inplace=True),
+                                     Dropout(dropout, backend=dropout_backend), nn.Linear(d_inner, d_model),
+                                     Dropout(dropout, backend=dropout_backend))
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.pre_lnorm = pre_lnorm
 
@@ -52,11 +55,12 @@ class DecoderLayer(nn.Module):
     """Relative attention over ``[memory ; segment]`` then the feed-forward block; time-major ``[L, B, d]``."""
 
     def __init__(self, n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, r_w_bias, r_r_bias,
-                 cross_head_p, backend):
+                 cross_head_p, backend, dropout_backend):
         super().__init__()
         self.dec_attn = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout, dropatt, pre_lnorm,
-                                                         r_r_bias=r_r_bias, r_w_bias=r_w_bias, backend=backend)
-        self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
+                                                         r_r_bias=r_r_bias, r_w_bias=r_w_bias, backend=backend,
+                                                         dropout_backend=dropout_backend)
+        self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm, dropout_backend=dropout_backend)
         self.cross_head = CrossHeadPermutation(cross_head_p) if cross_head_p > 0 else None
 
     def draw_permutation(self, device) -> Optional[torch.Tensor]:
@@ -74,15 +78,16 @@ class TransformerXL(nn.Module):
     ``forward(tokens [B, L], memory=None, targets=None) -> (logits [B, L, n_token] or mean loss, memory)``
     where ``memory`` is one :class:`~memtx_ops.nn.LayerMemory` per layer (``None``: empty). Options:
     ``cross_head_p`` (probability of a head permutation per layer forward in training), ``skip_retain_p``
-    with ``skip_schedule`` and ``phase`` (two-phase training), ``same_length``, ``clamp_len``, and
-    ``backend`` for the attention op. :meth:`replay_segments` trains with gradient through the memory.
+    with ``skip_schedule`` and ``phase`` (two-phase training), ``same_length``, ``clamp_len``,
+    ``backend`` for the attention op and ``dropout_backend`` for every dropout (:func:`memtx_ops.dropout`;
+    ``backend="reference", dropout_backend="torch"`` is the eager Transformer-XL). :meth:`replay_segments` trains with gradient through the memory.
     """
 
     def __init__(self, n_token: int, n_layer: int = 4, n_head: int = 4, d_model: int = 128, d_head: int = 32,
                  d_inner: int = 512, dropout: float = 0.1, dropatt: float = 0.0, mem_len: int = 128,
                  same_length: bool = False, clamp_len: int = -1, pre_lnorm: bool = False,
                  cross_head_p: float = 0.0, skip_retain_p: float = 0.0, skip_schedule: str = "linear",
-                 phase: str = "pretrain", backend: str = "auto"):
+                 phase: str = "pretrain", backend: str = "auto", dropout_backend: str = "auto"):
         super().__init__()
         self.n_token, self.n_layer, self.n_head, self.d_model = n_token, n_layer, n_head, d_model
         self.mem_len, self.same_length, self.clamp_len = mem_len, same_length, clamp_len
@@ -93,10 +98,10 @@ class TransformerXL(nn.Module):
         self.r_r_bias = nn.Parameter(torch.zeros(n_head, d_head))
         self.layers = nn.ModuleList(
             DecoderLayer(n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm, self.r_w_bias, self.r_r_bias,
-                         cross_head_p, backend)
+                         cross_head_p, backend, dropout_backend)
             for _ in range(n_layer)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout, backend=dropout_backend)
         self.out_bias = nn.Parameter(torch.zeros(n_token))  # output weights tied to the embedding
         self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
                             if skip_retain_p > 0 else None)

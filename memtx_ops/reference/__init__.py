@@ -1,6 +1,7 @@
 """Plain-PyTorch references of every op: the ground truth the fused backends are tested against."""
 
 from .cross_head_attention import cross_head_attention
+from .dropout import dropout, dropout_keep_mask, philox4x32_10
 from .rel_memory_attention import (
     default_kv_head_index,
     position_scores,
@@ -13,6 +14,9 @@ from .rel_memory_attention import (
 __all__ = [
     "cross_head_attention",
     "default_kv_head_index",
+    "dropout",
+    "dropout_keep_mask",
+    "philox4x32_10",
     "position_scores",
     "rel_memory_attention",
     "rel_shift",
