@@ -1,4 +1,4 @@
-"""C++ CPU backend against the float64 reference: every feature, shapes crossing the 32 x 512 tiles."""
+"""C++ CPU backend against the float64 reference: every feature, shapes crossing the 64 x 512 tiles."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def cpu_attention(*args, **kwargs):
     return memtx_ops.rel_memory_attention(*args, backend="cpu", **kwargs)
 
 
-# Larger than the feature grid: several query blocks of 32 and key blocks of 512 on both sides of M.
+# Larger than the feature grid: several query blocks of 64 and key blocks of 512 on both sides of M.
 TILE_CASES = [
     Case(B=1, H=3, L=540, M=530, D=64),
     Case(B=1, H=2, L=129, M=513, D=32, window=300, mem_offset=129),

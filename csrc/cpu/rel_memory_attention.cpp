@@ -24,7 +24,7 @@ namespace memtx {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlockM = 32;                    // queries per tile
+constexpr int64_t kBlockM = 64;                    // queries per tile
 constexpr int64_t kBlockN = 512;                   // keys per tile
 constexpr int64_t kWindow = kBlockM + kBlockN - 1;  // r rows a tile reads
 
