@@ -3,8 +3,8 @@
 The mask is never stored: the backward pass recomputes it from the seed, so a dropout layer keeps no
 activation of its own for backward (torch's CPU dropout keeps a float mask as large as its input), and the
 C++ kernel's forward and backward are about 8x faster than torch's CPU dropout (``python -m bench --ops
-dropout``). The seed is drawn from torch's
-default CPU generator, so ``torch.manual_seed`` and saved RNG states (memory replay) reproduce the masks.
+dropout``). The seed is drawn from torch's default CPU generator, so ``torch.manual_seed`` and saved RNG
+states (memory replay) reproduce the masks.
 """
 
 from __future__ import annotations
