@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import Optional, Sequence
 
 import torch
@@ -162,3 +163,10 @@ def assert_compiled_matches_eager(fn, case: Case, dtype, device, window, compile
     fn(*eager_inputs, window=window).float().sum().backward()
     for a, b in zip(inputs, eager_inputs):
         torch.testing.assert_close(a.grad, b.grad, **close)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a multi-process gloo group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import memtx_ops
-from helpers import GRAD_NAMES, TOLERANCE, Case, make_inputs, rel_error
+from helpers import GRAD_NAMES, TOLERANCE, Case, free_port, make_inputs, rel_error
 from memtx_ops import reference
 from memtx_ops.backends import BACKENDS
 from memtx_ops.nn import CrossHeadPermutation, SkipRetainSchedule
@@ -198,12 +197,6 @@ def _rank_main(rank, world_size, port, out_dir):
         torch.save(rank_draws(rank), os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_draws_identical_on_every_rank(tmp_path):

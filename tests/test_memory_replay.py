@@ -6,7 +6,6 @@ argument errors."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memtx_ops
-from helpers import TOLERANCE, rel_error
+from helpers import TOLERANCE, free_port, rel_error
 
 DTYPE = torch.float64
 B, L, M, D, HEADS, VOCAB, T = 2, 4, 4, 16, 2, 11, 5
@@ -491,12 +490,6 @@ class Rollout(nn.Module):
 
     def forward(self, mem0, xs):
         return memtx_ops.memory_replay(self.step, mem0, xs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_gloo_two_processes_match_single_process_bptt(tmp_path):

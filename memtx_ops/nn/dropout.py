@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from memtx_ops.ops.dropout import DROPOUT_BACKENDS, dropout
+from memtx_ops.ops.dropout import check_backend, dropout
 
 
 class Dropout(nn.Dropout):
@@ -13,8 +13,7 @@ class Dropout(nn.Dropout):
 
     def __init__(self, p: float = 0.5, *, backend: str = "auto"):
         super().__init__(p)
-        if backend not in DROPOUT_BACKENDS:
-            raise ValueError(f"Dropout: backend must be one of {DROPOUT_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
 
     def forward(self, x):

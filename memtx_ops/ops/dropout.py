@@ -36,6 +36,11 @@ def check_inputs(x, p, training, backend) -> None:
         _fail(f"p must be in [0, 1], got {p}")
     if not isinstance(training, bool):
         _fail(f"training must be a bool, got {type(training).__name__}", TypeError)
+    check_backend(backend)
+
+
+def check_backend(backend) -> None:
+    """Raises ``ValueError`` unless ``backend`` is one of ``DROPOUT_BACKENDS``."""
     if not isinstance(backend, str) or backend not in DROPOUT_BACKENDS:
         _fail(f"backend must be one of {DROPOUT_BACKENDS}, got {backend!r}")
 
