@@ -13,12 +13,16 @@ TORCH_LIBRARY(memtx_C, m) {
       "Tensor out, Tensor lse, Tensor kv_head_index, int window, int mem_offset, float scale) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dr, Tensor du, Tensor dvb)");
   m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
+  m.def("relu_dropout(Tensor x, float p, Tensor seed) -> Tensor");
+  m.def("relu_dropout_backward(Tensor grad, Tensor out, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(memtx_C, CPU, m) {
   m.impl("rel_memory_attention_fwd", &memtx::rel_memory_attention_fwd_cpu);
   m.impl("rel_memory_attention_bwd", &memtx::rel_memory_attention_bwd_cpu);
   m.impl("dropout", &memtx::dropout_cpu);
+  m.impl("relu_dropout", &memtx::relu_dropout_cpu);
+  m.impl("relu_dropout_backward", &memtx::relu_dropout_backward_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -3,8 +3,9 @@ Philox dropout)."""
 
 from memtx_ops import _extension, reference
 from memtx_ops.backends import BACKEND_NAMES
-from memtx_ops.ops import cross_head_attention, dropout, memory_replay, rel_memory_attention
+from memtx_ops.ops import cross_head_attention, dropout, memory_replay, rel_memory_attention, relu_dropout
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKEND_NAMES", "cross_head_attention", "dropout", "memory_replay", "reference", "rel_memory_attention"]
+__all__ = ["BACKEND_NAMES", "cross_head_attention", "dropout", "memory_replay", "reference", "rel_memory_attention",
+           "relu_dropout"]

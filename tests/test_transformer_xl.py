@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memtx_ops.nn import Dropout, TransformerXL
+from memtx_ops.nn.transformer_xl import PositionwiseFF
 
 
 def small_model(**kwargs):
@@ -44,6 +45,27 @@ def test_dropout_backend_reaches_every_dropout(dropout_backend):
     torch.manual_seed(5)
     loss_b, _ = model(*segments(1)[0], None, segments(1)[1][0])
     assert loss_a == loss_b  # the masks follow torch's generator
+
+
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_feed_forward_fuses_relu_and_dropout_with_the_same_masks(pre_lnorm):
+    torch.manual_seed(0)
+    ff = PositionwiseFF(16, 64, 0.3, pre_lnorm, dropout_backend="cpu").double()
+    x = torch.randn(9, 2, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(9, 2, 16, dtype=torch.float64)
+
+    def unfused(t):  # CoreNet layer by layer (ReLU, then a memtx Dropout drawing the same seed)
+        return t + ff.CoreNet(ff.layer_norm(t)) if pre_lnorm else ff.layer_norm(t + ff.CoreNet(t))
+
+    results = []
+    for forward in (ff, unfused):
+        torch.manual_seed(3)
+        y = forward(x)
+        y.backward(g)
+        results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in ff.parameters()])
+        x.grad = None
+        ff.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(same_length=True, clamp_len=5), dict(pre_lnorm=True)],

@@ -257,10 +257,14 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
               // position term through the band: band[ii, bm-1-ii+jj] = dS[ii, jj]
               for (int64_t ii = 0; ii < bm; ++ii) {
                 T* brow = band.data() + ii * kWindow;
-                std::fill(brow, brow + width, T(0));
-                if (lo[ii] <= hi[ii])
-                  std::memcpy(brow + (bm - 1 - ii) + lo[ii], score.data() + ii * kBlockN + lo[ii],
-                              (hi[ii] - lo[ii] + 1) * sizeof(T));
+                const int64_t shift = bm - 1 - ii;
+                if (lo[ii] > hi[ii]) {
+                  std::fill(brow, brow + width, T(0));
+                  continue;
+                }
+                std::fill(brow, brow + shift + lo[ii], T(0));
+                std::memcpy(brow + shift + lo[ii], score.data() + ii * kBlockN + lo[ii], (hi[ii] - lo[ii] + 1) * sizeof(T));
+                std::fill(brow + shift + hi[ii] + 1, brow + width, T(0));
               }
               gemm<T>(false, false, bm, s.D, width, T(1), band.data(), kWindow, rwin.data(), s.D, T(1), dq_position.data(), s.D);
               gemm<T>(true, false, width, s.D, bm, T(1), band.data(), kWindow, qv.data(), s.D, T(0), drwin.data(), s.D);

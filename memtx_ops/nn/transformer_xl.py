@@ -15,6 +15,7 @@ from torch import nn
 
 from memtx_ops.nn.cross_head import CrossHeadPermutation
 from memtx_ops.nn.dropout import Dropout
+from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
 from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
@@ -34,7 +35,11 @@ def sinusoid_positions(klen: int, d_model: int, clamp_len: int, device, dtype) -
 
 
 class PositionwiseFF(nn.Module):
-    """Transformer-XL feed-forward block with residual and layer norm: ``[L, B, d_model] -> same``."""
+    """Transformer-XL feed-forward block with residual and layer norm: ``[L, B, d_model] -> same``.
+
+    ``CoreNet`` keeps Transformer-XL's layers (and state-dict keys); unless ``dropout_backend="torch"``, its
+    ReLU and first dropout run as one :func:`memtx_ops.relu_dropout`.
+    """
 
     def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool = False, eps: float = 1e-5,
                  dropout_backend: str = "auto"):
@@ -45,10 +50,16 @@ class PositionwiseFF(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.pre_lnorm = pre_lnorm
 
+    def _core(self, x):
+        linear1, _, drop1, linear2, drop2 = self.CoreNet
+        if drop1.backend == "torch":
+            return self.CoreNet(x)
+        return drop2(linear2(relu_dropout(linear1(x), drop1.p, drop1.training, backend=drop1.backend)))
+
     def forward(self, x):
         if self.pre_lnorm:
-            return x + self.CoreNet(self.layer_norm(x))
-        return self.layer_norm(x + self.CoreNet(x))
+            return x + self._core(self.layer_norm(x))
+        return self.layer_norm(x + self._core(x))
 
 
 class DecoderLayer(nn.Module):
