@@ -117,6 +117,7 @@ class TransformerXL(nn.Module):
         self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
                             if skip_retain_p > 0 else None)
         self._masks: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
+        self._position_tables: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def set_phase(self, phase: str) -> None:
         """``"pretrain"`` (skip-retain active in training) or ``"finetune"`` (never skips)."""
@@ -135,6 +136,13 @@ class TransformerXL(nn.Module):
         if key not in self._masks:
             self._masks[key] = ~visibility_mask(qlen, klen, window, device)[:, :, None]
         return self._masks[key]
+
+    def _positions(self, rlen: int, device, dtype) -> torch.Tensor:
+        """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``, cached per shape."""
+        key = (rlen, self.clamp_len, device, dtype)
+        if key not in self._position_tables:
+            self._position_tables[key] = sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
+        return self._position_tables[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output layer: ``[..., d_model] -> [..., n_token]``."""
@@ -159,8 +167,7 @@ class TransformerXL(nn.Module):
             if skipped or (index == self.n_layer - 1 and not top_layer):
                 continue
             klen = mem.hidden.shape[1] + L
-            pos_emb = self.drop(sinusoid_positions(klen + mem.mem_offset, self.d_model, self.clamp_len, h.device,
-                                                   h.dtype))
+            pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
             h = layer(h, pos_emb, self._mask(L, klen, h.device), mem.hidden.transpose(0, 1), mem.mem_offset, perm)
         if not top_layer:
