@@ -170,3 +170,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def saved_by_autograd(fn):
+    """Runs ``fn()`` under a saved-tensors hook: -> (its result, the tensors autograd saved for backward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, saved
+
+
+def assert_compiled_dropout_matches_eager(op, monkeypatch, p=0.3):
+    """``op(x, p)`` (a memtx dropout) under ``torch.compile(fullgraph=True)`` draws the masks eager does from the
+    same generator state: equal gradients, some of them dropped."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # the seed from torch's generator, as in eager
+    x = torch.randn(8, 300, requires_grad=True)
+    compiled = torch.compile(lambda t: (op(t, p) * 2).sum(), fullgraph=True)
+    torch.manual_seed(0)
+    compiled(x).backward()
+    eager_x = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    (op(eager_x, p) * 2).sum().backward()
+    assert torch.equal(x.grad, eager_x.grad) and (x.grad == 0).any()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memtx_ops
+from helpers import assert_compiled_dropout_matches_eager, saved_by_autograd
 from memtx_ops import reference
 from memtx_ops.ops.dropout import _dropout_op
 from memtx_ops.nn import Dropout
@@ -84,15 +85,8 @@ def test_gradient_applies_the_same_mask():
 
 
 def test_backward_keeps_only_the_seed():
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
     x = torch.randn(256, 1024, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        memtx_ops.dropout(x, 0.1).sum().backward()
+    _, saved = saved_by_autograd(lambda: memtx_ops.dropout(x, 0.1).sum().backward())
     assert sum(t.numel() * t.element_size() for t in saved) == 8
 
 
@@ -171,17 +165,7 @@ def test_opcheck():
 
 
 def test_compile_matches_eager(monkeypatch):
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # the seed from torch's generator, as in eager
-    x = torch.randn(8, 300, requires_grad=True)
-    compiled = torch.compile(lambda t: (memtx_ops.dropout(t, 0.3) * 2).sum(), fullgraph=True)
-    torch.manual_seed(0)
-    compiled(x).backward()
-    eager_x = x.detach().clone().requires_grad_()
-    torch.manual_seed(0)
-    (memtx_ops.dropout(eager_x, 0.3) * 2).sum().backward()
-    assert torch.equal(x.grad, eager_x.grad) and (x.grad == 0).any()
+    assert_compiled_dropout_matches_eager(memtx_ops.dropout, monkeypatch)
 
 
 def test_auto_uses_torch_dropout_off_the_cpu():

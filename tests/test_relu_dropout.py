@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import memtx_ops
+from helpers import assert_compiled_dropout_matches_eager, saved_by_autograd
 from memtx_ops import reference
 from memtx_ops.ops.dropout import _relu_dropout_backward_op, _relu_dropout_op
 
@@ -54,16 +55,9 @@ def test_gradcheck_and_gradgradcheck():
 
 
 def test_backward_saves_only_the_output():
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
     x = torch.randn(256, 1024, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = memtx_ops.relu_dropout(x, 0.1)
-        y.sum().backward()
+    y, saved = saved_by_autograd(lambda: memtx_ops.relu_dropout(x, 0.1))
+    y.sum().backward()
     assert len(saved) == 1 and saved[0].data_ptr() == y.data_ptr()
 
 
@@ -122,17 +116,7 @@ def test_opcheck():
 
 
 def test_compile_matches_eager(monkeypatch):
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # the seed from torch's generator, as in eager
-    x = torch.randn(8, 300, requires_grad=True)
-    compiled = torch.compile(lambda t: (memtx_ops.relu_dropout(t, 0.3) * 2).sum(), fullgraph=True)
-    torch.manual_seed(0)
-    compiled(x).backward()
-    eager_x = x.detach().clone().requires_grad_()
-    torch.manual_seed(0)
-    (memtx_ops.relu_dropout(eager_x, 0.3) * 2).sum().backward()
-    assert torch.equal(x.grad, eager_x.grad) and (x.grad == 0).any()
+    assert_compiled_dropout_matches_eager(memtx_ops.relu_dropout, monkeypatch)
 
 
 def test_backward_op_is_linear_in_grad():

@@ -154,20 +154,16 @@ def _relu_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _relu_backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    return _relu_dropout_backward_op(grad, out, ctx.p), None, None
-
-
 def _relu_backward_setup_context(ctx, inputs, output):
     _, out, ctx.p = inputs
     ctx.save_for_backward(out)
 
 
-def _relu_backward_backward(ctx, grad_grad):  # linear in grad with the same pass mask
+def _through_pass_mask(ctx, grad):
+    """The gradient of relu_dropout, and of its backward (linear in grad with the same pass mask)."""
     (out,) = ctx.saved_tensors
-    return _relu_dropout_backward_op(grad_grad, out, ctx.p), None, None
+    return _relu_dropout_backward_op(grad, out, ctx.p), None, None
 
 
-_relu_dropout_op.register_autograd(_relu_backward, setup_context=_relu_setup_context)
-_relu_dropout_backward_op.register_autograd(_relu_backward_backward, setup_context=_relu_backward_setup_context)
+_relu_dropout_op.register_autograd(_through_pass_mask, setup_context=_relu_setup_context)
+_relu_dropout_backward_op.register_autograd(_through_pass_mask, setup_context=_relu_backward_setup_context)
