@@ -16,7 +16,7 @@ import torch
 
 import memtx_ops
 from memtx_ops.backends import BACKENDS
-from bench.suites.rel_memory_attention import make_inputs, measure
+from bench.suites.rel_memory_attention import attention_cases, measure_or_skip
 
 NAME = "cross_head"
 BASELINE = "reference:copying"
@@ -56,21 +56,14 @@ def add_plain_ratios(rows):
 def run(opts):
     device = opts.device
     cfg = default_config(device)
-    B = opts.batch or cfg["batch"]
-    H = opts.heads or cfg["heads"]
-    perm = torch.roll(torch.arange(H), 1)  # every query head reads another head's k, v, r
+    perm = torch.roll(torch.arange(opts.heads or cfg["heads"]), 1)  # every query head reads another head's k, v, r
     rows = []
-    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
-                                              opts.dtypes or cfg["dtypes"]):
-        dtype = getattr(torch, dtype_name)
-        inputs = make_inputs(B, H, L, L, D, dtype, device)
-        case = f"B={B} H={H} L=M={L} D={D}"
+    for case, dtype_name, inputs, _ in attention_cases(opts, cfg, device):
         for label, fn in itertools.chain.from_iterable(variants(b, device, perm) for b in opts.backends or cfg["backends"]):
-            try:
-                t_fwd, t_bwd, t_fb, peak = measure(fn, inputs, device, opts.repeats)
-            except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
-                print(f"  skip {label} {case} {dtype_name}: {exc}")
+            times = measure_or_skip(fn, inputs, device, opts.repeats, f"{label} {case} {dtype_name}")
+            if times is None:
                 continue
+            t_fwd, t_bwd, t_fb, peak = times
             rows.append(dict(op=NAME, case=case, backend=label, dtype=dtype_name, fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
                              fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20))
             print(f"  {case} {dtype_name} {label}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)

@@ -119,27 +119,40 @@ def measure(fn, inputs, device, repeats):
     return t_fwd, t_bwd, t_fb, peak_memory(forward_backward, device)
 
 
+def measure_or_skip(fn, inputs, device, repeats, label):
+    """``measure``, or None (with a line saying why) where the backend does not take these inputs."""
+    try:
+        return measure(fn, inputs, device, repeats)
+    except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
+        print(f"  skip {label}: {exc}")
+        return None
+
+
+def attention_cases(opts, cfg, device):
+    """The attention suites' grid: yields (case, dtype name, inputs, (B, H, L, D)) for every segment length
+    L (memory M = L), head dim D and dtype of the options, else of ``cfg``."""
+    B = opts.batch or cfg["batch"]
+    H = opts.heads or cfg["heads"]
+    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
+                                              opts.dtypes or cfg["dtypes"]):
+        inputs = make_inputs(B, H, L, L, D, getattr(torch, dtype_name), device)
+        yield f"B={B} H={H} L=M={L} D={D}", dtype_name, inputs, (B, H, L, D)
+
+
 def run(opts):
     device = opts.device
     cfg = default_config(device)
-    B = opts.batch or cfg["batch"]
-    H = opts.heads or cfg["heads"]
     rows = []
-    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
-                                              opts.dtypes or cfg["dtypes"]):
-        dtype = getattr(torch, dtype_name)
-        inputs = make_inputs(B, H, L, L, D, dtype, device)
-        case = f"B={B} H={H} L=M={L} D={D}"
+    for case, dtype_name, inputs, (B, H, L, D) in attention_cases(opts, cfg, device):
         pairs = B * H * visible_pairs(L, L)
         for backend in opts.backends or cfg["backends"]:
             fn = backend_fn(backend, device)
             if fn is None:
                 continue
-            try:
-                t_fwd, t_bwd, t_fb, peak = measure(fn, inputs, device, opts.repeats)
-            except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
-                print(f"  skip {backend} {case} {dtype_name}: {exc}")
+            times = measure_or_skip(fn, inputs, device, opts.repeats, f"{backend} {case} {dtype_name}")
+            if times is None:
                 continue
+            t_fwd, t_bwd, t_fb, peak = times
             n_fwd, n_bwd = (2, 5) if backend == "sdpa_flash" else (3, 8)
             flops = 2 * D * pairs * (n_fwd + n_bwd)
             rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_ms=1e3 * t_fwd,
