@@ -52,7 +52,7 @@ class PositionwiseFF(nn.Module):
 
     def _core(self, x):
         linear1, _, drop1, linear2, drop2 = self.CoreNet
-        if drop1.backend == "torch":
+        if getattr(drop1, "backend", "torch") == "torch":  # torch's dropout (or a user's nn.Dropout put there)
             return self.CoreNet(x)
         return drop2(linear2(relu_dropout(linear1(x), drop1.p, drop1.training, backend=drop1.backend)))
 
