@@ -116,17 +116,9 @@ def relu_dropout(x: Tensor, p: float = 0.5, training: bool = True, *, backend: s
     in :func:`dropout`.
     """
     check_inputs(x, p, training, backend, op="relu_dropout")
-    if not training or p == 0:
-        return F.relu(x)
-    if p == 1:
-        return F.relu(x) * 0.0
-    backend = resolve_backend(backend, x.device)
-    if backend == "torch":
-        return F.dropout(F.relu(x), p, True)
-    seed = draw_seed()
-    if backend == "reference":
-        return reference.dropout(F.relu(x), float(p), int(seed))
-    return _relu_dropout_op(x, float(p), seed)
+    if training and 0 < p < 1 and resolve_backend(backend, x.device) == "cpu":
+        return _relu_dropout_op(x, float(p), draw_seed())
+    return dropout(F.relu(x), p, training, backend=backend)  # every other case: the unfused pair
 
 
 @torch.library.custom_op("memtx_ops::relu_dropout", mutates_args=())
