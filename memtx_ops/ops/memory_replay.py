@@ -44,6 +44,15 @@ def _unflatten(tensors: Sequence[Tensor], is_tuple: bool):
     return tuple(tensors) if is_tuple else tensors[0]
 
 
+def _split_by(flat: Sequence, structures: Sequence[Structure]) -> Tuple[List[tuple], tuple]:
+    """``flat`` cut into one run per structure (its number of tensors), and what is left after them."""
+    runs, start = [], 0
+    for n, _ in structures:
+        runs.append(tuple(flat[start:start + n]))
+        start += n
+    return runs, tuple(flat[start:])
+
+
 def _differentiable(t: Tensor) -> bool:
     return t.dtype.is_floating_point or t.dtype.is_complex
 
@@ -163,8 +172,8 @@ class _Rollout:
     def split(self, inputs: Sequence[Tensor]) -> Tuple[Tensors, List[Tensors], Tensors]:
         """The Function's flat inputs -> (mem0 tensors, tensors of each segment input, params)."""
         n_mem = len(self.mem_layout)
-        xs = [tuple(inputs[o:o + n]) for o, (n, _) in zip(self.x_offsets, self.x_structures)]
-        return tuple(inputs[:n_mem]), xs, tuple(inputs[len(inputs) - self.n_params:])
+        xs, params = _split_by(inputs[n_mem:], self.x_structures)
+        return tuple(inputs[:n_mem]), xs, params
 
     def truncated_before(self, t: int) -> bool:
         """Whether the memory entering segment ``t`` is detached (a truncation boundary)."""
@@ -351,11 +360,9 @@ class _MemoryReplay(torch.autograd.Function):
         tape: _Tape = ctx.tape
         rollout = tape.rollout
         mem0, xs, params = rollout.split(ctx.saved_tensors)
-        dys, start = [], 0
-        for n, _ in rollout.y_structures:
-            dys.append(_none_if_empty(output_grads[start:start + n]))
-            start += n
-        dmem_last = _none_if_empty(output_grads[start:])
+        y_grads, mem_grads = _split_by(output_grads, rollout.y_structures)
+        dys = [_none_if_empty(g) for g in y_grads]
+        dmem_last = _none_if_empty(mem_grads)
         precomputed: Optional[_Replayed] = ctx.precomputed
         if precomputed is not None:
             scale = _uniform_scale(dys, precomputed.y_requires_grad)
@@ -478,9 +485,6 @@ def memory_replay(
             ys.append(_unflatten(y, y_is_tuple))
         return ys, _unflatten(mem, mem_is_tuple)
 
-    outputs = _MemoryReplay.apply(rollout, *inputs)
-    ys, start = [], 0
-    for n, is_tuple in rollout.y_structures:
-        ys.append(_unflatten(outputs[start:start + n], is_tuple))
-        start += n
-    return ys, _unflatten(outputs[start:], mem_is_tuple)
+    y_runs, mem_last = _split_by(_MemoryReplay.apply(rollout, *inputs), rollout.y_structures)
+    ys = [_unflatten(y, is_tuple) for y, (_, is_tuple) in zip(y_runs, rollout.y_structures)]
+    return ys, _unflatten(mem_last, mem_is_tuple)
