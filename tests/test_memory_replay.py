@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memtx_ops
-from helpers import TOLERANCE, free_port, rel_error
+from helpers import assert_close_to_reference, free_port, rel_error
 
 DTYPE = torch.float64
 B, L, M, D, HEADS, VOCAB, T = 2, 4, 4, 16, 2, 11, 5
@@ -183,12 +183,9 @@ def run_and_backprop(run, model, mem0, xs, seed=7, cotangents="random"):
     return ys, mem_T, grads
 
 
-def assert_close(got, want, tol=TOLERANCE[DTYPE]):
-    """Relative L2 error <= tol for every entry of two dicts of tensors (NaN fails)."""
-    assert got.keys() == want.keys()
-    errors = {name: rel_error(got[name], want[name]) for name in want}
-    bad = {name: e for name, e in errors.items() if not e <= tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
+def assert_close(got, want, dtype=DTYPE):
+    """The SPEC bounds of ``dtype`` (relative L2 and elementwise) for every entry of two dicts of tensors."""
+    assert_close_to_reference(got, want, dtype, context="memory replay against BPTT:")
 
 
 def outputs_dict(ys, mem_T):
@@ -369,7 +366,7 @@ def test_autocast_is_reentered_for_the_replay():
 
     *_, want = run_and_backprop(under_autocast(lambda: bptt(model, mem0, xs)), model, mem0, xs)
     *_, got = run_and_backprop(under_autocast(lambda: memtx_ops.memory_replay(model, mem0, xs)), model, mem0, xs)
-    assert_close(got, want, tol=TOLERANCE[torch.float32])
+    assert_close(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("need_output", [False, True])

@@ -42,6 +42,24 @@ def test_strided_fused_projection_views(case):
     assert_matches_reference(cpu_attention, case, torch.float32, strided=True)
 
 
+@pytest.mark.parametrize("dim", [0, 1, 2], ids=["batch", "head", "key"])
+def test_keys_and_values_expanded_with_stride_zero(dim):
+    """k, v expanded along any dimension (stride 0) match the reference. Along the keys, the BLAS leading
+    dimension would be 0 < D: MKL rejected it ("Parameter 8 was incorrect on entry to DGEMM") and the op returned
+    garbage; such rows are now copied first."""
+    case = Case(B=2, H=2, L=20, M=30, D=16)
+    q, k, v, r, u, vb = make_inputs(case, torch.float64)
+    shape = list(k.shape)
+    shape[dim] = 1
+    k1, v1 = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = cpu_attention(q, k1.expand_as(k), v1.expand_as(v), r, u, vb)
+    ref = memtx_ops.reference.rel_memory_attention(q, k1.expand_as(k), v1.expand_as(v), r, u, vb)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k1, v1, r), g), torch.autograd.grad(ref, (q, k1, v1, r), g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_strided_inputs_are_not_copied(monkeypatch):
     assert_strided_inputs_reach_backend("cpu", cpu_attention, torch.float32, "cpu", monkeypatch)
 

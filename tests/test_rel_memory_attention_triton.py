@@ -15,6 +15,7 @@ import memtx_ops
 from helpers import (
     Case,
     FEATURE_CASES,
+    assert_bad_kv_head_stays_in_its_rows,
     assert_compiled_matches_eager,
     assert_matches_reference,
     assert_opcheck_passes,
@@ -138,3 +139,26 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     assert_compiled_matches_eager(triton_attention, Case(B=1, H=2, L=12, M=20, D=16), torch.float32, DEVICE, window=16)
+
+
+@pytest.mark.parametrize("layout", ["stepped", "offset", "expanded"])
+def test_kv_head_index_layout_does_not_matter(layout):
+    """A strided kv_head_index (e.g. ``idx[::2]``) was read as if contiguous, so the wrong heads were used."""
+    case = Case(B=1, H=4, Hk=3, L=20, M=12, D=16)
+    inputs = [t.detach() for t in make_inputs(case, torch.float32, DEVICE)]
+    head_map = [2, 2, 2, 2] if layout == "expanded" else [2, 0, 1, 2]
+    if layout == "stepped":
+        index = torch.tensor([v for g in head_map for v in (g, 99)], device=DEVICE)[::2]
+    elif layout == "offset":
+        index = torch.tensor([-4, *head_map], device=DEVICE)[1:]
+    else:
+        index = torch.tensor([2], device=DEVICE).expand(4)
+    assert not index.is_contiguous() or index.storage_offset() > 0
+    out = triton_attention(*inputs, kv_head_index=index)
+    expected = triton_attention(*inputs, kv_head_index=torch.tensor(head_map, device=DEVICE))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["custom_op", "torch.compile"])
+def test_out_of_range_head_writes_only_its_own_rows(compiled):
+    assert_bad_kv_head_stays_in_its_rows("triton", torch.float32, DEVICE, compiled)

@@ -145,3 +145,46 @@ def test_replay_segments_rejects_skip_retain_pretraining():
     xs, ys = segments(2)
     with pytest.raises(ValueError, match="skip-retain changes the memory's structure"):
         model.replay_segments(xs, ys)
+
+
+def bad_memories(model, memory):
+    """(name, memory, error, message) of memories that do not fit the model of test_memory_must_match_the_model."""
+    from memtx_ops.nn import LayerMemory
+
+    h = memory[0].hidden
+    return [
+        ("shorter list", memory[:-1], ValueError, r"one LayerMemory per layer \(n_layer=3\), got 2 entries"),
+        ("longer list", memory + memory[:1], ValueError, r"n_layer=3\), got 4 entries"),
+        ("not a list", memory[0], ValueError, r"got LayerMemory"),
+        ("tensor entry", [m.hidden for m in memory], TypeError, r"memory\[0\] must be a LayerMemory, got Tensor"),
+        ("batch", [LayerMemory(m.hidden[:1]) for m in memory], ValueError, r"memory\[0\].hidden must have shape \[B=2"),
+        ("d_model", [LayerMemory(torch.zeros(2, 8, 7, dtype=h.dtype)) for _ in memory], ValueError,
+         r"d_model=16\], got \(2, 8, 7\)"),
+        ("rank", [LayerMemory(m.hidden[0]) for m in memory], ValueError, r"must have shape \[B=2, M, d_model=16\]"),
+        ("integer memory", [LayerMemory(m.hidden.long()) for m in memory], TypeError, r"must be a float tensor"),
+        ("device", [LayerMemory(m.hidden.to("meta")) for m in memory], ValueError, r"memory\[0\] is on meta"),
+    ]
+
+
+def test_memory_must_match_the_model():
+    """A memory list shorter than n_layer used to make zip() run fewer layers, silently."""
+    model = small_model()
+    xs, ys = segments(2)
+    _, memory = model(xs[0])
+    for name, bad, error, message in bad_memories(model, memory):
+        for call in (lambda: model(xs[1], bad), lambda: model(xs[1], bad, ys[1]),
+                     lambda: model.hidden_states(xs[1], bad), lambda: model.replay_segments(xs, ys, bad)):
+            with pytest.raises(error, match=message):
+                call()
+
+
+@pytest.mark.parametrize("tokens,targets,error,message", [
+    (torch.zeros(2, 8), None, TypeError, r"tokens must be an integer tensor \[B, L\], got \(2, 8\)"),
+    (torch.zeros(16, dtype=torch.long), None, TypeError, r"integer tensor \[B, L\], got \(16,\)"),
+    (torch.zeros(2, 0, dtype=torch.long), None, ValueError, r"B, L >= 1"),
+    (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long), ValueError,
+     r"targets must have the shape of tokens \(2, 8\), got \(2, 7\)"),
+], ids=["float tokens", "1-d tokens", "empty", "targets shape"])
+def test_bad_segments_are_refused(tokens, targets, error, message):
+    with pytest.raises(error, match=message):
+        small_model()(tokens, None, targets)

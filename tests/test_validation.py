@@ -63,6 +63,10 @@ BAD_OPTIONS = [
     ("window float", dict(window=2.5), TypeError, r"window must be an int"),
     ("mem_offset < 0", dict(mem_offset=-1), ValueError, r"mem_offset must be >= 0"),
     ("scale str", dict(scale="0.1"), TypeError, r"scale must be a float"),
+    ("scale nan", dict(scale=float("nan")), ValueError, r"scale must be a finite float > 0"),
+    ("scale inf", dict(scale=float("inf")), ValueError, r"scale must be a finite float > 0"),
+    ("scale 0", dict(scale=0.0), ValueError, r"scale must be a finite float > 0 .*got 0.0"),
+    ("scale negative", dict(scale=-0.125), ValueError, r"scale must be a finite float > 0 .*got -0.125"),
     ("backend", dict(backend="tpu"), ValueError, r"backend must be one of"),
 ]
 

@@ -21,7 +21,7 @@ RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   for (const at::Tensor* t : {&q, &k, &v, &r, &u, &vb}) {
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "rel_memory_attention: inputs must share one dtype");
     TORCH_CHECK(t->device() == q.device(), "rel_memory_attention: inputs must share one device");
-    TORCH_CHECK(t->stride(-1) == 1, "rel_memory_attention: inputs need a contiguous last dimension");
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1, "rel_memory_attention: inputs need a contiguous last dimension");
   }
   TORCH_CHECK(kv_head_index.scalar_type() == at::kLong && kv_head_index.dim() == 1 && kv_head_index.size(0) == s.H,
               "rel_memory_attention: kv_head_index must be int64 [H]");

@@ -291,6 +291,15 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
   dvb_partial.mul_(scale);
 }
 
+// k and v rows go to BLAS with leading dimension stride(2), which must be >= D and fit an int. Any other
+// layout (keys expanded with stride 0, overlapping as_strided views, huge strides) is copied first;
+// rows padded past D and views of time-major buffers are read in place.
+at::Tensor blas_rows(const at::Tensor& t) {
+  const int64_t ld = t.stride(2);
+  if (ld >= t.size(3) && ld <= std::numeric_limits<int>::max()) return t;
+  return at::empty(t.sizes(), t.options()).copy_(t);
+}
+
 void check_cpu(const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), "rel_memory_attention_fwd_cpu: expected CPU tensors");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
@@ -309,8 +318,9 @@ std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cpu(
   auto lse = at::empty({s.B, s.H, s.L}, q.options());
   const auto kv_head = kv_head_index.contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
+  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rel_memory_attention_fwd_cpu", [&] {
-    cpu::forward_impl<scalar_t>(s, q, k, v, r, uc, vbc, kv_head.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
+    cpu::forward_impl<scalar_t>(s, q, kc, vc, r, uc, vbc, kv_head.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
                                 out, lse);
   });
   return {out, lse};
@@ -327,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dout = grad_out.contiguous(), outc = out.contiguous(), lsec = lse.contiguous().to(q.scalar_type());
   const auto kv_head = kv_head_index.contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
+  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v);
   // Enough (kv head, batch chunk) tasks for every thread; each chunk keeps its own dr, du, dvb partials.
   const int64_t threads = at::get_num_threads();
   const int64_t n_chunks = std::clamp<int64_t>((2 * threads + s.Hk - 1) / s.Hk, 1, s.B);
@@ -337,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto du_partial = at::zeros({n_chunks, s.H, s.D}, q.options());
   auto dvb_partial = at::zeros({n_chunks, s.H, s.D}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rel_memory_attention_bwd_cpu", [&] {
-    cpu::backward_impl<scalar_t>(s, dout, q, k, v, r, uc, vbc, outc, lsec, kv_head.data_ptr<int64_t>(),
+    cpu::backward_impl<scalar_t>(s, dout, q, kc, vc, r, uc, vbc, outc, lsec, kv_head.data_ptr<int64_t>(),
                                  static_cast<scalar_t>(scale), dq, dk, dv, dr_partial, du_partial, dvb_partial);
   });
   return {dq, dk, dv, dr_partial.sum(0), du_partial.sum(0), dvb_partial.sum(0)};

@@ -145,13 +145,14 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g, dr_rows,
              stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
              i0, j0, j_hi, offset, L, M, R, WINDOW, scale, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
              DETERMINISTIC: tl.constexpr):
     """One key block ``[j0, j0 + BLOCK_N)`` of the dq program; unless DETERMINISTIC, atomically adds its dr rows
-    below ``R - 1`` to DR. ``clamped`` collects, per query, dS over the keys at distance ``>= R - 1``."""
+    below ``dr_rows`` (``R - 1``, or 0 for a bad head index: nothing is written) to DR. ``clamped`` collects, per
+    query, dS over the keys at distance ``>= R - 1``."""
     k = load_rows(k_base, j0, j0, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
     v = load_rows(v_base, j0, j0, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
     s, rwin = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j0, j_hi, offset,
@@ -169,7 +170,7 @@ def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_bas
         drwin = tl.dot(tl.trans(band.to(qv.dtype)), qv, input_precision=PRECISION)
         rows = dmax - tl.arange(0, BLOCK_W)
         tl.atomic_add(DR + g * stride_drh + rows[:, None] * stride_drn + offs_d[None, :], drwin,
-                      mask=((rows >= 0) & (rows < R - 1))[:, None] & mask_d[None, :], sem="relaxed")
+                      mask=((rows >= 0) & (rows < dr_rows))[:, None] & mask_d[None, :], sem="relaxed")
     return dq_c, dq_p, clamped
 
 
@@ -192,8 +193,11 @@ def _bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     g = tl.load(KV_HEAD + h).to(tl.int64)
-    g_valid = (g >= 0) & (g < HK)  # as in the forward: NaN for a bad index, never a stray read or write
+    # As in the forward: a bad index (unchecked under torch.compile) gives NaN in this head's dq, du and dvb, and
+    # reads or writes nothing outside the tensors; dr, dk, dv of the real kv heads get nothing from it.
+    g_valid = (g >= 0) & (g < HK)
     g = tl.where(g_valid, g, 0)
+    dr_rows = tl.where(g_valid, R - 1, 0)  # the dr rows below R - 1 this program may add to
     i0 = pid_m * BLOCK_M
     offs_i = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -212,13 +216,13 @@ def _bwd_dq_kernel(
     lo = tl.maximum(M + i0 - WINDOW + 1, 0)
     for j0 in range(lo // BLOCK_N * BLOCK_N, tl.minimum(hi + 1, M), BLOCK_N):
         dq_c, dq_p, clamped = _dq_tile(
-            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g, dr_rows,
             stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
             i0, j0, M, MEM_OFFSET, L, M, R, WINDOW, scale, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, DETERMINISTIC)
     for j0 in range(M + (tl.maximum(lo, M) - M) // BLOCK_N * BLOCK_N, hi + 1, BLOCK_N):
         dq_c, dq_p, clamped = _dq_tile(
-            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g,
+            dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_base, DR, g, dr_rows,
             stride_kn, stride_vn, stride_rn, stride_drh, stride_drn, offs_i, offs_d, mask_d,
             i0, j0, M + L, 0, L, M, R, WINDOW, scale, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, DETERMINISTIC)
@@ -226,13 +230,14 @@ def _bwd_dq_kernel(
     dq = tl.where(g_valid, dq_c + dq_p, float("nan"))
     store_rows(DQ + b * stride_dqb + h * stride_dqh, i0, L, stride_dqm, offs_d, mask_d, dq, BLOCK_M)
     slot = ((b * NUM_SLOTS + pid_m) * H + h) * D + offs_d
-    tl.store(DU + slot, tl.sum(dq_c, 0), mask=mask_d)
-    tl.store(DVB + slot, tl.sum(dq_p, 0), mask=mask_d)
+    tl.store(DU + slot, tl.where(g_valid, tl.sum(dq_c, 0), float("nan")), mask=mask_d)
+    tl.store(DVB + slot, tl.where(g_valid, tl.sum(dq_p, 0), float("nan")), mask=mask_d)
     cq = tl.sum(clamped[:, None] * qv.to(tl.float32), 0)
     if DETERMINISTIC:
-        tl.store(CQ + slot, cq, mask=mask_d)
+        tl.store(CQ + slot, cq, mask=mask_d)  # summed by the dr kernel for the heads mapped to g only
     else:
-        tl.atomic_add(DR + g * stride_drh + (R - 1) * stride_drn + offs_d, cq, mask=mask_d, sem="relaxed")
+        tl.atomic_add(DR + g * stride_drh + (R - 1) * stride_drn + offs_d, cq, mask=offs_d < tl.where(g_valid, D, 0),
+                      sem="relaxed")
 
 
 @triton.jit
@@ -333,6 +338,7 @@ def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_inde
     B, H, L, D = q.shape
     Hk, K = k.shape[1], k.shape[2]
     M, R = K - L, r.shape[1]
+    kv_head_index = kv_head_index.contiguous()  # the kernels read KV_HEAD[h] without a stride
     window = window if window > 0 else K + 1
     block_d = max(16, triton.next_power_of_2(D))
     precision = dot_precision(q.dtype)

@@ -101,6 +101,7 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     """
     B, H, L, D = q.shape
     M = k.shape[2] - L
+    kv_head_index = kv_head_index.contiguous()  # the kernel reads KV_HEAD[h] without a stride
     out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731

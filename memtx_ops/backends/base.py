@@ -13,9 +13,11 @@ class Backend:
     """A fused implementation of ``rel_memory_attention``.
 
     ``forward`` returns ``(out [B, H, L, D], lse [B, H, L] float32)``; ``backward`` returns the
-    gradients of ``(q, k, v, r, u, vb)``. Arguments arrive validated: ``kv_head_index`` is an int64
-    ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a float, and
-    every tensor has a contiguous last dimension (other strides are arbitrary).
+    gradients of ``(q, k, v, r, u, vb)``. Arguments arrive validated: ``kv_head_index`` is a contiguous
+    int64 ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a finite float
+    > 0, u and vb are contiguous, and q, k, v, r have a contiguous last dimension (other strides are
+    arbitrary, stride 0 included). Under ``torch.compile`` the values of ``kv_head_index`` are not checked:
+    a backend must never read or write outside its tensors for an index outside ``[0, Hk)``.
     """
 
     name: str = ""

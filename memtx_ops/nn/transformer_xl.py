@@ -156,6 +156,11 @@ class TransformerXL(nn.Module):
         ``top_layer=False`` stops once every memory is updated (the last layer feeds no memory) and
         returns None for the hidden states.
         """
+        self.check_segment(tokens, memory)
+        return self._stack(tokens, memory, detach_memory, kv_head_index, top_layer)
+
+    def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True):
+        """:meth:`hidden_states` on checked arguments."""
         B, L = tokens.shape
         skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
         h = self.drop(self.word_emb(tokens) * self.emb_scale).transpose(0, 1)  # [L, B, d]
@@ -174,12 +179,46 @@ class TransformerXL(nn.Module):
             return None, next_memory
         return self.drop(h).transpose(0, 1), next_memory
 
+    def check_segment(self, tokens, memory: Optional[Memory] = None, targets=None, what: str = "tokens") -> None:
+        """Raises ``TypeError``/``ValueError`` unless ``tokens`` (and ``targets``) are integer ``[B, L]`` tensors
+        and ``memory`` is None or one :class:`LayerMemory` per layer with hidden ``[B, M, d_model]`` on the
+        tokens' device: a memory that does not match the model is never used silently."""
+        name = type(self).__name__
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+                or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise TypeError(f"{name}: {what} must be an integer tensor [B, L], got {shape}")
+        B, L = tokens.shape
+        if L < 1 or B < 1:
+            raise ValueError(f"{name}: {what} must have B, L >= 1, got shape {tuple(tokens.shape)}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, L)):
+            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"{name}: targets must have the shape of {what} ({B}, {L}), got {shape}")
+        if memory is None:
+            return
+        if not isinstance(memory, (list, tuple)) or len(memory) != self.n_layer:
+            got = f"{len(memory)} entries" if isinstance(memory, (list, tuple)) else type(memory).__name__
+            raise ValueError(f"{name}: memory must hold one LayerMemory per layer (n_layer={self.n_layer}), got {got}")
+        for index, mem in enumerate(memory):
+            if not isinstance(mem, LayerMemory):
+                raise TypeError(f"{name}: memory[{index}] must be a LayerMemory, got {type(mem).__name__}")
+            h = mem.hidden
+            if h.dim() != 3 or h.shape[0] != B or h.shape[2] != self.d_model:
+                raise ValueError(f"{name}: memory[{index}].hidden must have shape [B={B}, M, d_model={self.d_model}], "
+                                 f"got {tuple(h.shape)}")
+            if h.device != tokens.device:
+                raise ValueError(f"{name}: memory[{index}] is on {h.device} but {what} are on {tokens.device}")
+            if not h.dtype.is_floating_point:
+                raise TypeError(f"{name}: memory[{index}].hidden must be a float tensor, got {h.dtype}")
+
     def forward(self, tokens: torch.Tensor, memory: Optional[Memory] = None, targets: Optional[torch.Tensor] = None):
         """tokens ``[B, L]`` -> (logits ``[B, L, n_token]``, or the mean cross-entropy when ``targets``
-        ``[B, L]`` is given; the next memory, detached as in Transformer-XL)."""
+        ``[B, L]`` is given; the next memory, detached as in Transformer-XL). ``memory``: None (empty) or one
+        :class:`~memtx_ops.nn.LayerMemory` per layer, ``[B, M, d_model]``; anything else raises."""
+        self.check_segment(tokens, memory, targets)
         if memory is None:
             memory = self.empty_memory(tokens.shape[0], tokens.device)
-        hidden, next_memory = self.hidden_states(tokens, memory)
+        hidden, next_memory = self._stack(tokens, memory)
         if targets is None:
             return self.logits(hidden), next_memory
         return self._loss(hidden, targets), next_memory
@@ -200,11 +239,16 @@ class TransformerXL(nn.Module):
         if len(inputs) != len(targets) or not inputs:
             raise ValueError(f"replay_segments: need as many targets as inputs (>= 1), got {len(inputs)} and "
                              f"{len(targets)}")
+        for t, (x, y) in enumerate(zip(inputs, targets)):
+            self.check_segment(x, memory if t == 0 else None, y, what=f"inputs[{t}]")
+            if tuple(x.shape) != tuple(inputs[0].shape):
+                raise ValueError(f"replay_segments: every segment must have the shape of inputs[0] "
+                                 f"{tuple(inputs[0].shape)}, got {tuple(x.shape)} at {t}")
         if memory is None:
             memory = self.empty_memory(inputs[0].shape[0], inputs[0].device)
         losses, t = [], 0
         while t < len(inputs) and any(m.hidden.shape[1] < self.mem_len for m in memory):
-            hidden, memory = self.hidden_states(inputs[t], memory, detach_memory=False)
+            hidden, memory = self._stack(inputs[t], memory, detach_memory=False)
             losses.append(self._loss(hidden, targets[t]))
             t += 1
         if t == len(inputs):
@@ -233,7 +277,7 @@ class TransformerXL(nn.Module):
         -> (loss or None, next mem)."""
         tokens, targets = x[0], x[1]
         perms = [None if row[0] < 0 else row for row in x[2]] if len(x) > 2 else None
-        hidden, next_memory = self.hidden_states(tokens, [LayerMemory(h) for h in mem], detach_memory=False,
-                                                 kv_head_index=perms, top_layer=need_output)
+        hidden, next_memory = self._stack(tokens, [LayerMemory(h) for h in mem], detach_memory=False,
+                                          kv_head_index=perms, top_layer=need_output)
         next_mem = tuple(m.hidden for m in next_memory)
         return (self._loss(hidden, targets) if need_output else None), next_mem

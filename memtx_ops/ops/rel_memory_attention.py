@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -91,12 +92,23 @@ def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, ba
         _fail(f"mem_offset must be an int, got {type(mem_offset).__name__}", TypeError)
     if mem_offset < 0:
         _fail(f"mem_offset must be >= 0, got {mem_offset}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        _fail(f"scale must be a float or None, got {type(scale).__name__}", TypeError)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            _fail(f"scale must be a float or None, got {type(scale).__name__}", TypeError)
+        if not math.isfinite(scale) or scale <= 0:
+            _fail(f"scale must be a finite float > 0 (default D ** -0.5), got {scale}")
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         _fail(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend != "reference" and D > MAX_HEAD_DIM:
         _fail(f"head dim D={D} is not supported by the fused backends (D <= {MAX_HEAD_DIM}); use backend='reference'")
+
+
+def unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its rows are contiguous (the layout every backend reads through its other strides),
+    else a contiguous copy."""
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
 
 
 def rel_memory_attention(
@@ -134,9 +146,9 @@ def rel_memory_attention(
     get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
     if kv_head_index is None:
         kv_head_index = reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
-    q, k, v, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, r))
+    q, k, v, r = (unit_last_stride(t) for t in (q, k, v, r))
     out, _ = _rel_memory_attention_op(
-        q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64),
+        q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous(),
         window or 0, mem_offset, float(scale), backend,
     )
     return out

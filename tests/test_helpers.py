@@ -1,0 +1,46 @@
+"""The comparison helper itself: what the SPEC's relative L2 error alone lets through, it does not."""
+
+import pytest
+import torch
+
+from helpers import ELEMENT_ULPS, EPSILON, TOLERANCE, reference_errors, rel_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_one_wrong_element_fails_though_the_l2_error_passes(dtype):
+    ref = torch.randn(64, 64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = ref.to(dtype)
+    assert not reference_errors({"x": got}, {"x": ref}, dtype)[1]
+    got[3, 5, 7] += 1.0  # one element of 65536 is off by the tensor's standard deviation
+    assert rel_error(got, ref) <= TOLERANCE[dtype] or dtype == torch.float32  # the L2 bound lets it through
+    _, bad = reference_errors({"x": got}, {"x": ref}, dtype)
+    assert "x" in bad and "(at (3, 5, 7))" in bad["x"], bad
+
+
+def test_nan_and_inf_fail():
+    ref = torch.randn(10, dtype=torch.float64)
+    for value in (float("nan"), float("inf")):
+        got = ref.float().clone()
+        got[4] = value
+        assert "x" in reference_errors({"x": got}, {"x": ref}, torch.float32)[1]
+
+
+def test_vanishing_gradient_is_judged_against_its_unit():
+    """A gradient that is 0 in exact arithmetic comes out as rounding noise: relative to itself that is an error of
+    1 (or infinity), relative to the size of the terms it sums it is a few eps."""
+    ref = torch.zeros(8, 8, dtype=torch.float64)
+    noise = 4 * EPSILON[torch.float32] * torch.randn(8, 8)
+    assert "g" in reference_errors({"g": noise}, {"g": ref}, torch.float32)[1]
+    errors, bad = reference_errors({"g": noise}, {"g": ref}, torch.float32, units={"g": 1.0})
+    assert not bad and errors["g"]["vanishing"]
+    wrong = noise.clone()
+    wrong[2, 2] = 1e-3  # an error that is not rounding: fails even against the unit
+    assert "g" in reference_errors({"g": wrong}, {"g": ref}, torch.float32, units={"g": 1.0})[1]
+
+
+def test_units_do_not_loosen_a_gradient_that_does_not_vanish():
+    ref = torch.randn(100, dtype=torch.float64)
+    got = ref.float().clone()
+    got[0] += 2 * ELEMENT_ULPS[torch.float32] * EPSILON[torch.float32] * ref.abs().max().item()
+    for units in (None, {"g": 0.5 * ref.abs().max().item()}):
+        assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]
