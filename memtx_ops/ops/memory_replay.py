@@ -84,6 +84,28 @@ class _RngState:
             torch.cuda.set_rng_state(state, device)
 
 
+class _RngStates:
+    """The RNG states before each of T steps, in one byte buffer per generator allocated before the rollout
+    (like :class:`_MemoryStore`, so that nothing kept across steps sits among a step's temporaries)."""
+
+    def __init__(self, cuda_devices: Sequence[int], segments: int):
+        self.cuda_devices = list(cuda_devices)
+        now = _RngState(self.cuda_devices)
+        self.cpu = torch.empty((segments, now.cpu.numel()), dtype=now.cpu.dtype)
+        self.cuda = [torch.empty((segments, state.numel()), dtype=state.dtype) for _, state in now.cuda]
+
+    def save(self, t: int) -> None:
+        self.cpu[t].copy_(torch.get_rng_state())
+        for buffer, device in zip(self.cuda, self.cuda_devices):
+            buffer[t].copy_(torch.cuda.get_rng_state(device))
+
+    def restore(self, t: int) -> None:
+        # set_rng_state reads a state from the start of its storage: hand it a row of its own (a temporary)
+        torch.set_rng_state(self.cpu[t].clone())
+        for buffer, device in zip(self.cuda, self.cuda_devices):
+            torch.cuda.set_rng_state(buffer[t].clone(), device)
+
+
 @contextlib.contextmanager
 def _rng_kept(cuda_devices: Sequence[int], enabled: bool):
     """Runs the body, then sets the RNG states back to what they were before it (when ``enabled``)."""
@@ -111,33 +133,61 @@ class _AutocastState:
         return stack
 
 
-class _StoredMemory:
-    """One memory ``mem_t`` kept for its replay: on its device, or in host memory when offloaded."""
+class _MemoryStore:
+    """The memories ``mem_1 .. mem_{T-1}`` kept for their replays, in one buffer per memory tensor
+    ``[T - 1, *shape]`` allocated before the rollout starts (on the memory's device, or pinned host memory when
+    offloaded). Slot ``t - 1`` receives a copy of ``mem_t``, and the next step reads that slot, so that no step's
+    output outlives the step after it. Kept as separate tensors among each step's temporaries, the memories
+    fragmented the heap: the resident peak grew about 4x faster than their bytes."""
 
-    def __init__(self, tensors: Tensors, offload: bool):
-        self.devices = [m.device for m in tensors]
-        self.tensors = tuple(self._to_host(m) if offload else self._compact(m) for m in tensors)
-        self.versions = [m._version for m in self.tensors]
+    def __init__(self, layout: Sequence[Tuple[torch.Size, torch.dtype, torch.device]], segments: int, offload: bool):
+        self.devices = [device for _, _, device in layout]
+        self.offload = offload
+        self.buffers = [
+            torch.empty((segments - 1, *shape), dtype=dtype,
+                        device="cpu" if offload else device, pin_memory=offload and device.type == "cuda")
+            for shape, dtype, device in layout
+        ] if segments > 1 else []
 
-    @staticmethod
-    def _compact(m: Tensor) -> Tensor:
-        # A slice of a larger buffer (e.g. cat([mem, h])[:, -M:]) would keep the whole buffer alive.
-        return m.clone() if m.untyped_storage().nbytes() > m.numel() * m.element_size() else m
-
-    @staticmethod
-    def _to_host(m: Tensor) -> Tensor:
-        if m.device.type == "cpu":
-            return _StoredMemory._compact(m)
-        host = torch.empty(m.shape, dtype=m.dtype, device="cpu", pin_memory=True)
-        host.copy_(m, non_blocking=True)
-        return host
+    def store(self, t: int, mem: Tensors) -> Tensors:
+        """Copies ``mem_t`` into its slot -> what the next step reads: the slot, where it lies on the memory's
+        device (so the step's own output can go now), else ``mem``."""
+        for buffer, m in zip(self.buffers, mem):
+            buffer[t - 1].copy_(m.detach(), non_blocking=self.offload)
+        return tuple(b[t - 1] if b.device == m.device else m for b, m in zip(self.buffers, mem))
 
     def load(self, t: int) -> Tensors:
-        for m, version in zip(self.tensors, self.versions):
-            if m._version != version:
-                _fail(f"the memory that step returned at segment {t - 1} was modified in place afterwards; "
-                      "step must return new memory tensors (not update its input in place)", RuntimeError)
-        return tuple(m.to(device, non_blocking=True) for m, device in zip(self.tensors, self.devices))
+        return tuple(buffer[t - 1].to(device, non_blocking=True) for buffer, device in zip(self.buffers, self.devices))
+
+    def release(self) -> List[Tensor]:
+        """Hands the buffers over (to autograd's saved tensors) and drops this store's references to them."""
+        buffers, self.buffers = self.buffers, []
+        return buffers
+
+    def attach(self, buffers: Sequence[Tensor]) -> None:
+        """Takes the buffers back for a backward pass."""
+        self.buffers = list(buffers)
+
+
+class _OutputStore:
+    """The replayed outputs ``y_t`` of a rollout, copied into one buffer per output tensor ``[T, *shape]`` (with its
+    T row views) made when the first of them arrives; an output of another shape or dtype is kept as a copy."""
+
+    def __init__(self, segments: int):
+        self.segments = segments
+        self.rows: Optional[List[List[Tensor]]] = None  # per output tensor: its T row views
+
+    def keep(self, y_tensors: Tensors) -> Tensors:
+        if self.rows is None:
+            self.rows = [list(torch.empty((self.segments, *v.shape), dtype=v.dtype, device=v.device).unbind(0))
+                         for v in y_tensors]
+        kept = []
+        for i, v in enumerate(y_tensors):
+            row = self.rows[i].pop() if i < len(self.rows) and self.rows[i] else None
+            if row is None or row.shape != v.shape or row.dtype != v.dtype or row.device != v.device:
+                row = torch.empty_like(v)
+            kept.append(row.copy_(v.detach()))
+        return tuple(kept)
 
 
 @dataclasses.dataclass
@@ -225,15 +275,18 @@ class _Tape:
     def __init__(self, rollout: _Rollout, needs_input_grad: Sequence[bool]):
         self.rollout = rollout
         self.needs_input_grad = tuple(needs_input_grad)
-        self.memories: List[Optional[_StoredMemory]] = []
-        self.rng_states: List[Optional[_RngState]] = []
+        self.memories = _MemoryStore(rollout.mem_layout, rollout.segments, rollout.offload)
+        self.rng_states = _RngStates(rollout.cuda_devices, rollout.segments) if rollout.preserve_rng else None
         self.autocast = _AutocastState()
 
-    def record(self, t: int, mem: Tensors) -> None:
+    def before_step(self, t: int) -> None:
         """Called just before step ``t`` runs in the forward pass."""
-        r = self.rollout
-        self.rng_states.append(_RngState(r.cuda_devices) if r.preserve_rng else None)
-        self.memories.append(None if t == 0 else _StoredMemory(mem, r.offload))
+        if self.rollout.preserve_rng:
+            self.rng_states.save(t)
+
+    def after_step(self, t: int, mem_next: Tensors) -> Tensors:
+        """Called with the memory step ``t`` returned in the forward pass -> the memory step ``t + 1`` reads."""
+        return self.memories.store(t + 1, mem_next) if t + 1 < self.rollout.segments else mem_next
 
     def replay(self, mem0: Tensors, xs: List[Tensors], params: Tensors, dys: List, dmem_last,
                collect_outputs: bool = False) -> _Replayed:
@@ -248,6 +301,10 @@ class _Tape:
         grads: List[Optional[Tensor]] = [None] * len(self.needs_input_grad)
         param_slots = range(len(grads) - len(params), len(grads))
         ys: List = [None] * r.segments
+        kept_outputs = _OutputStore(r.segments) if collect_outputs else None
+        # dmem_t goes from one step to the one before it through two slots per memory tensor (made at the first
+        # gradient), so that autograd's result can go at once instead of outliving the next step's temporaries.
+        carried: List[Optional[Tensor]] = [None] * n_mem
         y_requires_grad: List[Tuple[bool, ...]] = [()] * r.segments
         dmem = _none_if_empty(dmem_last)
         with _rng_kept(r.cuda_devices, r.preserve_rng):
@@ -255,7 +312,7 @@ class _Tape:
                 dy = dys[t]
                 if dy is None and dmem is None:
                     continue  # nothing flows back through this step (nor, then, through mem_t)
-                mem = mem0 if t == 0 else self.memories[t].load(t)
+                mem = mem0 if t == 0 else self.memories.load(t)
                 if t == 0:
                     mem_needs = self.needs_input_grad[:n_mem]
                 else:
@@ -265,7 +322,7 @@ class _Tape:
                 mem_leaves = tuple(m.detach().requires_grad_(need) for m, need in zip(mem, mem_needs))
                 x_leaves = tuple(x.detach().requires_grad_(need) for x, need in zip(xs[t], x_needs))
                 if r.preserve_rng:
-                    self.rng_states[t].restore()
+                    self.rng_states.restore(t)
                 with torch.enable_grad(), self.autocast():
                     y, mem_next = r.run_step(t, mem_leaves, x_leaves, need_output=dy is not None)
 
@@ -273,8 +330,8 @@ class _Tape:
                 if dy is not None:
                     y_tensors, y_is_tuple = y
                     y_requires_grad[t] = tuple(v.requires_grad for v in y_tensors)
-                    if collect_outputs:
-                        ys[t] = (tuple(v.detach() for v in y_tensors), y_is_tuple)
+                    if kept_outputs is not None:
+                        ys[t] = (kept_outputs.keep(y_tensors), y_is_tuple)
                     if dy is _ONES_LIKE_OUTPUT:
                         dy = tuple(torch.ones_like(v) for v in y_tensors)
                     if len(dy) != len(y_tensors):
@@ -300,6 +357,10 @@ class _Tape:
                 next_dmem: List[Optional[Tensor]] = [None] * n_mem
                 for (slot, _), g in zip(slotted, step_grads):
                     if slot < n_mem:
+                        if g is not None and t > 0:
+                            if carried[slot] is None:
+                                carried[slot] = torch.empty((2, *g.shape), dtype=g.dtype, device=g.device)
+                            g = carried[slot][t % 2].copy_(g)
                         next_dmem[slot] = g
                     elif slot < param_slots.start:
                         grads[slot] = g
@@ -308,6 +369,7 @@ class _Tape:
                 if t == 0:
                     grads[:n_mem] = next_dmem
                 dmem = _none_if_empty(next_dmem)
+                del step_grads, next_dmem
         return _Replayed(grads, ys, y_requires_grad)
 
 
@@ -335,12 +397,19 @@ class _MemoryReplay(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         mem0, xs, params = rollout.split(inputs)
         tape = _Tape(rollout, ctx.needs_input_grad[1:])
-        mem, ys = mem0, []
+        mem, ys, kept_outputs = mem0, [], _OutputStore(rollout.segments)
         for t, x in enumerate(xs):
-            tape.record(t, mem)
-            y, mem = rollout.run_step(t, mem, x, need_output=not rollout.takes_need_output)
-            ys.append(y)
+            tape.before_step(t)
+            versions = [m._version for m in mem]
+            y, mem_next = rollout.run_step(t, mem, x, need_output=not rollout.takes_need_output)
+            if [m._version for m in mem] != versions:
+                _fail(f"step modified its input memory in place at segment {t}; the replay would not see what the "
+                      "forward pass saw: step must return new memory tensors (not update mem in place)", RuntimeError)
+            mem = tape.after_step(t, mem_next)
+            del mem_next
+            ys.append(None if y is None else (kept_outputs.keep(y[0]), y[1]))
         ctx.precomputed = None
+        precomputed_grads: List[Tensor] = []
         if rollout.takes_need_output:
             # The outputs come from the replay, run now with the cotangent of sum(ys); its gradients serve every
             # backward whose cotangents are uniform (see memory_replay). Its RNG use is undone by _rng_kept.
@@ -349,9 +418,15 @@ class _MemoryReplay(torch.autograd.Function):
             ys = precomputed.ys
             precomputed.ys = None
             if any(any(mask) for mask in precomputed.y_requires_grad):
+                precomputed_grads = [g for g in precomputed.grads if g is not None]
+                precomputed.grads = [g is not None for g in precomputed.grads]  # where they go
                 ctx.precomputed = precomputed
         rollout.y_structures = [(len(y), is_tuple) for y, is_tuple in ys]
-        ctx.save_for_backward(*inputs)
+        # The stored memories and the precomputed gradients go through save_for_backward, so that autograd frees
+        # them once the backward is done (unless the graph is retained), not when the caller drops the outputs.
+        buffers = tape.memories.release()
+        ctx.counts = (len(inputs), len(buffers))
+        ctx.save_for_backward(*inputs, *buffers, *precomputed_grads)
         ctx.tape = tape
         return (*(v for y, _ in ys for v in y), *mem)
 
@@ -359,7 +434,19 @@ class _MemoryReplay(torch.autograd.Function):
     def backward(ctx, *output_grads: Optional[Tensor]):
         tape: _Tape = ctx.tape
         rollout = tape.rollout
-        mem0, xs, params = rollout.split(ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        n_inputs, n_buffers = ctx.counts
+        mem0, xs, params = rollout.split(saved[:n_inputs])
+        tape.memories.attach(saved[n_inputs:n_inputs + n_buffers])
+        try:
+            return (None, *_MemoryReplay._gradients(ctx, tape, mem0, xs, params, saved[n_inputs + n_buffers:],
+                                                    output_grads))
+        finally:
+            tape.memories.release()
+
+    @staticmethod
+    def _gradients(ctx, tape, mem0, xs, params, precomputed_grads, output_grads) -> List[Optional[Tensor]]:
+        rollout = tape.rollout
         y_grads, mem_grads = _split_by(output_grads, rollout.y_structures)
         dys = [_none_if_empty(g) for g in y_grads]
         dmem_last = _none_if_empty(mem_grads)
@@ -367,18 +454,19 @@ class _MemoryReplay(torch.autograd.Function):
         if precomputed is not None:
             scale = _uniform_scale(dys, precomputed.y_requires_grad)
             if scale is not None:
-                grads = [None if g is None else g * scale for g in precomputed.grads]
+                stored = iter(precomputed_grads)
+                grads = [next(stored) * scale if present else None for present in precomputed.grads]
                 if dmem_last is not None:  # the part through mem_T needs the memory path only
                     residual = tape.replay(mem0, xs, params, [None] * rollout.segments, dmem_last)
                     grads = [_add(g, h) for g, h in zip(grads, residual.grads)]
-                return (None, *grads)
+                return grads
             warnings.warn(
                 "memory_replay: the gradients reaching ys are not the same scalar everywhere (as for sum(ys) or a "
                 "mean), so the gradients replayed in the forward pass are discarded and the steps are replayed "
                 "again (exact but slower); with a step that takes need_output, return the loss as y",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return (None, *tape.replay(mem0, xs, params, dys, dmem_last).grads)
+        return tape.replay(mem0, xs, params, dys, dmem_last).grads
 
 
 def _takes_need_output(step: Callable) -> bool:
