@@ -10,8 +10,10 @@ Python Software Foundation License Version 2. No download is needed.
     python examples/train_char_lm.py --replay-segments 4         # gradient through 4 segments of memory
 
 Prints a progress bar, evaluates bits per character on the validation split every ``--eval-every`` steps,
-saves a checkpoint there (model, optimiser, step, RNG states, loss history) and, at the end, the test bpc
-and a plot of the loss curve.
+saves a checkpoint there and at ``--stop-at`` (model, optimiser, schedule, step, data position, memory, every
+random-number state, loss history) and, at the end, the test bpc and a plot of the loss curve. ``--resume``
+continues exactly where the checkpoint stopped: the same data, dropout masks, cross-head and skip-retain draws,
+so the loss curve is that of a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from memtx_ops.nn import TransformerXL
+from memtx_ops.nn import LayerMemory, TransformerXL
 
 
 def load_corpus():
@@ -49,8 +51,19 @@ def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def segments(streams: torch.Tensor, length: int):
     """Yields (inputs, targets) ``[B, length]`` pairs walking the streams in order."""
-    for start in range(0, streams.shape[1] - 1 - length + 1, length):
-        yield streams[:, start: start + length], streams[:, start + 1: start + 1 + length]
+    for index in range(segment_count(streams, length)):
+        yield segment(streams, length, index)
+
+
+def segment_count(streams: torch.Tensor, length: int) -> int:
+    """How many whole segments (inputs and their next-character targets) the streams hold."""
+    return (streams.shape[1] - 1) // length
+
+
+def segment(streams: torch.Tensor, length: int, index: int):
+    """Segment ``index`` of the streams: (inputs, targets) ``[B, length]``."""
+    start = index * length
+    return streams[:, start: start + length], streams[:, start + 1: start + 1 + length]
 
 
 @torch.no_grad()
@@ -117,8 +130,60 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="examples/runs/char_lm")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step with a checkpoint (the schedule still plans --steps); --resume goes on")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+# Arguments that define the run: a resumed run must have the checkpoint's.
+RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
+            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed")
+
+
+def random_states(model: TransformerXL) -> dict:
+    """Every random-number state the run draws from: torch's CPU and CUDA generators and the model's own."""
+    return {"cpu": torch.get_rng_state(), "model": model.random_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_random_states(model: TransformerXL, states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    model.set_random_state(states["model"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, schedule, state, args) -> None:
+    """Writes everything the run needs to go on exactly: a temporary file first, then renamed."""
+    payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                   rng=random_states(model), args=vars(args))
+    payload["memory"] = None if state["memory"] is None else [
+        dict(hidden=m.hidden, age=m.age, mem_offset=m.mem_offset) for m in state["memory"]]
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, model, optimizer, schedule, args, device):
+    """Restores a checkpoint of save_checkpoint -> (the training state: step, data position, memory, history...;
+    the learning-rate schedule)."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_ARGS if ckpt["args"].get(k) != getattr(args, k)}
+    if changed:
+        raise SystemExit(f"--resume: {path} was written with other settings (checkpoint, now): {changed}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["args"]["steps"] == args.steps:
+        schedule.load_state_dict(ckpt["schedule"])
+    else:  # a longer (or shorter) run: the schedule is planned anew from here
+        print(f"--resume: the learning-rate schedule is re-planned for --steps {args.steps} (the checkpoint planned "
+              f"{ckpt['args']['steps']}), so the run differs from one that planned {args.steps} from the start")
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
+                                                       last_epoch=ckpt["step"] - 1)
+    set_random_states(model, ckpt["rng"])
+    memory = None if ckpt["memory"] is None else [LayerMemory(**m) for m in ckpt["memory"]]
+    return dict(step=ckpt["step"], position=ckpt["position"], memory=memory, running=ckpt["running"],
+                history=ckpt["history"]), schedule
 
 
 def main(argv=None):
@@ -137,59 +202,58 @@ def main(argv=None):
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    history = {"train": [], "valid": []}
-    step = 0
+    state = dict(step=0, position=0, memory=None, running=None, history={"train": [], "valid": []})
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
-                                                       last_epoch=ckpt["step"] - 1)
-        step, history = ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])
-        print(f"resumed from {ckpt_path} at step {step}")
+        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device)
+        print(f"resumed from {ckpt_path} at step {state['step']}")
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
           f"{train.numel()} training characters, device {device}")
 
-    batches = segments(train_streams, args.tgt_len)
     per_step = max(args.replay_segments, 1)
-    memory, running, tokens, start = None, None, 0, time.perf_counter()
-    while step < args.steps:
-        chunk = [pair for _, pair in zip(range(per_step), batches)]
-        if len(chunk) < per_step:  # next epoch: restart the streams with an empty memory
-            batches, memory = segments(train_streams, args.tgt_len), None
-            continue
-        if args.finetune_at is not None and step == args.finetune_at:
+    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    history, tokens, start = state["history"], 0, time.perf_counter()
+    while state["step"] < stop:
+        if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
+            state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
+        chunk = [segment(train_streams, args.tgt_len, state["position"] + i) for i in range(per_step)]
+        state["position"] += per_step
+        step = state["step"]
+        if args.finetune_at is not None and step >= args.finetune_at:
             model.set_phase("finetune")
         optimizer.zero_grad(set_to_none=True)
         if args.replay_segments:
-            losses, memory = model.replay_segments([c[0] for c in chunk], [c[1] for c in chunk], memory)
+            losses, memory = model.replay_segments([c[0] for c in chunk], [c[1] for c in chunk], state["memory"])
             loss = sum(losses) / len(losses)
             memory = [dataclasses.replace(m, hidden=m.hidden.detach()) for m in memory]  # truncate here
         else:
-            loss, memory = model(chunk[0][0], memory, chunk[0][1])
+            loss, memory = model(chunk[0][0], state["memory"], chunk[0][1])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         schedule.step()
-        step += 1
+        step = state["step"] = step + 1
+        state["memory"] = memory
         tokens += sum(c[1].numel() for c in chunk)
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        running = state["running"]
+        state["running"] = running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         history["train"].append((step, running))
         progress(step, args.steps, running, tokens / (time.perf_counter() - start))
         if step % args.eval_every == 0 or step == args.steps:
             bpc = evaluate(model, valid_streams, args.tgt_len)
             history["valid"].append((step, bpc))
             print(f"\nstep {step}: validation {bpc:.3f} bpc")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "history": history, "rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
+        if step % args.eval_every == 0 or step == stop:
+            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args)
+    if state["step"] < args.steps:
+        print(f"\nstopped at step {state['step']} of {args.steps}: {ckpt_path}; go on with --resume")
+        return
 
     test_bpc = evaluate(model, test_streams, args.tgt_len)
     print(f"test {test_bpc:.3f} bpc")
     plot_history(history, os.path.join(args.out, "loss.png"))
     with open(os.path.join(args.out, "result.json"), "w") as f:
-        json.dump({"steps": step, "valid_bpc": history["valid"][-1][1], "test_bpc": test_bpc, "args": vars(args)},
-                  f, indent=1)
+        json.dump({"steps": state["step"], "valid_bpc": history["valid"][-1][1], "test_bpc": test_bpc,
+                   "args": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,35 @@ def test_train_evaluate_checkpoint_resume(tmp_path, extra):
     assert "resumed from" in out and "at step 2" in out and "step 4: validation" in out
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == 4 and result["test_bpc"] > 0
+
+
+@pytest.mark.parametrize("extra", [["--cross-head-p", "0.5", "--skip-retain-p", "0.5", "--finetune-at", "4"],
+                                   ["--replay-segments", "2", "--cross-head-p", "0.5"]],
+                         ids=["cross_head+skip_retain", "replay+cross_head"])
+def test_resume_continues_exactly(tmp_path, extra):
+    """Two runs (stopped at step 3, then resumed) give the loss curve, the parameters and the memory of one run that
+    was never stopped: same data position, dropout masks, cross-head and skip-retain draws, schedule."""
+    import torch
+
+    plan = ["--steps", "6", "--eval-every", "2", "--dropout", "0.3", *extra]
+    train(tmp_path / "whole", *plan)
+    out = train(tmp_path / "parts", *plan, "--stop-at", "3")
+    assert "stopped at step 3 of 6" in out and not (tmp_path / "parts" / "result.json").exists()
+    assert "resumed from" in train(tmp_path / "parts", *plan, "--resume")
+    whole, parts = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=False) for run in ("whole", "parts"))
+    assert whole["step"] == parts["step"] == 6 and whole["position"] == parts["position"]
+    assert whole["history"] == parts["history"]
+    for name, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][name]), name
+    for a, b in zip(whole["memory"], parts["memory"]):
+        assert torch.equal(a["hidden"], b["hidden"]) and a["age"] == b["age"]
+    assert json.loads((tmp_path / "whole" / "result.json").read_text())["test_bpc"] == \
+        json.loads((tmp_path / "parts" / "result.json").read_text())["test_bpc"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(tmp_path, "--steps", "2")
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_char_lm.py"), *TINY, "--out", str(tmp_path),
+           "--steps", "4", "--resume", "--lr", "0.01"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0 and "was written with other settings" in result.stderr + result.stdout

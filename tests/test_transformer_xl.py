@@ -188,3 +188,16 @@ def test_memory_must_match_the_model():
 def test_bad_segments_are_refused(tokens, targets, error, message):
     with pytest.raises(error, match=message):
         small_model()(tokens, None, targets)
+
+
+def test_random_state_restores_cross_head_and_skip_retain_draws():
+    model = small_model(cross_head_p=0.5, skip_retain_p=0.5, dropout=0.0)
+    state = model.random_state()
+    draws = [(model.skip_retain.decide(True), [layer.draw_permutation("cpu") for layer in model.layers])
+             for _ in range(4)]
+    model.set_random_state(state)
+    again = [(model.skip_retain.decide(True), [layer.draw_permutation("cpu") for layer in model.layers])
+             for _ in range(4)]
+    assert repr(draws) == repr(again) and any(p is not None for _, perms in draws for p in perms)
+    with pytest.raises(ValueError, match="other skip-retain options"):
+        small_model(cross_head_p=0.5).set_random_state(state)

@@ -119,6 +119,27 @@ class TransformerXL(nn.Module):
         self._masks: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
         self._position_tables: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
+    def random_state(self) -> Dict[str, object]:
+        """The states of the model's own generators: each layer's cross-head draws and the skip-retain decisions
+        (torch's global generators are the caller's). With :meth:`set_random_state`, a checkpoint resumes exactly."""
+        return {"cross_head": [None if layer.cross_head is None else layer.cross_head.generator.get_state()
+                               for layer in self.layers],
+                "skip_retain": None if self.skip_retain is None else self.skip_retain.generator.get_state()}
+
+    def set_random_state(self, state: Dict[str, object]) -> None:
+        """Restores what :meth:`random_state` returned (for a model with the same layers and options)."""
+        cross_head = state["cross_head"]
+        if len(cross_head) != self.n_layer or any((s is None) != (layer.cross_head is None)
+                                                  for s, layer in zip(cross_head, self.layers)):
+            raise ValueError("set_random_state: the state is of a model with other layers or cross-head options")
+        if (state["skip_retain"] is None) != (self.skip_retain is None):
+            raise ValueError("set_random_state: the state is of a model with other skip-retain options")
+        for s, layer in zip(cross_head, self.layers):
+            if s is not None:
+                layer.cross_head.generator.set_state(s)
+        if self.skip_retain is not None:
+            self.skip_retain.generator.set_state(state["skip_retain"])
+
     def set_phase(self, phase: str) -> None:
         """``"pretrain"`` (skip-retain active in training) or ``"finetune"`` (never skips)."""
         if self.skip_retain is not None:
