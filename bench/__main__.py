@@ -28,7 +28,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, help="batch size B")
     p.add_argument("--heads", type=int, help="query heads H")
     p.add_argument("--segments", type=_csv(int), help="memory_replay: numbers of segments T, comma list")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median) after one warm-up")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed rounds after one warm-up round; every candidate of a case runs once per round, in a "
+                        "shuffled order; figures are the median and the range")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output folder")
     p.add_argument("--no-plots", action="store_true")
@@ -45,15 +47,18 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    rows = []
+    rows, loads = [], {}
     for name in opts.ops:
         print(f"[{name}]", flush=True)
-        rows += SUITES[name].run(opts)
+        with harness.MachineLoad() as load:
+            rows += SUITES[name].run(opts)
+        loads[name] = load.summary()
+        print(f"  machine load: {loads[name]}" + ("  WARNING: busy machine" if load.busy else ""), flush=True)
     baselines = {name: SUITES[name].BASELINE for name in opts.ops}
     report.add_ratios(rows, baselines)
     stem = harness.device_name(opts.device)
     meta = dict(device=stem, torch=torch.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), repeats=opts.repeats)
+                threads=torch.get_num_threads(), rounds=f"1 warm-up + {opts.repeats} timed, interleaved", load=loads)
     print(report.write(rows, baselines, meta, opts.out, stem))
     if opts.record_auto and opts.device.type == "cuda":
         for name in opts.ops:

@@ -1,32 +1,125 @@
-"""Measurement primitives shared by every bench suite: timing, peak memory, device naming."""
+"""Measurement primitives shared by every bench suite: interleaved timing with medians and ranges, peak tensor and
+resident memory, machine load, the failures a row records instead of vanishing, device naming.
+
+Timing: every candidate of a case (backends, methods) runs once per round, the rounds in a new random order, after
+warm-up rounds; a figure is the median over the rounds with its range (min-max), never the best round. So a slow
+phase of the machine hits every candidate alike, and no candidate always runs first.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
+import os
+import random
 import re
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+
+# A measure: a callable timed whole, or (setup, timed): setup() runs untimed, timed(setup()) is timed.
+Measure = Union[Callable[[], object], Tuple[Callable[[], object], Callable[[object], object]]]
+
+
+def _bench_errors() -> Tuple[type, ...]:
+    """What a backend raises when it cannot run a case: a row records it (Triton's errors are not RuntimeErrors)."""
+    errors = [RuntimeError, TypeError, ValueError, NotImplementedError, MemoryError]
+    try:
+        from triton.errors import TritonError  # OutOfResources, CompilationError, PTXASError, ...
+
+        errors.append(TritonError)
+    except ImportError:
+        try:
+            from triton.compiler.errors import CompilationError
+            from triton.runtime.errors import OutOfResources
+
+            errors += [OutOfResources, CompilationError]
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+BENCH_ERRORS = _bench_errors()
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` (for the report's note column)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
+@dataclasses.dataclass
+class Timing:
+    """Seconds over the rounds: the median and the range."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @classmethod
+    def of(cls, seconds: List[float]) -> "Timing":
+        return cls(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
+
+    def fields(self, name: str) -> Dict[str, object]:
+        """Row fields ``<name>`` (median, ms) and ``<name>_range`` ([min, max], ms)."""
+        return {name: 1e3 * self.median, f"{name}_range": [1e3 * self.low, 1e3 * self.high]}
+
+
+def _run_measure(measure: Measure, device: torch.device) -> float:
+    if isinstance(measure, tuple):
+        setup, timed = measure
+        arg = setup()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        start = time.perf_counter()
+        timed(arg)
+    else:
+        synchronize(device)
+        start = time.perf_counter()
+        measure()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(candidates: Dict[str, Dict[str, Measure]], device: torch.device, repeats: int, warmup: int = 1,
+                     seed: int = 0) -> Tuple[Dict[str, Dict[str, Timing]], Dict[str, str]]:
+    """Times ``{label: {measure name: measure}}`` in rounds -> (``{label: {measure name: Timing}}``, ``{label: why it
+    failed}``). Each round runs every label once in a new random order (seeded), each label's measures in their
+    order; ``warmup`` rounds come first and are not counted. A label whose measure raises one of ``BENCH_ERRORS``
+    leaves the rounds, with the reason."""
+    order = random.Random(seed)
+    seconds: Dict[str, Dict[str, List[float]]] = {label: {name: [] for name in m} for label, m in candidates.items()}
+    failed: Dict[str, str] = {}
+    for round_index in range(warmup + repeats):
+        labels = [label for label in candidates if label not in failed]
+        order.shuffle(labels)
+        for label in labels:
+            try:
+                for name, measure in candidates[label].items():
+                    t = _run_measure(measure, device)
+                    if round_index >= warmup:
+                        seconds[label][name].append(t)
+            except BENCH_ERRORS as exc:
+                failed[label] = describe_error(exc)
+    timings = {label: {name: Timing.of(ts) for name, ts in by_name.items()}
+               for label, by_name in seconds.items() if label not in failed}
+    return timings, failed
+
+
+def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> Timing:
+    """:func:`time_interleaved` of one callable."""
+    timings, failed = time_interleaved({"fn": {"t": fn}}, device, repeats, warmup)
+    if failed:
+        raise RuntimeError(failed["fn"])
+    return timings["fn"]["t"]
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -56,6 +149,87 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def resident_peak(fn: Callable[[], object]) -> Optional[int]:
+    """Bytes by which the process's resident set peaks during ``fn()`` above its size at the call (Linux: VmHWM,
+    reset through /proc/self/clear_refs), under whatever C allocator runs: tensor bytes plus the heap's
+    fragmentation, scratch and page faults. None where /proc does not tell."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        start = _status_kib("VmRSS")
+        fn()
+        return 1024 * (_status_kib("VmHWM") - start)
+    except (OSError, StopIteration):
+        return None
+
+
+def _busy_jiffies() -> Optional[Tuple[int, int]]:
+    """(busy, all) CPU time of the whole machine in clock ticks, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+class MachineLoad:
+    """How loaded the machine was while a suite ran: the load averages before and after, and the CPU time that
+    other processes used meanwhile (the machine's busy time minus this process's), in cores.
+
+    ``busy``: other processes used more than ``BUSY_CORES`` cores on average, or the 1-minute load average was
+    above half the cores before the suite (the suite's own load raises it afterwards)."""
+
+    BUSY_CORES = 0.25
+
+    def __enter__(self):
+        self.cores = os.cpu_count() or 1
+        self.load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self._jiffies = _busy_jiffies()
+        self._own = self._own_seconds()
+        self._start = time.perf_counter()
+        return self
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        self.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self.foreign_cores = None
+        jiffies = _busy_jiffies()
+        if jiffies is not None and self._jiffies is not None and self.seconds > 0:
+            ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+            busy = (jiffies[0] - self._jiffies[0]) / ticks
+            own = self._own_seconds() - self._own
+            self.foreign_cores = max(0.0, busy - own) / self.seconds
+        return False
+
+    @property
+    def busy(self) -> bool:
+        foreign = self.foreign_cores is not None and self.foreign_cores > self.BUSY_CORES
+        loaded = self.load_before is not None and self.load_before[0] > 0.5 * self.cores
+        return foreign or loaded
+
+    def summary(self) -> Dict[str, object]:
+        def rounded(values):
+            return None if values is None else [round(v, 2) for v in values]
+
+        return dict(seconds=round(self.seconds, 1), cores=self.cores, load_before=rounded(self.load_before),
+                    load_after=rounded(self.load_after),
+                    foreign_cores=None if self.foreign_cores is None else round(self.foreign_cores, 3),
+                    busy=self.busy)
+
+
 def device_name(device: torch.device) -> str:
     """A file-name-safe name of the device, e.g. ``NVIDIA-H100-80GB-HBM3`` or ``cpu-AMD-EPYC-2t``."""
     if device.type == "cuda":
@@ -74,3 +248,82 @@ def device_name(device: torch.device) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def failure_row(op: str, case: str, backend: str, dtype: str, reason: str) -> Dict[str, object]:
+    """The row of a candidate that could not run a case: it stays in the report with its reason."""
+    print(f"  {case} {dtype} {backend}: not measured ({reason})", flush=True)
+    return dict(op=op, case=case, backend=backend, dtype=dtype, note=reason)
+
+
+def attention_inputs(B, H, L, M, D, dtype, device):
+    """Fresh leaves (q, k, v, r, u, vb) of relative memory attention: ``[B, H, L, D]``, k/v ``[B, H, M + L, D]``,
+    r ``[H, M + L, D]``, u/vb ``[H, D]``."""
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    return leaf(B, H, L, D), leaf(B, H, M + L, D), leaf(B, H, M + L, D), leaf(H, M + L, D), leaf(H, D), leaf(H, D)
+
+
+def attention_cases(opts, cfg, device):
+    """The attention suites' grid: yields (case, dtype name, inputs, (B, H, L, D)) for every segment length
+    L (memory M = L), head dim D and dtype of the options, else of ``cfg``."""
+    B = opts.batch or cfg["batch"]
+    H = opts.heads or cfg["heads"]
+    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
+                                              opts.dtypes or cfg["dtypes"]):
+        inputs = attention_inputs(B, H, L, L, D, getattr(torch, dtype_name), device)
+        yield f"B={B} H={H} L=M={L} D={D}", dtype_name, inputs, (B, H, L, D)
+
+
+def op_measures(fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor) -> Dict[str, Measure]:
+    """Forward (no grad), backward (after an untimed forward) and forward+backward of ``fn(*inputs)``."""
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    def forward_for_backward():
+        clear()
+        return fn(*inputs)
+
+    def forward_backward():
+        clear()
+        fn(*inputs).backward(grad)
+
+    return {"fwd_ms": forward, "bwd_ms": (forward_for_backward, lambda out: out.backward(grad)),
+            "fwd_bwd_ms": forward_backward}
+
+
+def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable]], inputs: List[torch.Tensor],
+                device: torch.device, repeats: int, reasons: Optional[Dict[str, str]] = None):
+    """Rows of every ``{label: fn(*inputs)}`` of one case (its output shaped like ``inputs[0]``): fwd, bwd, fwd+bwd
+    (medians and ranges over interleaved rounds) and the peak tensor memory of one fwd+bwd. A label whose fn is
+    None (``reasons[label]`` says why) or that raises gets a row with the reason."""
+    reasons = dict(reasons or {})
+    grad = torch.randn_like(inputs[0])
+    runnable = {label: op_measures(fn, inputs, grad) for label, fn in fns.items() if fn is not None}
+    timings, failed = time_interleaved(runnable, device, repeats)
+    reasons.update(failed)
+    rows = []
+    for label in fns:
+        if label not in timings:
+            rows.append(failure_row(op, case, label, dtype, reasons.get(label, "not available")))
+            continue
+        for t in inputs:
+            t.grad = None
+        row = dict(op=op, case=case, backend=label, dtype=dtype)
+        for name, timing in timings[label].items():
+            row.update(timing.fields(name))
+        row["peak_mb"] = peak_memory(runnable[label]["fwd_bwd_ms"], device) / 2**20
+        for t in inputs:
+            t.grad = None
+        rows.append(row)
+        print(f"  {case} {dtype} {label}: fwd+bwd {row['fwd_bwd_ms']:.2f} ms "
+              f"({row['fwd_bwd_ms_range'][0]:.2f}-{row['fwd_bwd_ms_range'][1]:.2f})", flush=True)
+    return rows

@@ -11,7 +11,7 @@ FIELDS = [("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"), ("fwd_
 
 
 def add_ratios(rows, baselines):
-    """Adds ``speedup`` (baseline fwd+bwd time / this one) and ``mem_ratio`` (peak / baseline peak)."""
+    """Adds ``speedup`` (baseline fwd+bwd median / this one) and ``mem_ratio`` (peak / baseline peak)."""
     base = {(r["op"], r["case"], r["dtype"]): r for r in rows if r["backend"] == baselines.get(r["op"])}
     for r in rows:
         b = base.get((r["op"], r["case"], r["dtype"]))
@@ -23,23 +23,57 @@ def add_ratios(rows, baselines):
             r["mem_ratio"] = r["peak_mb"] / b["peak_mb"]
 
 
-def markdown(rows, baselines, title):
-    """One table per op; the ratio columns compare with that op's baseline backend."""
-    lines = [f"# {title}", ""]
+def cell(row, key, fmt):
+    """A figure with its range over the rounds where it has one: ``12.30 (11.90-13.05)``."""
+    if row.get(key) is None:
+        return "-"
+    text = fmt.format(row[key])
+    if row.get(f"{key}_range"):
+        low, high = row[f"{key}_range"]
+        text += f" ({fmt.format(low)}-{fmt.format(high)})"
+    return text
+
+
+def load_lines(loads):
+    """The machine-load section: per suite, load averages before/after and other processes' CPU use."""
+    lines = ["## Machine load", "", "| suite | seconds | load before (1, 5, 15 min) | load after | other processes "
+             "(cores) |", "|---|---|---|---|---|"]
+    for name, load in loads.items():
+        lines.append(f"| {name} | {load['seconds']} | {load['load_before']} | {load['load_after']} | "
+                     f"{load['foreign_cores']} |")
+    busy = [name for name, load in loads.items() if load["busy"]]
+    lines.append("")
+    if busy:
+        lines.append(f"**WARNING: the machine was busy during {', '.join(busy)}** (other processes used more than a "
+                     "quarter of a core on average, or the load average was above half the cores before the suite): "
+                     "those figures are not comparable.")
+    else:
+        lines.append("The machine was quiet: other processes used less than a quarter of a core during every suite.")
+    return lines + [""]
+
+
+def markdown(rows, baselines, title, loads=None):
+    """One table per op; the ratio columns compare with that op's baseline backend. Figures are medians over the
+    rounds with their range; a row that could not be measured says why."""
+    lines = [f"# {title}", "", "Figures: median over the interleaved rounds, (min-max) over the rounds.", ""]
+    if loads:
+        lines += load_lines(loads)
     by_op = defaultdict(list)
     for r in rows:
         by_op[r["op"]].append(r)
     for op, op_rows in by_op.items():
         fields = [f for f in FIELDS if any(r.get(f[0]) is not None for r in op_rows)]
         extra = sorted({k for r in op_rows for k in r.get("extra", {})})
+        notes = any(r.get("note") for r in op_rows)
         header = ["case", "backend", "dtype"] + [f[1] for f in fields] + extra
-        header += [f"speedup vs {baselines[op]}", f"peak / {baselines[op]}"]
+        header += [f"speedup vs {baselines[op]}", f"peak / {baselines[op]}"] + (["note"] if notes else [])
         lines += [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in op_rows:
             cells = [r["case"], r["backend"], r["dtype"]]
-            cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in fields]
+            cells += [cell(r, key, fmt) for key, _, fmt in fields]
             cells += [str(r.get("extra", {}).get(k, "-")) for k in extra]
             cells += [f"{r['speedup']:.2f}x" if "speedup" in r else "-", f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"]
+            cells += [r.get("note", "")] if notes else []
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -48,8 +82,8 @@ def markdown(rows, baselines, title):
 def write(rows, baselines, meta, out_dir, stem):
     """Writes ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
-    text = markdown(rows, baselines, f"memtx_ops bench on {meta['device']}")
-    text += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
+    text = markdown(rows, baselines, f"memtx_ops bench on {meta['device']}", meta.get("load"))
+    text += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items() if k != "load") + "\n"
     with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, stem + ".md"), "w") as f:
@@ -66,7 +100,7 @@ def plot_against(rows, op, x_of, out_path, xlabel, title):
 
     series = defaultdict(list)
     for r in rows:
-        if r["op"] == op:
+        if r["op"] == op and r.get("fwd_bwd_ms") is not None:
             series[(r["backend"], r["dtype"])].append((x_of(r), r.get("fwd_bwd_ms"), r.get("peak_mb")))
     if not series:
         return None

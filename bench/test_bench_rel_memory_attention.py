@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bench.harness import default_device
-from bench.suites.rel_memory_attention import backend_fn, default_config, make_inputs
+from bench.harness import attention_inputs, default_device
+from bench.suites.rel_memory_attention import backend_fn, default_config
 
 DEVICE = default_device()
 CONFIG = default_config(DEVICE)
@@ -13,11 +13,11 @@ CONFIG = default_config(DEVICE)
 @pytest.mark.parametrize("backend", CONFIG["backends"])
 @pytest.mark.parametrize("length", CONFIG["lengths"])
 def test_fwd_bwd(benchmark, backend, length):
-    fn = backend_fn(backend, DEVICE)
+    fn, reason = backend_fn(backend, DEVICE)
     if fn is None:
-        pytest.skip(f"{backend} is not available on {DEVICE}")
+        pytest.skip(f"{backend} is not available on {DEVICE}: {reason}")
     D, dtype = CONFIG["head_dims"][0], getattr(torch, CONFIG["dtypes"][0])
-    inputs = make_inputs(CONFIG["batch"], CONFIG["heads"], length, length, D, dtype, DEVICE)
+    inputs = attention_inputs(CONFIG["batch"], CONFIG["heads"], length, length, D, dtype, DEVICE)
     grad = torch.randn_like(inputs[0])
 
     def step():

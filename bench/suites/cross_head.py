@@ -10,13 +10,11 @@ path: time within 5%, equal peak).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 import memtx_ops
+from bench.harness import attention_cases, measure_ops
 from memtx_ops.backends import BACKENDS
-from bench.suites.rel_memory_attention import attention_cases, measure_or_skip
 
 NAME = "cross_head"
 BASELINE = "reference:copying"
@@ -30,24 +28,28 @@ def default_config(device):
 
 
 def variants(backend, device, perm):
-    """``(label, fn(q, k, v, r, u, vb))`` of one backend, or nothing when it cannot run on ``device``."""
-    if backend not in ("auto", "reference") and BACKENDS[backend].unavailable_reason(device) is not None:
-        return []
+    """``{label: fn(q, k, v, r, u, vb)}`` of one backend (None where it cannot run on ``device``), and the reasons."""
+    labels = [f"{backend}:{v}" for v in ("plain", "cross_head", "copying")]
+    reason = None if backend in ("auto", "reference") else BACKENDS[backend].unavailable_reason(device)
+    if reason is not None:
+        return dict.fromkeys(labels), dict.fromkeys(labels, reason)
     perm = perm.to(device)
-    return [
-        (f"{backend}:plain", lambda *t: memtx_ops.rel_memory_attention(*t, backend=backend)),
-        (f"{backend}:cross_head", lambda *t: memtx_ops.cross_head_attention(*t, perm, backend=backend)),
-        (f"{backend}:copying", lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(
-            q, k[:, perm], v[:, perm], r[perm], u, vb, backend=backend)),
+    fns = [
+        lambda *t: memtx_ops.rel_memory_attention(*t, backend=backend),
+        lambda *t: memtx_ops.cross_head_attention(*t, perm, backend=backend),
+        lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k[:, perm], v[:, perm], r[perm], u, vb,
+                                                                  backend=backend),
     ]
+    return dict(zip(labels, fns)), {}
 
 
 def add_plain_ratios(rows):
     """``extra`` columns: fwd+bwd time and peak memory over those of ``<backend>:plain`` on the same case."""
-    plain = {(r["case"], r["dtype"], r["backend"].split(":")[0]): r for r in rows if r["backend"].endswith(":plain")}
+    plain = {(r["case"], r["dtype"], r["backend"].split(":")[0]): r for r in rows
+             if r["backend"].endswith(":plain") and "fwd_bwd_ms" in r}
     for r in rows:
         p = plain.get((r["case"], r["dtype"], r["backend"].split(":")[0]))
-        if p is not None:
+        if p is not None and "fwd_bwd_ms" in r:
             r["extra"] = {"time/plain": round(r["fwd_bwd_ms"] / p["fwd_bwd_ms"], 3)}
             if p["peak_mb"]:
                 r["extra"]["peak/plain"] = round(r["peak_mb"] / p["peak_mb"], 3)
@@ -59,13 +61,11 @@ def run(opts):
     perm = torch.roll(torch.arange(opts.heads or cfg["heads"]), 1)  # every query head reads another head's k, v, r
     rows = []
     for case, dtype_name, inputs, _ in attention_cases(opts, cfg, device):
-        for label, fn in itertools.chain.from_iterable(variants(b, device, perm) for b in opts.backends or cfg["backends"]):
-            times = measure_or_skip(fn, inputs, device, opts.repeats, f"{label} {case} {dtype_name}")
-            if times is None:
-                continue
-            t_fwd, t_bwd, t_fb, peak = times
-            rows.append(dict(op=NAME, case=case, backend=label, dtype=dtype_name, fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
-                             fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20))
-            print(f"  {case} {dtype_name} {label}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
+        fns, reasons = {}, {}
+        for backend in opts.backends or cfg["backends"]:
+            more_fns, more_reasons = variants(backend, device, perm)
+            fns.update(more_fns)
+            reasons.update(more_reasons)
+        rows += measure_ops(NAME, case, dtype_name, fns, inputs, device, opts.repeats, reasons)
     add_plain_ratios(rows)
     return rows

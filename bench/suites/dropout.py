@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import memtx_ops
-from bench.suites.rel_memory_attention import measure
+from bench.harness import measure_ops
 
 NAME = "dropout"
 BASELINE = "torch"
@@ -33,10 +33,6 @@ def run(opts):
     rows = []
     for op, shape in [("dropout", s) for s in SHAPES] + [("relu_dropout", s) for s in RELU_SHAPES]:
         x = torch.randn(shape, requires_grad=True)
-        for backend, fn in VARIANTS[op].items():
-            t_fwd, t_bwd, t_fb, peak = measure(fn, [x], device, opts.repeats)
-            case = f"{op} {'x'.join(map(str, shape))} p={P}"
-            rows.append(dict(op=NAME, case=case, backend=backend, dtype="float32", fwd_ms=1e3 * t_fwd,
-                             bwd_ms=1e3 * t_bwd, fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20))
-            print(f"  {case} {backend}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
+        case = f"{op} {'x'.join(map(str, shape))} p={P}"
+        rows += measure_ops(NAME, case, "float32", VARIANTS[op], [x], device, opts.repeats)
     return rows

@@ -8,13 +8,18 @@ memory path (embedding, blocks, writer) is what ``need_output=False`` runs; the 
 Methods (the ``backend`` column): ``bptt`` (one graph over all segments), ``checkpoint``
 (``torch.utils.checkpoint`` around each segment), ``mrbp`` (``memory_replay`` with a step that always computes
 its loss) and ``mrbp_need_output`` (the step takes ``need_output``: the forward pass runs the memory path only).
-Each measures one forward and ``sum(losses).backward()``. ``peak_vs_T1``: peak memory over that at T=1.
-Options: ``--segments`` (T values), ``--batch``, ``--heads``, ``--dtypes``, ``--backends`` (methods), and the first
+Each measures one forward and ``sum(losses).backward()``; for each T the methods are timed in interleaved rounds
+(a warm-up round, then ``--repeats`` rounds in shuffled order: medians and ranges). ``peak_vs_T1``: peak tensor memory
+over that at T=1. Resident memory (CPU, Linux): each (method, T) runs again in a fresh process (five warm-up
+rollouts of 8 segments, then two of T), whose peak resident set (VmHWM) under the default allocator is ``resident MiB``; ``resident
+growth`` is its rise over T=1 and ``stored MiB`` the bytes of the memories MRBP keeps (SPEC §3 lets the peak grow by
+those only; heap fragmentation shows here and not in the tensor peak). Options: ``--segments`` (T values), ``--batch``, ``--heads``, ``--dtypes``, ``--backends`` (methods), and the first
 of ``--lengths`` as the segment length L.
 """
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import memtx_ops
-from bench.harness import median_time, peak_memory
+from bench.harness import failure_row, peak_memory, time_interleaved
 
 NAME = "memory_replay"
 BASELINE = "bptt"
@@ -33,7 +38,8 @@ def default_config(device):
     if device.type == "cuda":
         return dict(batch=4, heads=8, length=512, slots=64, d_model=512, layers=4, vocab=32000,
                     segments=[1, 4, 16, 64], dtypes=["bfloat16"])
-    return dict(batch=4, heads=4, length=64, slots=16, d_model=32, layers=2, vocab=8192,
+    # 0.5 MiB of memory per segment (B x S x d float32), as in the resident-memory measurement of SPEC §3's bound
+    return dict(batch=8, heads=4, length=64, slots=64, d_model=256, layers=2, vocab=1024,
                 segments=[1, 4, 16, 64], dtypes=["float32"])
 
 
@@ -115,21 +121,51 @@ def rollout(method, model, slots, xs):
     return losses
 
 
-def measure(method, model, slots, xs, device, repeats):
-    """Median fwd+bwd seconds and peak bytes of one rollout by ``method`` plus ``sum(losses).backward()``."""
+def forward_backward_of(method, model, slots, xs):
+    """One rollout by ``method`` and ``sum(losses).backward()``."""
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
         torch.stack(rollout(method, model, slots, xs)).sum().backward()
 
-    # Long rollouts: one timed run (the shorter ones warmed everything up) keeps the suite short.
-    long_rollout = len(xs) > 16
-    t_fb = median_time(forward_backward, device, warmup=0 if long_rollout else 1,
-                       repeats=1 if long_rollout else repeats)
-    model.zero_grad(set_to_none=True)
-    peak = peak_memory(forward_backward, device)
-    model.zero_grad(set_to_none=True)
-    return t_fb, peak
+    return forward_backward
+
+
+def fresh_process_resident_mib(method, T, cfg):
+    """Peak resident set (MiB) of a new process that builds the suite's model, runs five rollouts by ``method`` over
+    8 segments (the same warm-up at every T), then two over T segments; None off Linux."""
+    import json
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # the default allocator
+    result = subprocess.run([sys.executable, "-m", "bench.suites.memory_replay", method, str(T), json.dumps(cfg)],
+                            capture_output=True, text=True, env=env, timeout=1800,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    if result.returncode != 0:
+        print(f"  resident {method} T={T}: failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def _resident_main(method, T, cfg):
+    """The child of :func:`fresh_process_resident_mib`: prints VmHWM in KiB."""
+    torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
+    torch.manual_seed(0)
+    model = SlotLM(cfg["vocab"], cfg["d_model"], cfg["heads"], cfg["layers"], cfg["slots"], cfg["length"])
+    slots = torch.randn(cfg["batch"], cfg["slots"], cfg["d_model"])
+    xs = [tuple(torch.randint(cfg["vocab"], (cfg["batch"], cfg["length"])) for _ in range(2))
+          for _ in range(max(T, 8))]
+    warm_up = forward_backward_of(method, model, slots, xs[:8])
+    for _ in range(5):  # the same work at every T: glibc's heap reaches its steady state in about 16 segments
+        warm_up()
+    call = forward_backward_of(method, model, slots, xs[:T])
+    for _ in range(2):
+        call()
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")))
 
 
 def segments_of(row) -> int:
@@ -150,18 +186,36 @@ def run(opts):
         model = SlotLM(V, d, H, cfg["layers"], S, L).to(device=device, dtype=dtype)
         slots = torch.randn(B, S, d, device=device, dtype=dtype)
         xs = [tuple(torch.randint(V, (B, L), device=device) for _ in range(2)) for _ in range(segments[-1])]
-        for method in (m for m in METHODS if opts.backends is None or m in opts.backends):
-            peak_at_one = None
-            for T in segments:
-                case = f"T={T} B={B} L={L} S={S} d={d} V={V}"
-                t_fb, peak = measure(method, model, slots, xs[:T], device, opts.repeats)
-                peak_mb = peak / 2**20
+        methods = [m for m in METHODS if opts.backends is None or m in opts.backends]
+        peak_at_one = {}
+        for T in segments:
+            case = f"T={T} B={B} L={L} S={S} d={d} V={V}"
+            calls = {m: forward_backward_of(m, model, slots, xs[:T]) for m in methods}
+            timings, failed = time_interleaved({m: {"fwd_bwd_ms": call} for m, call in calls.items()}, device,
+                                               opts.repeats, seed=T)
+            for method, call in calls.items():
+                if method in failed:
+                    rows.append(failure_row(NAME, case, method, dtype_name, failed[method]))
+                    continue
+                peak_mb = peak_memory(call, device) / 2**20
+                model.zero_grad(set_to_none=True)
+                resident = fresh_process_resident_mib(method, T, dict(cfg, batch=B, heads=H, length=L))
                 if T == 1:
-                    peak_at_one = peak_mb
-                extra = {"peak_vs_T1": round(peak_mb / peak_at_one, 3)} if peak_at_one else {}
-                rows.append(dict(op=NAME, case=case, backend=method, dtype=dtype_name, fwd_bwd_ms=1e3 * t_fb,
-                                 peak_mb=peak_mb, extra=extra))
-                print(f"  {case} {dtype_name} {method}: fwd+bwd {1e3 * t_fb:.1f} ms, peak {peak_mb:.1f} MiB",
+                    peak_at_one[method] = (peak_mb, resident)
+                extra = {}
+                if method in peak_at_one:
+                    extra["peak_vs_T1"] = round(peak_mb / peak_at_one[method][0], 3)
+                if resident is not None:
+                    extra["resident MiB"] = round(resident, 1)
+                    if method in peak_at_one and peak_at_one[method][1] is not None:
+                        extra["resident growth"] = round(resident - peak_at_one[method][1], 1)
+                    if method.startswith("mrbp"):
+                        extra["stored MiB"] = round((T - 1) * slots.numel() * slots.element_size() / 2**20, 1)
+                row = dict(op=NAME, case=case, backend=method, dtype=dtype_name,
+                           **timings[method]["fwd_bwd_ms"].fields("fwd_bwd_ms"), peak_mb=peak_mb, extra=extra)
+                rows.append(row)
+                print(f"  {case} {dtype_name} {method}: fwd+bwd {row['fwd_bwd_ms']:.1f} ms "
+                      f"({row['fwd_bwd_ms_range'][0]:.1f}-{row['fwd_bwd_ms_range'][1]:.1f}), peak {peak_mb:.1f} MiB",
                       flush=True)
     order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (r["dtype"], segments_of(r), order[r["backend"]]))
@@ -175,3 +229,10 @@ def plot(rows, out_dir, stem):
     path = plot_against(rows, NAME, segments_of, f"{out_dir}/{stem}-{NAME}.png",
                         "segments T", f"{NAME}: MRBP vs BPTT vs checkpointing")
     return [path] if path else []
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    _resident_main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))

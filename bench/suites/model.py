@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from bench.harness import median_time, peak_memory
+from bench.harness import failure_row, peak_memory, time_interleaved
 from memtx_ops.nn import TransformerXL
 
 NAME = "model"
@@ -30,6 +30,30 @@ def default_config(device):
     return cfg
 
 
+def train_step_of(backend, cfg, B, L, device, autocast):
+    """A training step (forward, backward, Adam) of a fresh model whose attention runs ``backend``, with a full
+    memory of L positions; the model's optimiser state is created by one step here."""
+    torch.manual_seed(0)
+    model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
+                          d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
+                          mem_len=L, backend=backend,
+                          dropout_backend="torch" if backend == "reference" else "auto").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, cfg["vocab"], (B, L + 1), device=device)
+    with torch.no_grad(), autocast:
+        _, memory = model(tokens[:, :-1])  # a full memory of L positions
+
+    def train_step():
+        with autocast:
+            loss, _ = model(tokens[:, :-1], memory, tokens[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train_step()  # creates the optimiser state
+    return train_step
+
+
 def run(opts):
     device = opts.device
     cfg = default_config(device)
@@ -39,30 +63,21 @@ def run(opts):
     for B, dtype_name in itertools.product(batches, opts.dtypes or cfg["dtypes"]):
         autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype_name)) if dtype_name != "float32"
                     else contextlib.nullcontext())
-        for backend in opts.backends or cfg["backends"]:
-            torch.manual_seed(0)
-            model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
-                                  d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
-                                  mem_len=L, backend=backend,
-                                  dropout_backend="torch" if backend == "reference" else "auto").to(device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            tokens = torch.randint(0, cfg["vocab"], (B, L + 1), device=device)
-            with torch.no_grad(), autocast:
-                _, memory = model(tokens[:, :-1])  # a full memory of L positions
-
-            def train_step():
-                with autocast:
-                    loss, _ = model(tokens[:, :-1], memory, tokens[:, 1:])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            train_step()  # creates the optimiser state
-            seconds = median_time(train_step, device, repeats=opts.repeats)
-            peak = peak_memory(train_step, device)
-            case = f"B={B} L=M={L} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
-            rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_bwd_ms=1e3 * seconds,
-                             peak_mb=peak / 2**20,
-                             extra={"tokens/s": f"{B * L / seconds:.0f}"}))
-            print(f"  {case} {dtype_name} {backend}: {B * L / seconds:.0f} tokens/s")
+        case = f"B={B} L=M={L} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
+        steps = {backend: train_step_of(backend, cfg, B, L, device, autocast)
+                 for backend in opts.backends or cfg["backends"]}
+        timings, failed = time_interleaved({b: {"fwd_bwd_ms": step} for b, step in steps.items()}, device,
+                                           opts.repeats)
+        for backend, step in steps.items():
+            if backend in failed:
+                rows.append(failure_row(NAME, case, backend, dtype_name, failed[backend]))
+                continue
+            timing = timings[backend]["fwd_bwd_ms"]
+            row = dict(op=NAME, case=case, backend=backend, dtype=dtype_name, **timing.fields("fwd_bwd_ms"),
+                       peak_mb=peak_memory(step, device) / 2**20)
+            row["extra"] = {"tokens/s": f"{B * L / timing.median:.0f} ({B * L / timing.high:.0f}-"
+                                        f"{B * L / timing.low:.0f})"}
+            rows.append(row)
+            print(f"  {case} {dtype_name} {backend}: {row['extra']['tokens/s']} tokens/s", flush=True)
+        del steps
     return rows

@@ -7,12 +7,10 @@ position, dv, dp, dq content, dk, dq position, dr). SDPA (no position term) is c
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 import memtx_ops
-from bench.harness import median_time, peak_memory
+from bench.harness import attention_cases, measure_ops
 
 NAME = "rel_memory_attention"
 BASELINE = "reference"
@@ -30,13 +28,6 @@ def visible_pairs(L: int, M: int, window=None) -> int:
     if window is None:
         return L * M + L * (L + 1) // 2
     return sum(min(window, M + i + 1) for i in range(L))
-
-
-def make_inputs(B, H, L, M, D, dtype, device):
-    def leaf(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
-
-    return leaf(B, H, L, D), leaf(B, H, M + L, D), leaf(B, H, M + L, D), leaf(H, M + L, D), leaf(H, D), leaf(H, D)
 
 
 def _flex_table_fn():
@@ -77,66 +68,20 @@ def _sdpa_flash(q, k, v, r, u, vb):
 
 
 def backend_fn(name, device):
-    """A callable (q, k, v, r, u, vb) -> out for a backend or baseline name, or None when unavailable here."""
+    """(a callable (q, k, v, r, u, vb) -> out for a backend or baseline name, None) or (None, why it cannot run)."""
     if name == "flex_table":
-        return _flex_table_fn() if device.type == "cuda" else None
+        return (_flex_table_fn(), None) if device.type == "cuda" else (None, "FlexAttention baseline: GPU only")
     if name == "sdpa_flash":
-        return _sdpa_flash if device.type == "cuda" else None
+        return (_sdpa_flash, None) if device.type == "cuda" else (None, "SDPA flash baseline: GPU only")
     if name not in memtx_ops.BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}")
     if name not in ("auto", "reference"):
         from memtx_ops.backends import BACKENDS
 
-        if BACKENDS[name].unavailable_reason(device) is not None:
-            return None
-    return lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=name)
-
-
-def measure(fn, inputs, device, repeats):
-    """fwd, bwd, fwd+bwd median seconds and the peak bytes of one fwd+bwd above the inputs."""
-    grad = torch.randn_like(inputs[0])
-
-    def forward():
-        with torch.no_grad():
-            fn(*inputs)
-
-    def forward_backward():
-        for t in inputs:
-            t.grad = None
-        fn(*inputs).backward(grad)
-
-    out = fn(*inputs)
-
-    def backward():
-        out.backward(grad, retain_graph=True)
-
-    t_fwd = median_time(forward, device, repeats=repeats)
-    t_bwd = median_time(backward, device, repeats=repeats)
-    del out
-    t_fb = median_time(forward_backward, device, repeats=repeats)
-    for t in inputs:
-        t.grad = None
-    return t_fwd, t_bwd, t_fb, peak_memory(forward_backward, device)
-
-
-def measure_or_skip(fn, inputs, device, repeats, label):
-    """``measure``, or None (with a line saying why) where the backend does not take these inputs."""
-    try:
-        return measure(fn, inputs, device, repeats)
-    except (RuntimeError, TypeError) as exc:  # e.g. a dtype a backend does not take
-        print(f"  skip {label}: {exc}")
-        return None
-
-
-def attention_cases(opts, cfg, device):
-    """The attention suites' grid: yields (case, dtype name, inputs, (B, H, L, D)) for every segment length
-    L (memory M = L), head dim D and dtype of the options, else of ``cfg``."""
-    B = opts.batch or cfg["batch"]
-    H = opts.heads or cfg["heads"]
-    for L, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.head_dims or cfg["head_dims"],
-                                              opts.dtypes or cfg["dtypes"]):
-        inputs = make_inputs(B, H, L, L, D, getattr(torch, dtype_name), device)
-        yield f"B={B} H={H} L=M={L} D={D}", dtype_name, inputs, (B, H, L, D)
+        reason = BACKENDS[name].unavailable_reason(device)
+        if reason is not None:
+            return None, reason
+    return (lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=name)), None
 
 
 def run(opts):
@@ -145,20 +90,14 @@ def run(opts):
     rows = []
     for case, dtype_name, inputs, (B, H, L, D) in attention_cases(opts, cfg, device):
         pairs = B * H * visible_pairs(L, L)
+        fns, reasons = {}, {}
         for backend in opts.backends or cfg["backends"]:
-            fn = backend_fn(backend, device)
-            if fn is None:
-                continue
-            times = measure_or_skip(fn, inputs, device, opts.repeats, f"{backend} {case} {dtype_name}")
-            if times is None:
-                continue
-            t_fwd, t_bwd, t_fb, peak = times
-            n_fwd, n_bwd = (2, 5) if backend == "sdpa_flash" else (3, 8)
-            flops = 2 * D * pairs * (n_fwd + n_bwd)
-            rows.append(dict(op=NAME, case=case, backend=backend, dtype=dtype_name, fwd_ms=1e3 * t_fwd,
-                             bwd_ms=1e3 * t_bwd, fwd_bwd_ms=1e3 * t_fb, peak_mb=peak / 2**20,
-                             tflops=flops / t_fb / 1e12))
-            print(f"  {case} {dtype_name} {backend}: fwd+bwd {1e3 * t_fb:.2f} ms")
+            fns[backend], reasons[backend] = backend_fn(backend, device)
+        for row in measure_ops(NAME, case, dtype_name, fns, inputs, device, opts.repeats, reasons):
+            if "fwd_bwd_ms" in row:
+                n_fwd, n_bwd = (2, 5) if row["backend"] == "sdpa_flash" else (3, 8)
+                row["tflops"] = 2 * D * pairs * (n_fwd + n_bwd) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+            rows.append(row)
     return rows
 
 
@@ -172,7 +111,7 @@ def record_auto(rows, device):
 
     totals = defaultdict(lambda: defaultdict(float))
     for r in rows:
-        if r["op"] == NAME and r["backend"] in ("triton", "cuda"):
+        if r["op"] == NAME and r["backend"] in ("triton", "cuda") and "fwd_bwd_ms" in r:
             totals[(r["dtype"], r["case"].split("D=")[1])][r["backend"]] += r["fwd_bwd_ms"]
     choices = {k: dict(v) for k, v in _cuda_choices().items()}
     gpu = choices.setdefault(torch.cuda.get_device_name(device), {})

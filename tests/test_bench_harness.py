@@ -1,0 +1,53 @@
+"""The bench's figures can be trusted: medians and ranges over interleaved rounds in shuffled order, failures kept as
+rows with their reason, the machine's load in the report."""
+
+import torch
+
+from bench import harness, report
+
+CPU = torch.device("cpu")
+
+
+def test_rounds_are_interleaved_shuffled_and_warmed_up():
+    calls = []
+    candidates = {name: {"t": (lambda name=name: calls.append(name))} for name in "abcd"}
+    timings, failed = harness.time_interleaved(candidates, CPU, repeats=6, warmup=2, seed=1)
+    assert not failed and all(t["t"].rounds == 6 for t in timings.values())  # warm-up rounds not counted
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and len(rounds) == 8  # each round runs every candidate once
+    assert len({tuple(r) for r in rounds}) > 1 and len({r[0] for r in rounds}) > 1  # no fixed order, no fixed first
+
+
+def test_median_and_range_not_the_best_round():
+    timing = harness.Timing.of([0.3, 0.1, 0.2, 0.5, 0.4])
+    assert (timing.median, timing.low, timing.high) == (0.3, 0.1, 0.5)
+    assert timing.fields("x_ms") == {"x_ms": 300.0, "x_ms_range": [100.0, 500.0]}
+
+
+def test_a_failing_candidate_is_a_row_with_its_reason():
+    from triton.runtime.errors import OutOfResources  # not a RuntimeError
+
+    def out_of_resources():
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    x = torch.randn(4, 8, requires_grad=True)
+    rows = harness.measure_ops("op", "case", "float32", {"fine": lambda t: t * 2, "gpu_only": None,
+                                                          "fails": lambda t: out_of_resources()},
+                               [x], CPU, repeats=2, reasons={"gpu_only": "runs on CUDA tensors only"})
+    by_backend = {r["backend"]: r for r in rows}
+    assert set(by_backend) == {"fine", "gpu_only", "fails"}
+    assert "fwd_bwd_ms" in by_backend["fine"] and "fwd_bwd_ms_range" in by_backend["fine"]
+    assert by_backend["gpu_only"]["note"] == "runs on CUDA tensors only"
+    assert by_backend["fails"]["note"].startswith("OutOfResources")
+    text = report.markdown(rows, {"op": "fine"}, "t")
+    assert "OutOfResources" in text and "runs on CUDA tensors only" in text
+
+
+def test_report_shows_the_load_and_warns_when_busy():
+    with harness.MachineLoad() as load:
+        sum(range(10**5))
+    quiet = dict(load.summary(), busy=False)
+    assert set(quiet) >= {"load_before", "load_after", "foreign_cores", "busy"}
+    busy = dict(quiet, busy=True, foreign_cores=1.5)
+    text = report.markdown([], {}, "t", {"suite_a": quiet, "suite_b": busy})
+    assert "## Machine load" in text and "WARNING: the machine was busy during suite_b" in text
