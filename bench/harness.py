@@ -184,8 +184,8 @@ class MachineLoad:
     """How loaded the machine was while a suite ran: the load averages before and after, and the CPU time that
     other processes used meanwhile (the machine's busy time minus this process's), in cores.
 
-    ``busy``: other processes used more than ``BUSY_CORES`` cores on average, or the 1-minute load average was
-    above half the cores before the suite (the suite's own load raises it afterwards)."""
+    ``busy``: other processes used more than ``BUSY_CORES`` cores on average. (The load averages lag by minutes
+    and count the bench itself, so they are reported, not judged.)"""
 
     BUSY_CORES = 0.25
 
@@ -216,9 +216,7 @@ class MachineLoad:
 
     @property
     def busy(self) -> bool:
-        foreign = self.foreign_cores is not None and self.foreign_cores > self.BUSY_CORES
-        loaded = self.load_before is not None and self.load_before[0] > 0.5 * self.cores
-        return foreign or loaded
+        return self.foreign_cores is not None and self.foreign_cores > self.BUSY_CORES
 
     def summary(self) -> Dict[str, object]:
         def rounded(values):

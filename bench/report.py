@@ -45,8 +45,7 @@ def load_lines(loads):
     lines.append("")
     if busy:
         lines.append(f"**WARNING: the machine was busy during {', '.join(busy)}** (other processes used more than a "
-                     "quarter of a core on average, or the load average was above half the cores before the suite): "
-                     "those figures are not comparable.")
+                     "quarter of a core on average): those figures are not comparable.")
     else:
         lines.append("The machine was quiet: other processes used less than a quarter of a core during every suite.")
     return lines + [""]

@@ -10,8 +10,8 @@ Methods (the ``backend`` column): ``bptt`` (one graph over all segments), ``chec
 its loss) and ``mrbp_need_output`` (the step takes ``need_output``: the forward pass runs the memory path only).
 Each measures one forward and ``sum(losses).backward()``; for each T the methods are timed in interleaved rounds
 (a warm-up round, then ``--repeats`` rounds in shuffled order: medians and ranges). ``peak_vs_T1``: peak tensor memory
-over that at T=1. Resident memory (CPU, Linux): each (method, T) runs again in a fresh process (five warm-up
-rollouts of 8 segments, then two of T), whose peak resident set (VmHWM) under the default allocator is ``resident MiB``; ``resident
+over that at T=1. Resident memory (CPU, Linux): each (method, T) runs again in a fresh process (five memory-replay
+rollouts of 8 segments to warm the heap up, then two by the method over T), whose peak resident set (VmHWM) under the default allocator is ``resident MiB``; ``resident
 growth`` is its rise over T=1 and ``stored MiB`` the bytes of the memories MRBP keeps (SPEC §3 lets the peak grow by
 those only; heap fragmentation shows here and not in the tensor peak). Options: ``--segments`` (T values), ``--batch``, ``--heads``, ``--dtypes``, ``--backends`` (methods), and the first
 of ``--lengths`` as the segment length L.
@@ -132,8 +132,9 @@ def forward_backward_of(method, model, slots, xs):
 
 
 def fresh_process_resident_mib(method, T, cfg):
-    """Peak resident set (MiB) of a new process that builds the suite's model, runs five rollouts by ``method`` over
-    8 segments (the same warm-up at every T), then two over T segments; None off Linux."""
+    """Peak resident set (MiB) of a new process that builds the suite's model, runs five memory-replay rollouts over
+    8 segments (the same warm-up for every method and T), then two rollouts by ``method`` over T segments; None off
+    Linux."""
     import json
     import subprocess
     import sys
@@ -158,8 +159,8 @@ def _resident_main(method, T, cfg):
     slots = torch.randn(cfg["batch"], cfg["slots"], cfg["d_model"])
     xs = [tuple(torch.randint(cfg["vocab"], (cfg["batch"], cfg["length"])) for _ in range(2))
           for _ in range(max(T, 8))]
-    warm_up = forward_backward_of(method, model, slots, xs[:8])
-    for _ in range(5):  # the same work at every T: glibc's heap reaches its steady state in about 16 segments
+    warm_up = forward_backward_of("mrbp_need_output", model, slots, xs[:8])
+    for _ in range(5):  # the same for every method and T: glibc's heap reaches its steady state under replays
         warm_up()
     call = forward_backward_of(method, model, slots, xs[:T])
     for _ in range(2):
