@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtx_ops.backends.triton import interpreter_enabled
+from . import interpreter_enabled
 
 # Under TRITON_INTERPRET=1 every config is one kernel run of numpy: one small tile keeps the tests fast
 # while the test shapes still cross several blocks.

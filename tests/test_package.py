@@ -1,5 +1,6 @@
 """Packaging: the import survives a missing extension, and a missing backend says why and how to get it."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,3 +50,17 @@ def test_regular_install_ships_every_kernel_subpackage(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "memtx_ops" / "kernels" / "rel_memory_attention" / "fwd.py").is_file()
     assert not (tmp_path / "kernels").exists()
+
+
+def test_kernels_are_leaves():
+    """kernels/ imports triton, torch and itself only, never the rest of memtx_ops (the backends import it)."""
+    import ast
+
+    kernels = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    for folder, _, files in os.walk(kernels):
+        for name in (f for f in files if f.endswith(".py")):
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            for node in ast.walk(tree):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                assert not any(m == "memtx_ops" or m.startswith("memtx_ops.") for m in modules), (name, modules)

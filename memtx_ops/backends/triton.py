@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from memtx_ops.kernels import interpreter_enabled
+
 from .base import Backend
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs its kernels in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TritonBackend(Backend):
