@@ -159,3 +159,26 @@ def test_cross_head_and_aged_memory_match_eager_path():
     vec = layer._eager_attention(heads[0][:, :, mlen:], heads[1], heads[2], r_head, txl_mask(qlen, mlen), perm, offset)
     eager = layer.layer_norm(w + layer.o_net(vec.permute(2, 0, 1, 3).reshape(qlen, bsz, 32)))
     torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_stated_window_and_clamp_equal_the_recognised_mask(cfg):
+    """A caller that knows its mask states window= and clamp_len= instead (no tensor read on the host)."""
+    n_head, d_model, d_head, bsz = 3, 24, 8, 2
+    qlen, mlen = cfg["qlen"], cfg["mlen"]
+    layer = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout=0.0,
+                                             pre_lnorm=cfg.get("pre_lnorm", False)).double()
+    w = torch.randn(qlen, bsz, d_model, dtype=torch.float64)
+    mems = torch.randn(mlen, bsz, d_model, dtype=torch.float64) if mlen else None
+    r = positions(qlen + mlen, d_model, cfg.get("clamp_len", 0))
+    mask = txl_mask(qlen, mlen, cfg.get("same_length", False), cfg.get("mem_len"), cfg.get("dim3", True))
+    window = cfg.get("mem_len") if cfg.get("same_length") else None
+    expected = layer(w, r, attn_mask=mask, mems=mems)
+    stated = layer(w, r, mems=mems, window=window, clamp_len=cfg.get("clamp_len", -1))
+    torch.testing.assert_close(stated, expected, rtol=0, atol=0)
+
+
+def test_stated_window_must_be_an_int_or_none():
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
+    with pytest.raises(TypeError, match="window must be 'mask', None or an int, got 2.5"):
+        layer(torch.randn(3, 1, 8), positions(3, 8), window=2.5, clamp_len=-1)

@@ -201,3 +201,40 @@ def test_random_state_restores_cross_head_and_skip_retain_draws():
     assert repr(draws) == repr(again) and any(p is not None for _, perms in draws for p in perms)
     with pytest.raises(ValueError, match="other skip-retain options"):
         small_model(cross_head_p=0.5).set_random_state(state)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(same_length=True, clamp_len=5, dropout=0.1)], ids=["plain", "options"])
+def test_step_compiles_whole_with_no_recompile_per_step(options):
+    """torch.compile(fullgraph=True) of a training step and of an evaluation step while the memory grows from
+    empty to full and then stays full: two compiles at most (memory empty, then its length marked dynamic by
+    dynamo), the same losses as eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = small_model(mem_len=24, **options)
+    xs, ys = segments(6)
+    for training in (True, False):
+        model.train(training)
+        counter = CompileCounter()
+        step = torch.compile(lambda x, mem, y: model(x, mem, y), fullgraph=True, backend=counter)
+        memory, eager_memory = model.empty_memory(2), model.empty_memory(2)
+        for x, y in zip(xs, ys):
+            torch.manual_seed(3)
+            loss, memory = step(x, memory, y)
+            torch.manual_seed(3)
+            eager_loss, eager_memory = model(x, eager_memory, y)
+            if training:
+                loss.backward()
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+        assert [m.hidden.shape[1] for m in memory] == [24] * model.n_layer
+        assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_inductor_compiles_the_training_step():
+    model = TransformerXL(n_token=31, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, mem_len=8, dropout=0.1)
+    xs, ys = segments(2)
+    step = torch.compile(lambda x, mem, y: model(x, mem, y), fullgraph=True)
+    memory = model.empty_memory(2)
+    for x, y in zip(xs, ys):
+        loss, memory = step(x, memory, y)
+        loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())

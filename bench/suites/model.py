@@ -1,9 +1,12 @@
-"""Bench suite: one training step (forward, backward, Adam) of the TransformerXL model, fused vs reference ops.
+"""Bench suite: one training step (forward, backward, Adam) of the TransformerXL model, fused vs reference ops,
+eager and under ``torch.compile(fullgraph=True)``.
 
 Tokens/s counts the segment's tokens (B x L) per step; peak memory is that of one step above the model,
 its optimiser state and the memory carried in. The model is the same in every row; only the ops differ:
 "reference" is the eager Transformer-XL (reference attention, torch's dropout), the other rows run the
-attention backend named and memtx_ops' dropout (its C++ Philox kernel on the CPU, torch's on CUDA).
+attention backend named and memtx_ops' dropout (its C++ Philox kernel on the CPU, torch's on CUDA). A
+``:compiled`` suffix compiles the model's forward (and so its backward) whole with inductor; the optimiser step
+stays eager.
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ BASELINE = "reference"
 def default_config(device):
     cfg = dict(batches=[2, 4, 8], length=512, n_layer=4, n_head=4, d_model=256, d_inner=1024, vocab=256)
     if device.type == "cuda":
-        cfg.update(batches=[8], n_layer=8, n_head=8, d_model=512, d_inner=2048, backends=["reference", "auto"],
-                   dtypes=["bfloat16"])
+        cfg.update(batches=[8], n_layer=8, n_head=8, d_model=512, d_inner=2048, dtypes=["bfloat16"],
+                   backends=["reference", "reference:compiled", "auto", "auto:compiled"])
     else:
-        cfg.update(backends=["reference", "cpu"], dtypes=["float32"])
+        cfg.update(backends=["reference", "reference:compiled", "cpu", "cpu:compiled"], dtypes=["float32"])
     return cfg
 
 
-def train_step_of(backend, cfg, B, L, device, autocast):
-    """A training step (forward, backward, Adam) of a fresh model whose attention runs ``backend``, with a full
-    memory of L positions; the model's optimiser state is created by one step here."""
+def train_step_of(label, cfg, B, L, device, autocast):
+    """A training step (forward, backward, Adam) of a fresh model whose attention runs the backend of ``label``
+    (compiled with a ``:compiled`` suffix), with a full memory of L positions; the optimiser state is created (and
+    the model compiled) by one step here."""
+    backend, _, compiled = label.partition(":")
     torch.manual_seed(0)
     model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
                           d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
@@ -43,9 +48,11 @@ def train_step_of(backend, cfg, B, L, device, autocast):
     with torch.no_grad(), autocast:
         _, memory = model(tokens[:, :-1])  # a full memory of L positions
 
+    forward = torch.compile(model, fullgraph=True) if compiled else model
+
     def train_step():
         with autocast:
-            loss, _ = model(tokens[:, :-1], memory, tokens[:, 1:])
+            loss, _ = forward(tokens[:, :-1], memory, tokens[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -54,9 +54,16 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     w ``[qlen, bsz, d_model]``, r ``[klen, 1, d_model]`` (position embeddings, distance ``klen-1`` down to
     0), attn_mask bool ``[qlen, klen]`` or ``[qlen, klen, 1]`` (True = masked), mems ``[mlen, bsz, d_model]``
     -> ``[qlen, bsz, d_model]``. Extensions: ``kv_head_index`` ``[n_head]`` (cross-head permutation) and
-    ``mem_offset`` (aged memory; r then has ``klen + mem_offset`` rows). ``clamp_len`` (optional) states the
-    position clamp instead of reading it off r; ``backend`` selects the attention backend ("auto") and
+    ``mem_offset`` (aged memory; r then has ``klen + mem_offset`` rows). ``clamp_len`` states the position
+    clamp instead of reading it off r (None: read it off r's repeated rows; > 0: distances past it share its
+    row; <= 0: no clamp), in the constructor or per call; ``backend`` selects the attention backend ("auto") and
     ``dropout_backend`` that of the output dropout (:func:`memtx_ops.dropout`; "torch" for torch's own).
+
+    ``window``: ``"mask"`` (the default, the drop-in path) recognises ``attn_mask``; a caller that built
+    Transformer-XL's causal mask itself passes what it knows instead -- ``None`` (causal over [memory ;
+    segment]) or an int (``same_length``: the ``window`` most recent keys) -- and ``attn_mask`` is then not read.
+    With ``window`` and ``clamp_len`` given, the forward reads no tensor value on the host, so it compiles whole
+    (``torch.compile(fullgraph=True)``).
     """
 
     def __init__(self, n_head, d_model, d_head, dropout, dropatt=0.0, pre_lnorm=False, r_r_bias=None,
@@ -80,16 +87,17 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         self.clamp_len = clamp_len
         self.backend = backend
 
-    def _fallback_reason(self, klen, rlen, mem_offset, attn_mask):
+    def _fallback_reason(self, klen, rlen, mem_offset, attn_mask, window):
         if self.training and self.dropatt.p > 0:
             return "attention dropout (dropatt > 0) in training"
         if rlen != klen + mem_offset:
             return f"r has {rlen} rows but klen + mem_offset is {klen + mem_offset}"
-        if attn_mask is None:
+        if window == "mask" and attn_mask is None:
             return "no attn_mask (the fused op is causal)"
         return None
 
-    def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0):
+    def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0, window="mask",
+                clamp_len="layer"):
         qlen, bsz = w.shape[0], w.shape[1]
         cat = w if mems is None else torch.cat([mems, w], 0)
         x = self.layer_norm(cat) if self.pre_lnorm else cat
@@ -100,18 +108,22 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         kv = F.linear(x, self.qkv_net.weight[H * D:]).view(klen, bsz, 2, H, D)
         k, v = kv.permute(2, 1, 3, 0, 4).unbind(0)
 
-        reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask)
-        window = None
-        if reason is None:
+        if window != "mask" and (isinstance(window, bool) or not (window is None or isinstance(window, int))):
+            raise TypeError(f"RelPartialLearnableMultiHeadAttn: window must be 'mask', None or an int, got {window!r}")
+        reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask, window)
+        if reason is None and window == "mask":
             recognised, window = window_of_mask(attn_mask, qlen, klen)
             if not recognised:
                 reason = "attn_mask is neither causal-with-memory nor same_length"
         if reason is not None:
             warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
+            if attn_mask is None and window != "mask":  # the caller stated the mask instead of passing it
+                attn_mask = ~reference.visibility_mask(qlen, klen, window, w.device)
 
         r_asc = r.flip(0).squeeze(1)  # row d embeds distance d
         if reason is None:
-            rows = self.clamp_len + 1 if self.clamp_len else clamp_rows(r_asc)
+            clamp_len = self.clamp_len if clamp_len == "layer" else clamp_len
+            rows = clamp_rows(r_asc) if clamp_len is None else clamp_len + 1 if clamp_len > 0 else rlen
             r_asc = r_asc[: min(rows, rlen)]
         r_head = self.r_net(r_asc).view(-1, H, D).transpose(0, 1)  # [H, R, D]
         if reason is None:

@@ -107,12 +107,14 @@ class LayerMemory:
         """The memory for the next segment, given this segment's layer input ``x`` ``[B, L, ...]``.
 
         Skipped: the same ``hidden``, one segment older (``mem_offset`` grows by ``L``). Kept: the last
-        ``mem_len`` positions of ``[hidden ; x]`` (of ``x`` alone if this memory had aged), age 1.
+        ``mem_len`` positions of ``[hidden ; x]`` (of ``x`` alone if this memory had aged), age 1, as a new
+        contiguous tensor (one copy of those positions, so the layout is the same whether or not it is full).
         """
         if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
             raise ValueError(f"mem_len must be an int >= 0, got {mem_len!r}")
         if skipped:
             return LayerMemory(self.hidden, self.age + 1, self.mem_offset + x.shape[1])
-        seq = torch.cat([self.hidden, x], dim=1) if self.age == 1 else x
-        start = max(seq.shape[1] - mem_len, 0)
-        return LayerMemory(seq[:, start:])
+        from_x = min(x.shape[1], mem_len)
+        from_hidden = min(self.hidden.shape[1], mem_len - from_x) if self.age == 1 else 0
+        kept = [self.hidden[:, self.hidden.shape[1] - from_hidden:], x[:, x.shape[1] - from_x:]]
+        return LayerMemory(torch.cat(kept, dim=1))

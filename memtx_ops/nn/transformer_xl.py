@@ -19,7 +19,6 @@ from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
 from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
-from memtx_ops.reference import visibility_mask
 
 Memory = List[LayerMemory]
 
@@ -78,8 +77,11 @@ class DecoderLayer(nn.Module):
         """This forward's cross-head permutation ``[n_head]``, or None (no cross-head, eval, or the coin)."""
         return self.cross_head(self.dec_attn.n_head, device) if self.cross_head is not None else None
 
-    def forward(self, h, pos_emb, attn_mask, mems, mem_offset=0, kv_head_index=None):
-        out = self.dec_attn(h, pos_emb, attn_mask, mems, kv_head_index=kv_head_index, mem_offset=mem_offset)
+    def forward(self, h, pos_emb, mems, window, clamp_len, mem_offset=0, kv_head_index=None):
+        """h ``[L, B, d]``, mems ``[M, B, d]``; Transformer-XL's causal mask stated by ``window`` (None or the
+        same_length window) rather than built."""
+        out = self.dec_attn(h, pos_emb, None, mems, kv_head_index=kv_head_index, mem_offset=mem_offset, window=window,
+                            clamp_len=clamp_len)
         return self.pos_ff(out)
 
 
@@ -116,7 +118,6 @@ class TransformerXL(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(n_token))  # output weights tied to the embedding
         self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
                             if skip_retain_p > 0 else None)
-        self._masks: Dict[Tuple[int, int, Optional[int], torch.device], torch.Tensor] = {}
         self._position_tables: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def random_state(self) -> Dict[str, object]:
@@ -150,16 +151,11 @@ class TransformerXL(nn.Module):
         x = self.word_emb.weight.new_empty(batch_size, 0, self.d_model, device=device, dtype=dtype)
         return [LayerMemory.empty(x) for _ in range(self.n_layer)]
 
-    def _mask(self, qlen: int, klen: int, device) -> torch.Tensor:
-        """Transformer-XL's boolean mask ``[qlen, klen, 1]`` (True = masked), cached per shape."""
-        window = self.mem_len if self.same_length else None
-        key = (qlen, klen, window, device)
-        if key not in self._masks:
-            self._masks[key] = ~visibility_mask(qlen, klen, window, device)[:, :, None]
-        return self._masks[key]
-
     def _positions(self, rlen: int, device, dtype) -> torch.Tensor:
-        """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``, cached per shape."""
+        """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``, cached per shape
+        (computed inline under torch.compile, where the length may be symbolic)."""
+        if torch.compiler.is_compiling():
+            return sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
         key = (rlen, self.clamp_len, device, dtype)
         if key not in self._position_tables:
             self._position_tables[key] = sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
@@ -195,7 +191,8 @@ class TransformerXL(nn.Module):
             klen = mem.hidden.shape[1] + L
             pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
-            h = layer(h, pos_emb, self._mask(L, klen, h.device), mem.hidden.transpose(0, 1), mem.mem_offset, perm)
+            window = self.mem_len if self.same_length else None
+            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm)
         if not top_layer:
             return None, next_memory
         return self.drop(h).transpose(0, 1), next_memory
