@@ -7,6 +7,7 @@ and gradient through the memory with memory replay back-propagation (SPEC §3) i
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from memtx_ops.nn.cross_head import CrossHeadPermutation
 from memtx_ops.nn.dropout import Dropout
+from memtx_ops.nn.generation import check_sampling, sample_next_token
 from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
@@ -140,6 +142,78 @@ class TransformerXL(nn.Module):
                 layer.cross_head.generator.set_state(s)
         if self.skip_retain is not None:
             self.skip_retain.generator.set_state(state["skip_retain"])
+
+    def set_attention_span(self, *, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                           same_length: Optional[bool] = None) -> Dict[str, object]:
+        """Changes the memory length, the position clamp and ``same_length`` (None keeps one) -> the previous
+        settings. Transformer-XL evaluates with a longer memory than it trains with (enwik8: segment 128, memory
+        3800; WikiText-103: segment 64, memory 640, clamp_len 400, all with same_length); the parameters are the same.
+        :meth:`attention_span` is the context-manager form."""
+        if mem_len is not None and (isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0):
+            raise ValueError(f"mem_len must be an int >= 0, got {mem_len!r}")
+        if clamp_len is not None and (isinstance(clamp_len, bool) or not isinstance(clamp_len, int)):
+            raise ValueError(f"clamp_len must be an int (<= 0: no clamp), got {clamp_len!r}")
+        if same_length is not None and not isinstance(same_length, bool):
+            raise ValueError(f"same_length must be a bool, got {same_length!r}")
+        previous = dict(mem_len=self.mem_len, clamp_len=self.clamp_len, same_length=self.same_length)
+        self.mem_len = self.mem_len if mem_len is None else mem_len
+        self.clamp_len = self.clamp_len if clamp_len is None else clamp_len
+        self.same_length = self.same_length if same_length is None else same_length
+        return previous
+
+    @contextlib.contextmanager
+    def attention_span(self, *, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                       same_length: Optional[bool] = None):
+        """``with model.attention_span(mem_len=3800, same_length=True): ...`` runs the body with those settings
+        (:meth:`set_attention_span`) and restores the previous ones."""
+        previous = self.set_attention_span(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
+        try:
+            yield self
+        finally:
+            self.set_attention_span(**previous)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, memory: Optional[Memory] = None,
+                 generator: Optional[torch.Generator] = None, segment_len: Optional[int] = None,
+                 return_logits: bool = False):
+        """Continues ``prompt [B, P]`` (P >= 1) by ``max_new_tokens`` sampled tokens -> (new tokens ``[B, N]``, the
+        memory), plus the logits of every step ``[B, N, n_token]`` with ``return_logits``. The memory covers the
+        prompt and every new token but the last, so ``generate(new[:, -1:], n, memory=memory)`` goes on.
+
+        The prompt is fed in segments of ``segment_len`` tokens (default ``max(mem_len, 1)``) after ``memory``
+        (None: empty), then each token is decoded alone against the cached memory, which keeps at most ``mem_len``
+        positions (set :meth:`attention_span` for a longer one). Sampling: :func:`memtx_ops.nn.generation.
+        sample_next_token` (``temperature`` 0: greedy; ``top_k``; ``top_p``; ``generator`` reproduces the draws).
+        Runs in evaluation mode (no dropout, no skipped layers, no head permutations) and restores the mode after.
+        """
+        check_sampling(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        segment_len = max(self.mem_len, 1) if segment_len is None else segment_len
+        if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
+            raise ValueError(f"generate: segment_len must be an int >= 1, got {segment_len!r}")
+        self.check_segment(prompt, memory, what="prompt")
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self.empty_memory(prompt.shape[0], prompt.device) if memory is None else memory
+            for start in range(0, prompt.shape[1], segment_len):
+                hidden, memory = self._stack(prompt[:, start:start + segment_len], memory)
+            tokens, step_logits = [], []
+            for step in range(max_new_tokens):
+                logits = self.logits(hidden[:, -1])
+                step_logits.append(logits)
+                tokens.append(sample_next_token(logits, temperature, top_k, top_p, generator))
+                if step + 1 < max_new_tokens:
+                    hidden, memory = self._stack(tokens[-1][:, None], memory)
+        finally:
+            self.train(was_training)
+        new = torch.stack(tokens, 1) if tokens else prompt.new_empty(prompt.shape[0], 0)
+        if return_logits:
+            logits = torch.stack(step_logits, 1) if step_logits else hidden.new_empty(prompt.shape[0], 0, self.n_token)
+            return new, logits, memory
+        return new, memory
 
     def set_phase(self, phase: str) -> None:
         """``"pretrain"`` (skip-retain active in training) or ``"finetune"`` (never skips)."""
