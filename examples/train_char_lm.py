@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from memtx_ops.nn import LayerMemory, TransformerXL
+from memtx_ops.nn import LayerMemory, SegmentRollout, TransformerXL
 
 
 def load_corpus():
@@ -68,23 +68,60 @@ def segment(streams: torch.Tensor, length: int, index: int):
 
 @torch.no_grad()
 def evaluate(model: TransformerXL, streams: torch.Tensor, length: int) -> float:
-    """Bits per character over the streams, memory carried across segments."""
+    """Bits per character over the streams, memory carried across segments (with the model's attention span)."""
+    was_training = model.training
     model.eval()
     memory, total, count = None, 0.0, 0
     for inputs, targets in segments(streams, length):
         loss, memory = model(inputs, memory, targets)
         total += loss.item() * targets.numel()
         count += targets.numel()
-    model.train()
+    model.train(was_training)
     return total / count / math.log(2)
 
 
-def progress(step: int, total: int, loss: float, rate: float) -> None:
-    width = 30
-    done = int(width * step / total)
-    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.3f} "
-                     f"({loss / math.log(2):.3f} bpc) {rate:.0f} tok/s")
-    sys.stdout.flush()
+class Progress:
+    """The training progress bar: tqdm when it is installed (an optional dependency of the examples) and
+    ``kind`` is "auto" or "tqdm", else one plain line rewritten in place."""
+
+    def __init__(self, total: int, initial: int, kind: str = "auto"):
+        self.total, self.bar, self.silent = total, None, kind == "off"  # "off": ranks other than 0
+        if kind not in ("plain", "off"):
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                if kind == "tqdm":
+                    raise SystemExit("--progress tqdm: tqdm is not installed (`pip install tqdm`)")
+            else:
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.silent:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.3f} ({loss / math.log(2):.3f} bpc) {rate:.0f} tok/s", refresh=False)
+            return
+        width = 30
+        done = int(width * step / self.total)
+        sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.3f} "
+                         f"({loss / math.log(2):.3f} bpc) {rate:.0f} tok/s")
+        sys.stdout.flush()
+
+    def write(self, text: str) -> None:
+        """A line of its own above the bar."""
+        if self.silent:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print("\n" + text if text else text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif not self.silent:
+            print(flush=True)
 
 
 def plot_history(history, path: str) -> None:
@@ -133,6 +170,21 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step with a checkpoint (the schedule still plans --steps); --resume goes on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", choices=("auto", "tqdm", "plain"), default="auto",
+                   help="progress bar: tqdm when installed (auto), or a plain line")
+    g = p.add_argument_group("evaluation and sampling from <out>/checkpoint.pt (the model's settings come from it)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="test bpc with the training settings and with the evaluation settings below, and tokens/s")
+    g.add_argument("--eval-tgt-len", type=int, default=None, help="evaluation segment (default: the training one)")
+    g.add_argument("--eval-mem-len", type=int, default=None, help="evaluation memory (default: 4x the training one)")
+    g.add_argument("--eval-clamp-len", type=int, default=None,
+                   help="distances past this share its embedding (default: the longest seen in training, "
+                        "tgt_len + mem_len - 1)")
+    g.add_argument("--sample", type=int, default=0, metavar="N", help="print N characters generated after --prompt")
+    g.add_argument("--prompt", default="def ", help="text to continue with --sample")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=0.95)
     return p.parse_args(argv)
 
 
@@ -154,23 +206,30 @@ def set_random_states(model: TransformerXL, states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, schedule, state, args) -> None:
-    """Writes everything the run needs to go on exactly: a temporary file first, then renamed."""
+def save_checkpoint(path, model, optimizer, schedule, state, args, rank=0, world=1) -> None:
+    """Writes everything the run needs to go on exactly (rank 0 writes; the memory and random-number states of every
+    rank go in): a temporary file first, then renamed."""
+    memory = None if state["memory"] is None else [
+        dict(hidden=m.hidden.cpu(), age=m.age, mem_offset=m.mem_offset) for m in state["memory"]]
+    ranks = gather(dict(memory=memory, rng=random_states(model)), world)
+    if rank != 0:
+        return
     payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                   rng=random_states(model), args=vars(args))
-    payload["memory"] = None if state["memory"] is None else [
-        dict(hidden=m.hidden, age=m.age, mem_offset=m.mem_offset) for m in state["memory"]]
+                   args=vars(args), world=world, memory=ranks[0]["memory"], rng=ranks[0]["rng"], ranks=ranks)
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, model, optimizer, schedule, args, device):
-    """Restores a checkpoint of save_checkpoint -> (the training state: step, data position, memory, history...;
-    the learning-rate schedule)."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, world=1):
+    """Restores a checkpoint of save_checkpoint (this rank's memory and random-number states) -> (the training
+    state: step, data position, memory, history...; the learning-rate schedule)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # random-number states stay CPU tensors
     changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_ARGS if ckpt["args"].get(k) != getattr(args, k)}
+    if ckpt.get("world", 1) != world:
+        changed["processes"] = (ckpt.get("world", 1), world)
     if changed:
         raise SystemExit(f"--resume: {path} was written with other settings (checkpoint, now): {changed}")
+    ckpt.update(ckpt["ranks"][rank])
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["args"]["steps"] == args.steps:
@@ -181,37 +240,135 @@ def load_checkpoint(path, model, optimizer, schedule, args, device):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
                                                        last_epoch=ckpt["step"] - 1)
     set_random_states(model, ckpt["rng"])
-    memory = None if ckpt["memory"] is None else [LayerMemory(**m) for m in ckpt["memory"]]
+    memory = None if ckpt["memory"] is None else [LayerMemory(**dict(m, hidden=m["hidden"].to(device)))
+                                                  for m in ckpt["memory"]]
     return dict(step=ckpt["step"], position=ckpt["position"], memory=memory, running=ckpt["running"],
                 history=ckpt["history"]), schedule
 
 
+def build_model(args, vocab) -> TransformerXL:
+    return TransformerXL(len(vocab), n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                         d_head=args.d_model // args.n_head, d_inner=args.d_inner, dropout=args.dropout,
+                         mem_len=args.mem_len, cross_head_p=args.cross_head_p, skip_retain_p=args.skip_retain_p)
+
+
+def setup_distributed(device):
+    """Under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1): joins the process group (gloo on the CPU, nccl on
+    CUDA, one GPU per local rank) -> (rank, world size, device); else (0, 1, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def gather(value, world: int):
+    """``value`` of every rank, in rank order (every rank gets the list)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def load_for_inference(args, device):
+    """The model of ``<out>/checkpoint.pt`` (built with the checkpoint's settings) and the corpus vocabulary."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist: train first (without --eval-only / --sample)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    trained = argparse.Namespace(**ckpt["args"])
+    *_, vocab = load_corpus()
+    model = build_model(trained, vocab).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), trained, vocab, ckpt["step"]
+
+
+def run_evaluation(args, device) -> None:
+    """--eval-only: test bits per character with the training settings and with the evaluation settings (a longer
+    memory, same_length, distances clamped at the longest one seen in training), and tokens/s."""
+    model, trained, vocab, step = load_for_inference(args, device)
+    test = batchify(load_corpus()[2][: args.eval_chars or None], 1).to(device)
+    length = args.eval_tgt_len or trained.tgt_len
+    span = dict(mem_len=args.eval_mem_len or 4 * trained.mem_len,
+                clamp_len=args.eval_clamp_len or trained.tgt_len + trained.mem_len - 1, same_length=True)
+    results = {}
+    for name, settings, seg in (("training", {}, trained.tgt_len), ("evaluation", span, length)):
+        with model.attention_span(**settings):
+            start = time.perf_counter()
+            bpc = evaluate(model, test, seg)
+            seconds = time.perf_counter() - start
+        results[name] = dict(test_bpc=bpc, tokens_per_s=test.numel() / seconds, segment=seg,
+                             mem_len=settings.get("mem_len", trained.mem_len),
+                             clamp_len=settings.get("clamp_len", -1), same_length=settings.get("same_length", False))
+        print(f"test {bpc:.3f} bpc with {name} settings (segment {seg}, memory {results[name]['mem_len']}, clamp_len "
+              f"{results[name]['clamp_len']}, same_length {results[name]['same_length']}): "
+              f"{results[name]['tokens_per_s']:.0f} tokens/s")
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(dict(results, step=step, test_chars=test.numel()), f, indent=1)
+
+
+def run_sampling(args, device) -> None:
+    """--sample N: N characters generated from the checkpoint after ``--prompt``."""
+    model, trained, vocab, _ = load_for_inference(args, device)
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(args.prompt) - set(index))
+    if unknown or not args.prompt:
+        raise SystemExit(f"--prompt must be non-empty text of the corpus' characters; unknown: {unknown}")
+    prompt = torch.tensor([[index[c] for c in args.prompt]], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    new, _ = model.generate(prompt, args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            generator=generator, segment_len=trained.tgt_len)
+    print(args.prompt + "".join(vocab[i] for i in new[0].tolist()))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.eval_only or args.sample:
+        return run_evaluation(args, device) if args.eval_only else run_sampling(args, device)
+    rank, world, device = setup_distributed(device)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
+    torch.manual_seed(args.seed)  # the same initial model on every rank
     train, valid, test, vocab = load_corpus()
-    train_streams = batchify(train, args.batch_size).to(device)
+    per_rank = args.batch_size // world
+    train_streams = batchify(train, args.batch_size)[rank * per_rank:(rank + 1) * per_rank].to(device)
     valid_streams = batchify(valid[: args.eval_chars], 1).to(device)
     test_streams = batchify(test, 1).to(device)
-    model = TransformerXL(len(vocab), n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                          d_head=args.d_model // args.n_head, d_inner=args.d_inner, dropout=args.dropout,
-                          mem_len=args.mem_len, cross_head_p=args.cross_head_p,
-                          skip_retain_p=args.skip_retain_p).to(device)
+    model = build_model(args, vocab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = dict(step=0, position=0, memory=None, running=None, history={"train": [], "valid": []})
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout masks; cross-head and skip-retain stay in step
     if args.resume:
-        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device)
-        print(f"resumed from {ckpt_path} at step {state['step']}")
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
-          f"{train.numel()} training characters, device {device}")
+        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device, rank, world)
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at step {state['step']}")
+    forward, rollout = model, SegmentRollout(model)
+    if world > 1:  # DDP sees one forward (a segment, or a whole memory-replay rollout) and one backward per step
+        ddp = torch.nn.parallel.DistributedDataParallel
+        if args.replay_segments:
+            rollout = ddp(rollout)
+        else:
+            forward = ddp(model)
+    if rank == 0:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
+              f"{train.numel()} training characters, device {device}, {world} process(es)")
 
     per_step = max(args.replay_segments, 1)
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
     history, tokens, start = state["history"], 0, time.perf_counter()
+    bar = Progress(args.steps, state["step"], args.progress if rank == 0 else "off")
     while state["step"] < stop:
         if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
             state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
@@ -222,30 +379,33 @@ def main(argv=None):
             model.set_phase("finetune")
         optimizer.zero_grad(set_to_none=True)
         if args.replay_segments:
-            losses, memory = model.replay_segments([c[0] for c in chunk], [c[1] for c in chunk], state["memory"])
+            losses, memory = rollout([c[0] for c in chunk], [c[1] for c in chunk], state["memory"])
             loss = sum(losses) / len(losses)
             memory = [dataclasses.replace(m, hidden=m.hidden.detach()) for m in memory]  # truncate here
         else:
-            loss, memory = model(chunk[0][0], state["memory"], chunk[0][1])
+            loss, memory = forward(chunk[0][0], state["memory"], chunk[0][1])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         schedule.step()
         step = state["step"] = step + 1
         state["memory"] = memory
-        tokens += sum(c[1].numel() for c in chunk)
+        tokens += world * sum(c[1].numel() for c in chunk)
         running = state["running"]
         state["running"] = running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         history["train"].append((step, running))
-        progress(step, args.steps, running, tokens / (time.perf_counter() - start))
-        if step % args.eval_every == 0 or step == args.steps:
+        bar.update(step, running, tokens / (time.perf_counter() - start))
+        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
             bpc = evaluate(model, valid_streams, args.tgt_len)
             history["valid"].append((step, bpc))
-            print(f"\nstep {step}: validation {bpc:.3f} bpc")
+            bar.write(f"step {step}: validation {bpc:.3f} bpc")
         if step % args.eval_every == 0 or step == stop:
-            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args)
+            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args, rank, world)
+    bar.close()
+    if rank != 0:
+        return
     if state["step"] < args.steps:
-        print(f"\nstopped at step {state['step']} of {args.steps}: {ckpt_path}; go on with --resume")
+        print(f"stopped at step {state['step']} of {args.steps}: {ckpt_path}; go on with --resume")
         return
 
     test_bpc = evaluate(model, test_streams, args.tgt_len)

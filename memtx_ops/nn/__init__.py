@@ -4,7 +4,7 @@ from .cross_head import CrossHeadPermutation
 from .dropout import Dropout
 from .rel_attention import RelPartialLearnableMultiHeadAttn
 from .skip_retain import LayerMemory, SkipRetainSchedule
-from .transformer_xl import TransformerXL
+from .transformer_xl import SegmentRollout, TransformerXL
 
-__all__ = ["CrossHeadPermutation", "Dropout", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule",
-           "TransformerXL"]
+__all__ = ["CrossHeadPermutation", "Dropout", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SegmentRollout",
+           "SkipRetainSchedule", "TransformerXL"]

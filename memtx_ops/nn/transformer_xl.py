@@ -373,3 +373,17 @@ class TransformerXL(nn.Module):
                                           kv_head_index=perms, top_layer=need_output)
         next_mem = tuple(m.hidden for m in next_memory)
         return (self._loss(hidden, targets) if need_output else None), next_mem
+
+
+class SegmentRollout(nn.Module):
+    """``forward(inputs, targets, memory=None, offload=False)`` is ``model.replay_segments(...)``: a whole
+    memory-replay rollout as one module call, the unit a data-parallel wrapper (``DistributedDataParallel``) needs to
+    see one forward and one backward per step. Holds no parameters of its own (its state dict is the model's)."""
+
+    def __init__(self, model: TransformerXL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], memory: Optional[Memory] = None,
+                offload: bool = False):
+        return self.model.replay_segments(inputs, targets, memory, offload)
