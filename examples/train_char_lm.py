@@ -359,8 +359,8 @@ def main(argv=None):
         ddp = torch.nn.parallel.DistributedDataParallel
         if args.replay_segments:
             rollout = ddp(rollout)
-        else:
-            forward = ddp(model)
+        else:  # a layer that skip-retain skips gives no gradient that step
+            forward = ddp(model, find_unused_parameters=args.skip_retain_p > 0)
     if rank == 0:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
               f"{train.numel()} training characters, device {device}, {world} process(es)")
