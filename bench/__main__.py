@@ -28,6 +28,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, help="batch size B")
     p.add_argument("--heads", type=int, help="query heads H")
     p.add_argument("--segments", type=_csv(int), help="memory_replay: numbers of segments T, comma list")
+    p.add_argument("--memories", type=_csv(int), help="short_query: memory lengths M, comma list")
     p.add_argument("--repeats", type=int, default=7,
                    help="timed rounds after one warm-up round; every candidate of a case runs once per round, in a "
                         "shuffled order; figures are the median and the range")
@@ -55,7 +56,7 @@ def main(argv=None):
         loads[name] = load.summary()
         print(f"  machine load: {loads[name]}" + ("  WARNING: busy machine" if load.busy else ""), flush=True)
     baselines = {name: SUITES[name].BASELINE for name in opts.ops}
-    report.add_ratios(rows, baselines)
+    report.add_ratios(rows, baselines, {name: getattr(SUITES[name], "RATIO_FIELD", "fwd_bwd_ms") for name in opts.ops})
     stem = harness.device_name(opts.device)
     meta = dict(device=stem, torch=torch.__version__, python=platform.python_version(),
                 threads=torch.get_num_threads(), rounds=f"1 warm-up + {opts.repeats} timed, interleaved", load=loads)

@@ -28,6 +28,12 @@ def _bench_errors() -> Tuple[type, ...]:
     """What a backend raises when it cannot run a case: a row records it (Triton's errors are not RuntimeErrors)."""
     errors = [RuntimeError, TypeError, ValueError, NotImplementedError, MemoryError]
     try:
+        from torch._dynamo.exc import TorchDynamoException  # torch.compile's failures (recompile limits, ...)
+
+        errors.append(TorchDynamoException)
+    except ImportError:
+        pass
+    try:
         from triton.errors import TritonError  # OutOfResources, CompilationError, PTXASError, ...
 
         errors.append(TritonError)

@@ -10,15 +10,17 @@ FIELDS = [("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"), ("fwd_
           ("peak_mb", "peak MiB", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}")]
 
 
-def add_ratios(rows, baselines):
-    """Adds ``speedup`` (baseline fwd+bwd median / this one) and ``mem_ratio`` (peak / baseline peak)."""
+def add_ratios(rows, baselines, ratio_fields=None):
+    """Adds ``speedup`` (the baseline's median time / this one's; fwd+bwd, or the op's ``ratio_fields`` entry) and
+    ``mem_ratio`` (peak / baseline peak)."""
     base = {(r["op"], r["case"], r["dtype"]): r for r in rows if r["backend"] == baselines.get(r["op"])}
     for r in rows:
         b = base.get((r["op"], r["case"], r["dtype"]))
         if b is None:
             continue
-        if r.get("fwd_bwd_ms") and b.get("fwd_bwd_ms"):
-            r["speedup"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        field = (ratio_fields or {}).get(r["op"], "fwd_bwd_ms")
+        if r.get(field) and b.get(field):
+            r["speedup"] = b[field] / r[field]
         if r.get("peak_mb") and b.get("peak_mb"):
             r["mem_ratio"] = r["peak_mb"] / b["peak_mb"]
 
@@ -66,12 +68,15 @@ def markdown(rows, baselines, title, loads=None):
         notes = any(r.get("note") for r in op_rows)
         header = ["case", "backend", "dtype"] + [f[1] for f in fields] + extra
         header += [f"speedup vs {baselines[op]}", f"peak / {baselines[op]}"] + (["note"] if notes else [])
+        if not any("peak_mb" in r for r in op_rows):
+            header.remove(f"peak / {baselines[op]}")
         lines += [f"## {op}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in op_rows:
             cells = [r["case"], r["backend"], r["dtype"]]
             cells += [cell(r, key, fmt) for key, _, fmt in fields]
             cells += [str(r.get("extra", {}).get(k, "-")) for k in extra]
-            cells += [f"{r['speedup']:.2f}x" if "speedup" in r else "-", f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"]
+            cells += [f"{r['speedup']:.2f}x" if "speedup" in r else "-"]
+            cells += [f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"] if any("peak_mb" in x for x in op_rows) else []
             cells += [r.get("note", "")] if notes else []
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -99,3 +99,21 @@ def test_opcheck():
 def test_torch_compile_fullgraph():
     assert_compiled_matches_eager(cpu_attention, Case(B=1, H=2, L=12, M=20, D=16), torch.float32, "cpu", window=16,
                                   compile_backend="aot_eager")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [
+    Case(B=8, H=8, L=1, M=700, D=32),  # decoding: one task per head, all batches share the r rows
+    Case(B=3, H=2, L=5, M=1100, D=16, window=900, mem_offset=40, R=500),  # groups of batches, the last one short
+    Case(B=1, H=1, L=1, M=3000, D=16),  # one tile: split-K over the key blocks, merged by log-sum-exp
+    Case(B=1, H=2, Hk=1, L=16, M=2100, D=24, window=1500, R=1800),  # split-K with ranges that see no key
+], ids=str)
+def test_short_queries_every_work_split(case, threads):
+    """The forward's plan (whole batch groups, smaller groups, split-K) depends on the thread count; every plan
+    gives the float64 reference, and the backward (from the forward's lse) too."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert_matches_reference(cpu_attention, case, torch.float64)
+    finally:
+        torch.set_num_threads(previous)

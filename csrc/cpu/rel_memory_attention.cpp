@@ -2,10 +2,20 @@
 //
 // Flash-style: a query block of kBlockM rows streams over key blocks of at most kBlockN keys with an
 // online softmax; the backward recomputes the probabilities from the saved log-sum-exp. Within a tile the
-// distances form a band of bm + n - 1 consecutive values, so the position term is one GEMM of the query
-// block against that window of r rows, read back with a per-row shift. Key blocks never straddle the
-// memory/segment boundary (memory keys carry mem_offset), and blocks with no visible key are skipped.
-// Scratch is a few tiles per thread, plus one [Hk, R, D] partial of dr per batch chunk: nothing L x K.
+// distances form a band of bm + n - 1 consecutive values; clamped to [0, R - 1] they are `cols` consecutive rows
+// of r, which BLAS reads in place: the position term of a tile is one GEMM of the query block against those rows,
+// read back along each row's diagonal (the last column stands for every distance >= R - 1). The backward folds dS
+// onto the same band, so dq's position part and dr's rows are two more GEMMs against r and into dr in place.
+// With a memory offset, key blocks never straddle the memory/segment boundary (memory keys carry mem_offset);
+// blocks with no visible key are skipped.
+//
+// Short queries (decoding, evaluation with a long memory): when the (batch, head, query block) tasks cannot
+// occupy the threads, the forward also splits each tile's key blocks into contiguous ranges (split-K); every
+// range keeps its own running max, sum and unnormalised output, merged by their log-sum-exp at the end. Each
+// key, value and r row is then read once per (batch, head).
+//
+// Scratch is a few tiles per thread (and, with split-K, one [bm, D] partial per range), plus one [Hk, R, D] partial
+// of dr per batch chunk in the backward: nothing L x K.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,20 +34,22 @@ namespace memtx {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlockM = 64;                    // queries per tile
-constexpr int64_t kBlockN = 512;                   // keys per tile
-constexpr int64_t kWindow = kBlockM + kBlockN - 1;  // r rows a tile reads
+constexpr int64_t kBlockM = 64;                  // queries per tile
+constexpr int64_t kBlockN = 512;                 // keys per tile
+constexpr int64_t kBand = kBlockM + kBlockN - 1;  // most r rows a tile reads
 
 struct KeyBlock {
   int64_t j0, j1;  // keys [j0, j1)
   int64_t offset;  // mem_offset for memory keys, 0 for segment keys
 };
 
-// Key blocks of [memory ; segment]; none straddles j = M.
+// Key blocks of [memory ; segment]. With a memory offset none straddles j = M (memory keys carry it); without one
+// every key has the same distance formula and the blocks tile [0, K) evenly (no short block at the boundary).
 std::vector<KeyBlock> key_blocks(const RelAttnShape& s) {
   std::vector<KeyBlock> blocks;
-  for (int64_t j0 = 0; j0 < s.M; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, s.M), s.mem_offset});
-  for (int64_t j0 = s.M; j0 < s.K; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, s.K), 0});
+  const int64_t split = s.mem_offset > 0 ? s.M : 0;
+  for (int64_t j0 = 0; j0 < split; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, split), s.mem_offset});
+  for (int64_t j0 = split; j0 < s.K; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, s.K), 0});
   return blocks;
 }
 
@@ -50,6 +62,25 @@ struct Strided4 {
       : data(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   T* row(int64_t a, int64_t b, int64_t i) const { return data + a * s0 + b * s1 + i * s2; }
 };
+
+// The r rows [d0, d0 + cols) a tile reads, every one of them in [0, R - 1].
+struct Band {
+  int64_t d0, cols;
+};
+
+// The position term of a tile's query rows against its band: element (row, c) at data[row * row_stride + c *
+// col_stride] (rows by band columns, or band columns by rows when the rows are few: see QueryTile::position).
+template <typename T>
+struct PositionScores {
+  const T* data;
+  int64_t row_stride, col_stride;
+  PositionScores rows_from(int64_t row) const { return {data + row * row_stride, row_stride, col_stride}; }
+  T at(int64_t row, int64_t c) const { return data[row * row_stride + c * col_stride]; }
+};
+
+// At most this many query rows make the position GEMM stream the band's r rows as its large operand (BLAS packs the
+// small one): with few rows, packing the r rows each tile would cost as much as the GEMM itself.
+constexpr int64_t kFewRows = 32;
 
 // One query block of one (batch, head) against the key blocks it can see.
 template <typename T>
@@ -72,29 +103,71 @@ struct QueryTile {
     lo = std::max(kb.j0, first_visible(i)) - kb.j0;
     hi = std::min(kb.j1 - 1, s.M + i) - kb.j0;
   }
-  // Largest distance of the tile: window row w holds r row clamp(dmax - w, 0, R - 1).
-  int64_t dmax(const KeyBlock& kb) const { return s.M + i0 + bm - 1 - kb.j0 + kb.offset; }
+  // Distance of row ii to the first key of kb; to key jj it is row_top - jj.
+  int64_t row_top(const KeyBlock& kb, int64_t ii) const { return s.M + i0 + ii - kb.j0 + kb.offset; }
+  // The tile's distances clamped to [0, R - 1]: every visible (ii, jj) reads column min(d, R - 1) - d0.
+  Band band(const KeyBlock& kb) const {
+    const int64_t top = row_top(kb, bm - 1), bottom = row_top(kb, 0) - (kb.j1 - kb.j0 - 1);
+    const int64_t d1 = std::min(top, s.R - 1);
+    const int64_t d0 = std::min(std::max<int64_t>(bottom, 0), d1);
+    return {d0, d1 - d0 + 1};
+  }
+  // Keys jj <= clamped_until(kb, ii) sit at a distance >= R - 1 (they read the band's last column R - 1 - d0).
+  int64_t clamped_until(const KeyBlock& kb, int64_t ii) const { return row_top(kb, ii) - (s.R - 1); }
 
-  // Copies the tile's window of r rows (descending distance) into rwin [bm + n - 1, D].
-  void gather_window(const KeyBlock& kb, const T* r_head, int64_t r_stride, T* rwin) const {
-    const int64_t width = bm + (kb.j1 - kb.j0) - 1, top = dmax(kb);
-    for (int64_t w = 0; w < width; ++w) {
-      const int64_t d = std::clamp<int64_t>(top - w, 0, s.R - 1);
-      std::memcpy(rwin + w * s.D, r_head + d * r_stride, s.D * sizeof(T));
+  // The position term of every (query row, band row): qv [rows, D] times the band's r rows (r_head: kv head g's
+  // rows, row stride r_stride), into pos (room for rows x kBand); rows = bm, or bm per batch of a group.
+  PositionScores<T> position(const Band& band, const T* qv, int64_t rows, const T* r_head, int64_t r_stride,
+                             T* pos) const {
+    const T* r_rows = r_head + band.d0 * r_stride;
+    if (rows <= kFewRows) {  // [cols, rows] = r_rows qv^T
+      gemm<T>(false, true, band.cols, rows, s.D, T(1), r_rows, r_stride, qv, s.D, T(0), pos, rows);
+      return {pos, 1, rows};
     }
+    gemm<T>(false, true, rows, band.cols, s.D, T(1), qv, s.D, r_rows, r_stride, T(0), pos, kBand);
+    return {pos, kBand, 1};
   }
 
-  // scores [bm, kBlockN] = (q+u)'k^T + shifted (q+vb)'rwin^T, masked rows zero outside [lo, hi].
-  // qu, qv are the scaled biased queries [bm, D]; pos [bm, kWindow] is scratch.
-  void scores(const KeyBlock& kb, const T* qu, const T* qv, const T* k_rows, int64_t k_stride, const T* rwin,
-              T* score, T* pos) const {
-    const int64_t n = kb.j1 - kb.j0, width = bm + n - 1;
+  // score [bm, kBlockN] = (q+u)'k^T, plus the position term pos (bm rows of this tile) read along each row's
+  // diagonal, on the visible keys of each row. qu are the scaled biased queries [bm, D].
+  void scores(const KeyBlock& kb, const Band& band, const T* qu, const T* k_rows, int64_t k_stride,
+              const PositionScores<T>& pos, T* score) const {
+    const int64_t n = kb.j1 - kb.j0;
     gemm<T>(false, true, bm, n, s.D, T(1), qu, s.D, k_rows, k_stride, T(0), score, kBlockN);
-    gemm<T>(false, true, bm, width, s.D, T(1), qv, s.D, rwin, s.D, T(0), pos, kWindow);
     for (int64_t ii = 0; ii < bm; ++ii) {
       int64_t lo, hi;
       visible_range(kb, ii, lo, hi);
-      if (lo <= hi) add_into(score + ii * kBlockN + lo, pos + ii * kWindow + (bm - 1 - ii) + lo, hi - lo + 1);
+      if (lo > hi) continue;
+      T* row = score + ii * kBlockN;
+      const int64_t split = std::min(hi, clamped_until(kb, ii));
+      const T clamped = pos.at(ii, s.R - 1 - band.d0 < band.cols ? s.R - 1 - band.d0 : 0);
+      for (int64_t jj = lo; jj <= split; ++jj) row[jj] += clamped;
+      const int64_t top = row_top(kb, ii) - band.d0;  // column of key jj: top - jj
+      const T* p = pos.data + ii * pos.row_stride;
+      const int64_t first = std::max(lo, split + 1);
+      if (pos.col_stride == 1) {
+        if (first <= hi) add_reversed_into(row + first, p + top - first, hi - first + 1);
+      } else {
+        for (int64_t jj = first; jj <= hi; ++jj) row[jj] += p[(top - jj) * pos.col_stride];
+      }
+    }
+  }
+
+  // band_rows [bm, kBand] (first cols columns) = dS [bm, kBlockN] folded onto the band: column c sums dS over the
+  // keys that read r row d0 + c (one key each, but the last column takes every clamped key).
+  void fold_band(const KeyBlock& kb, const Band& band, const T* ds, const int64_t* lo, const int64_t* hi,
+                 T* band_rows) const {
+    for (int64_t ii = 0; ii < bm; ++ii) {
+      T* brow = band_rows + ii * kBand;
+      std::fill(brow, brow + band.cols, T(0));
+      if (lo[ii] > hi[ii]) continue;
+      const T* row = ds + ii * kBlockN;
+      const int64_t split = std::min(hi[ii], clamped_until(kb, ii));
+      T clamped = 0;
+      for (int64_t jj = lo[ii]; jj <= split; ++jj) clamped += row[jj];
+      if (split >= lo[ii]) brow[s.R - 1 - band.d0] += clamped;
+      const int64_t top = row_top(kb, ii) - band.d0;
+      for (int64_t jj = std::max(lo[ii], split + 1); jj <= hi[ii]; ++jj) brow[top - jj] = row[jj];
     }
   }
 };
@@ -118,6 +191,32 @@ void zero_outside(T* row, int64_t lo, int64_t hi, int64_t n) {
   if (hi + 1 < n) std::fill(row + std::max<int64_t>(hi + 1, 0), row + n, T(0));
 }
 
+// The running softmax of one tile over one range of key blocks: out rows (unnormalised), row max, row sum.
+template <typename T>
+struct OnlineSoftmax {
+  T* out;  // [bm, D]
+  T* m;    // [bm]
+  T* l;    // [bm]
+};
+
+// How the forward cuts its work: a task is one query block of one head, for a group of `group` batches (they
+// share one GEMM against the band's r rows, so r is read once per group), over one of `splits` ranges of key
+// blocks. Whole batches first; smaller groups, then split-K ranges, only when the tasks would not give every
+// thread four.
+struct ForwardPlan {
+  int64_t group, groups, splits;
+};
+
+ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, int64_t n_blocks) {
+  const int64_t tiles = s.H * n_qblocks, wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (tiles >= wanted) return {s.B, 1, 1};
+  if (tiles * s.B >= wanted) {
+    const int64_t groups = std::min(s.B, (wanted + tiles - 1) / tiles), group = (s.B + groups - 1) / groups;
+    return {group, (s.B + group - 1) / group, 1};
+  }
+  return {1, s.B, std::clamp<int64_t>((wanted + tiles * s.B - 1) / (tiles * s.B), 1, n_blocks)};
+}
+
 template <typename T>
 void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& r, const at::Tensor& u, const at::Tensor& vb, const int64_t* kv_head,
@@ -129,51 +228,108 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   T* out_data = out.data_ptr<T>();
   T* lse_data = lse.data_ptr<T>();
   const auto blocks = key_blocks(s);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t n_qblocks = (s.L + kBlockM - 1) / kBlockM;
+  const ForwardPlan plan = forward_plan(s, n_qblocks, n_blocks);
+  const int64_t splits = plan.splits;
+  // split-K partials, per (batch, head, query block, range): kBlockM rows of D (out) and of 1 (max, sum)
+  const int64_t n_parts = splits > 1 ? s.B * s.H * n_qblocks * splits : 0;
+  std::vector<T> part_out(n_parts * kBlockM * s.D), part_m(n_parts * kBlockM), part_l(n_parts * kBlockM);
+  auto part_row = [&](int64_t b, int64_t h, int64_t qb, int64_t split) {
+    return (((b * s.H + h) * n_qblocks + qb) * splits + split) * kBlockM;
+  };
 
-  at::parallel_for(0, s.B * s.H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qu(kBlockM * s.D), qv(kBlockM * s.D), rwin(kWindow * s.D);
-    std::vector<T> score(kBlockM * kBlockN), pos(kBlockM * kWindow), row_max_(kBlockM), row_sum(kBlockM);
+  at::parallel_for(0, s.H * n_qblocks * plan.groups * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = plan.group * kBlockM;  // query rows of a task: bm per batch of the group
+    std::vector<T> qu(rows * s.D), qv(rows * s.D), pos(rows * kBand), score(kBlockM * kBlockN);
+    std::vector<T> m_own(rows), l_own(rows);
+    std::vector<OnlineSoftmax<T>> acc(plan.group);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (s.H * n_qblocks), h = (task / n_qblocks) % s.H, qb = task % n_qblocks;
+      const int64_t split = task % splits, group = (task / splits) % plan.groups;
+      const int64_t qb = (task / (splits * plan.groups)) % n_qblocks, h = task / (splits * plan.groups * n_qblocks);
       const QueryTile<T> tile{s, qb * kBlockM, std::min(kBlockM, s.L - qb * kBlockM), kv_head[h]};
-      const int64_t bm = tile.bm;
-      T* o = out_data + ((b * s.H + h) * s.L + tile.i0) * s.D;  // the output rows accumulate in place
-      biased_queries(Q.row(b, h, tile.i0), Q.s2, u_data + h * s.D, vb_data + h * s.D, scale, bm, s.D, qu.data(),
-                     qv.data());
-      std::fill(o, o + bm * s.D, T(0));
-      std::fill(row_max_.begin(), row_max_.end(), -std::numeric_limits<T>::infinity());
-      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      const int64_t bm = tile.bm, b0 = group * plan.group, nb = std::min(plan.group, s.B - b0);
+      for (int64_t gb = 0; gb < nb; ++gb) {
+        const int64_t b = b0 + gb;
+        acc[gb] = splits > 1 ? OnlineSoftmax<T>{part_out.data() + part_row(b, h, qb, split) * s.D,
+                                                part_m.data() + part_row(b, h, qb, split),
+                                                part_l.data() + part_row(b, h, qb, split)}
+                             : OnlineSoftmax<T>{out_data + ((b * s.H + h) * s.L + tile.i0) * s.D,  // in place
+                                                m_own.data() + gb * kBlockM, l_own.data() + gb * kBlockM};
+        std::fill(acc[gb].out, acc[gb].out + bm * s.D, T(0));
+        std::fill(acc[gb].m, acc[gb].m + bm, -std::numeric_limits<T>::infinity());
+        std::fill(acc[gb].l, acc[gb].l + bm, T(0));
+        // the group's biased queries, bm rows per batch, back to back (one position GEMM for all of them)
+        biased_queries(Q.row(b, h, tile.i0), Q.s2, u_data + h * s.D, vb_data + h * s.D, scale, bm, s.D,
+                       qu.data() + gb * bm * s.D, qv.data() + gb * bm * s.D);
+      }
       const T* r_head = r_data + tile.g * r.stride(0);
 
-      for (const KeyBlock& block : blocks) {
-        if (!tile.sees(block)) continue;
-        const KeyBlock kb = tile.clip(block);
+      for (int64_t index = split * n_blocks / splits; index < (split + 1) * n_blocks / splits; ++index) {
+        if (!tile.sees(blocks[index])) continue;
+        const KeyBlock kb = tile.clip(blocks[index]);
         const int64_t n = kb.j1 - kb.j0;
-        tile.gather_window(kb, r_head, r.stride(1), rwin.data());
-        tile.scores(kb, qu.data(), qv.data(), Kt.row(b, tile.g, kb.j0), Kt.s2, rwin.data(), score.data(), pos.data());
-        for (int64_t ii = 0; ii < bm; ++ii) {
-          T* row = score.data() + ii * kBlockN;
-          int64_t lo, hi;
-          tile.visible_range(kb, ii, lo, hi);
-          if (lo > hi) {
-            std::fill(row, row + n, T(0));
-            continue;
+        const Band band = tile.band(kb);
+        const PositionScores<T> group_pos = tile.position(band, qv.data(), nb * bm, r_head, r.stride(1), pos.data());
+        for (int64_t gb = 0; gb < nb; ++gb) {
+          const int64_t b = b0 + gb;
+          const OnlineSoftmax<T>& a = acc[gb];
+          tile.scores(kb, band, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2,
+                      group_pos.rows_from(gb * bm), score.data());
+          for (int64_t ii = 0; ii < bm; ++ii) {
+            T* row = score.data() + ii * kBlockN;
+            int64_t lo, hi;
+            tile.visible_range(kb, ii, lo, hi);
+            if (lo > hi) {
+              std::fill(row, row + n, T(0));
+              continue;
+            }
+            const T m_new = std::max(a.m[ii], row_max(row + lo, hi - lo + 1));
+            const T sum = exp_sub_sum(row + lo, m_new, hi - lo + 1);
+            zero_outside(row, lo, hi, n);
+            const T alpha = std::exp(a.m[ii] - m_new);
+            a.l[ii] = a.l[ii] * alpha + sum;
+            a.m[ii] = m_new;
+            if (alpha != T(1)) scale_inplace(a.out + ii * s.D, alpha, s.D);
           }
-          const T m_new = std::max(row_max_[ii], row_max(row + lo, hi - lo + 1));
-          const T sum = exp_sub_sum(row + lo, m_new, hi - lo + 1);
-          zero_outside(row, lo, hi, n);
-          const T alpha = std::exp(row_max_[ii] - m_new);
-          row_sum[ii] = row_sum[ii] * alpha + sum;
-          row_max_[ii] = m_new;
-          if (alpha != T(1)) scale_inplace(o + ii * s.D, alpha, s.D);
+          gemm<T>(false, false, bm, s.D, n, T(1), score.data(), kBlockN, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
+                  s.D);
         }
-        gemm<T>(false, false, bm, s.D, n, T(1), score.data(), kBlockN, V.row(b, tile.g, kb.j0), V.s2, T(1), o, s.D);
       }
-      T* lse_rows = lse_data + (b * s.H + h) * s.L + tile.i0;
+      if (splits > 1) continue;
+      for (int64_t gb = 0; gb < nb; ++gb) {
+        T* lse_rows = lse_data + ((b0 + gb) * s.H + h) * s.L + tile.i0;
+        for (int64_t ii = 0; ii < bm; ++ii) {
+          scale_inplace(acc[gb].out + ii * s.D, T(1) / acc[gb].l[ii], s.D);
+          lse_rows[ii] = acc[gb].m[ii] + std::log(acc[gb].l[ii]);
+        }
+      }
+    }
+  });
+  if (splits == 1) return;
+
+  // Merge the ranges of every tile by their log-sum-exp (a range that saw no visible key has m = -inf, l = 0).
+  at::parallel_for(0, s.B * s.H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
+      const int64_t b = tile_index / (s.H * n_qblocks), h = (tile_index / n_qblocks) % s.H, qb = tile_index % n_qblocks;
+      const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, s.L - i0);
+      T* o = out_data + ((b * s.H + h) * s.L + i0) * s.D;
+      T* lse_rows = lse_data + (b * s.H + h) * s.L + i0;
       for (int64_t ii = 0; ii < bm; ++ii) {
-        scale_inplace(o + ii * s.D, T(1) / row_sum[ii], s.D);
-        lse_rows[ii] = row_max_[ii] + std::log(row_sum[ii]);
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[part_row(b, h, qb, sp) + ii]);
+        T l = 0;
+        std::fill(o + ii * s.D, o + (ii + 1) * s.D, T(0));
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t row = part_row(b, h, qb, sp) + ii;
+          if (part_l[row] == T(0)) continue;
+          const T w = std::exp(part_m[row] - m);
+          l += part_l[row] * w;
+          const T* po = part_out.data() + row * s.D;
+          for (int64_t d = 0; d < s.D; ++d) o[ii * s.D + d] += w * po[d];
+        }
+        scale_inplace(o + ii * s.D, T(1) / l, s.D);
+        lse_rows[ii] = m + std::log(l);
       }
     }
   });
@@ -204,9 +360,9 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
 
   // One task per (kv head, batch chunk) owns dk, dv of its rows, dq of its query heads, and its partials.
   at::parallel_for(0, s.Hk * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qu(kBlockM * s.D), qv(kBlockM * s.D), rwin(kWindow * s.D), drwin(kWindow * s.D);
+    std::vector<T> qu(kBlockM * s.D), qv(kBlockM * s.D);
     std::vector<T> dq_content(kBlockM * s.D), dq_position(kBlockM * s.D), delta(kBlockM);
-    std::vector<T> score(kBlockM * kBlockN), dprob(kBlockM * kBlockN), band(kBlockM * kWindow);
+    std::vector<T> score(kBlockM * kBlockN), dprob(kBlockM * kBlockN), band_rows(kBlockM * kBand);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / n_chunks, chunk = task % n_chunks;
       T* dr_g = dr_partial.data_ptr<T>() + (chunk * s.Hk + g) * s.R * s.D;
@@ -231,10 +387,12 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
             for (const KeyBlock& block : blocks) {
               if (!tile.sees(block)) continue;
               const KeyBlock kb = tile.clip(block);
-              const int64_t n = kb.j1 - kb.j0, width = bm + n - 1;
+              const int64_t n = kb.j1 - kb.j0;
               const T* k_rows = Kt.row(b, g, kb.j0);
-              tile.gather_window(kb, r_head, r.stride(1), rwin.data());
-              tile.scores(kb, qu.data(), qv.data(), k_rows, Kt.s2, rwin.data(), score.data(), band.data());
+              const Band band = tile.band(kb);
+              // band_rows holds the position term here, then the folded dS below
+              const PositionScores<T> pos = tile.position(band, qv.data(), bm, r_head, r.stride(1), band_rows.data());
+              tile.scores(kb, band, qu.data(), k_rows, Kt.s2, pos, score.data());
               // score <- probabilities (zero where masked)
               int64_t lo[kBlockM], hi[kBlockM];
               for (int64_t ii = 0; ii < bm; ++ii) {
@@ -254,23 +412,13 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
               // content term: dq_c += dS k;  dk += dS^T (q+u)'
               gemm<T>(false, false, bm, s.D, n, T(1), score.data(), kBlockN, k_rows, Kt.s2, T(1), dq_content.data(), s.D);
               gemm<T>(true, false, n, s.D, bm, T(1), score.data(), kBlockN, qu.data(), s.D, T(1), dk_rows + kb.j0 * s.D, s.D);
-              // position term through the band: band[ii, bm-1-ii+jj] = dS[ii, jj]
-              for (int64_t ii = 0; ii < bm; ++ii) {
-                T* brow = band.data() + ii * kWindow;
-                const int64_t shift = bm - 1 - ii;
-                if (lo[ii] > hi[ii]) {
-                  std::fill(brow, brow + width, T(0));
-                  continue;
-                }
-                std::fill(brow, brow + shift + lo[ii], T(0));
-                std::memcpy(brow + shift + lo[ii], score.data() + ii * kBlockN + lo[ii], (hi[ii] - lo[ii] + 1) * sizeof(T));
-                std::fill(brow + shift + hi[ii] + 1, brow + width, T(0));
-              }
-              gemm<T>(false, false, bm, s.D, width, T(1), band.data(), kWindow, rwin.data(), s.D, T(1), dq_position.data(), s.D);
-              gemm<T>(true, false, width, s.D, bm, T(1), band.data(), kWindow, qv.data(), s.D, T(0), drwin.data(), s.D);
-              const int64_t top = tile.dmax(kb);
-              for (int64_t w = 0; w < width; ++w)
-                add_into(dr_g + std::clamp<int64_t>(top - w, 0, s.R - 1) * s.D, drwin.data() + w * s.D, s.D);
+              // position term through the band, r and dr rows in place: dq_p += band r_rows;  dr_rows += band^T (q+vb)'
+              tile.fold_band(kb, band, score.data(), lo, hi, band_rows.data());
+              const int64_t rs = r.stride(1);
+              gemm<T>(false, false, bm, s.D, band.cols, T(1), band_rows.data(), kBand, r_head + band.d0 * rs, rs, T(1),
+                      dq_position.data(), s.D);
+              gemm<T>(true, false, band.cols, s.D, bm, T(1), band_rows.data(), kBand, qv.data(), s.D, T(1),
+                      dr_g + band.d0 * s.D, s.D);
             }
             // dq = scale (dq_c + dq_p); du += scale colsum(dq_c); dvb += scale colsum(dq_p)
             T* dq_rows = dq_data + row0 * s.D;
@@ -291,12 +439,12 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
   dvb_partial.mul_(scale);
 }
 
-// k and v rows go to BLAS with leading dimension stride(2), which must be >= D and fit an int. Any other
-// layout (keys expanded with stride 0, overlapping as_strided views, huge strides) is copied first;
+// k, v and r rows go to BLAS with leading dimension stride(-2), which must be >= D and fit an int. Any other
+// layout (rows expanded with stride 0, overlapping as_strided views, huge strides) is copied first;
 // rows padded past D and views of time-major buffers are read in place.
 at::Tensor blas_rows(const at::Tensor& t) {
-  const int64_t ld = t.stride(2);
-  if (ld >= t.size(3) && ld <= std::numeric_limits<int>::max()) return t;
+  const int64_t ld = t.stride(-2);
+  if (ld >= t.size(-1) && ld <= std::numeric_limits<int>::max()) return t;
   return at::empty(t.sizes(), t.options()).copy_(t);
 }
 
@@ -318,9 +466,9 @@ std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cpu(
   auto lse = at::empty({s.B, s.H, s.L}, q.options());
   const auto kv_head = kv_head_index.contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
-  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v);
+  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v), rc = cpu::blas_rows(r);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rel_memory_attention_fwd_cpu", [&] {
-    cpu::forward_impl<scalar_t>(s, q, kc, vc, r, uc, vbc, kv_head.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
+    cpu::forward_impl<scalar_t>(s, q, kc, vc, rc, uc, vbc, kv_head.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
                                 out, lse);
   });
   return {out, lse};
@@ -337,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dout = grad_out.contiguous(), outc = out.contiguous(), lsec = lse.contiguous().to(q.scalar_type());
   const auto kv_head = kv_head_index.contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
-  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v);
+  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v), rc = cpu::blas_rows(r);
   // Enough (kv head, batch chunk) tasks for every thread; each chunk keeps its own dr, du, dvb partials.
   const int64_t threads = at::get_num_threads();
   const int64_t n_chunks = std::clamp<int64_t>((2 * threads + s.Hk - 1) / s.Hk, 1, s.B);
@@ -348,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto du_partial = at::zeros({n_chunks, s.H, s.D}, q.options());
   auto dvb_partial = at::zeros({n_chunks, s.H, s.D}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rel_memory_attention_bwd_cpu", [&] {
-    cpu::backward_impl<scalar_t>(s, dout, q, kc, vc, r, uc, vbc, outc, lsec, kv_head.data_ptr<int64_t>(),
+    cpu::backward_impl<scalar_t>(s, dout, q, kc, vc, rc, uc, vbc, outc, lsec, kv_head.data_ptr<int64_t>(),
                                  static_cast<scalar_t>(scale), dq, dk, dv, dr_partial, du_partial, dvb_partial);
   });
   return {dq, dk, dv, dr_partial.sum(0), du_partial.sum(0), dvb_partial.sum(0)};

@@ -46,6 +46,29 @@ inline void add_into(T* y, const T* x, int64_t n) {
   for (; i < n; ++i) y[i] += x[i];
 }
 
+// y[t] += x_last[-t] for t in [0, n): adds x read backwards (a row of scores reads its band of position scores
+// from the largest distance down).
+template <typename T>
+inline void add_reversed_into(T* y, const T* x_last, int64_t n) {
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; t + 16 <= n; t += 16) {
+      const __m512 x = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(x_last - t - 15));
+      _mm512_storeu_ps(y + t, _mm512_add_ps(_mm512_loadu_ps(y + t), x));
+    }
+  } else {
+    const __m512i reverse = _mm512_set_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; t + 8 <= n; t += 8) {
+      const __m512d x = _mm512_permutexvar_pd(reverse, _mm512_loadu_pd(x_last - t - 7));
+      _mm512_storeu_pd(y + t, _mm512_add_pd(_mm512_loadu_pd(y + t), x));
+    }
+  }
+#endif
+  for (; t < n; ++t) y[t] += x_last[-t];
+}
+
 // y[i] = a[i] + b[i]
 template <typename T>
 inline void add(T* y, const T* a, const T* b, int64_t n) {

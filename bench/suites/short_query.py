@@ -1,0 +1,87 @@
+"""Bench suite: the short-query regime of evaluation and decoding (forward only, no grad).
+
+Transformer-XL evaluates with short segments against long memories (enwik8: segment 128, memory 3800;
+WikiText-103: segment 64, memory 640) and decodes one token at a time (L = 1), so the forward reads K, V and r
+once and is bound by memory bandwidth. Rows per shape: the fused backend(s), the eager Transformer-XL attention
+under ``torch.compile`` (``reference:compiled``) and ``sdpa``: ``scaled_dot_product_attention`` on the same q, k, v
+with no position term, the ceiling. Ratios are against ``sdpa`` (a speedup below 1 is the fused op's time over
+SDPA's, inverted).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import memtx_ops
+from bench.harness import failure_row, time_interleaved
+from memtx_ops.backends import BACKENDS
+
+NAME = "short_query"
+BASELINE = "sdpa"
+RATIO_FIELD = "fwd_ms"  # forward only: the report's ratios compare forward times
+
+
+def default_config(device):
+    if device.type == "cuda":
+        return dict(batch=8, heads=16, lengths=[1, 16, 64], memories=[640, 1600, 3800], head_dims=[64],
+                    dtypes=["bfloat16"], backends=["triton", "cuda", "reference:compiled", "sdpa"])
+    return dict(batch=8, heads=8, lengths=[1, 16, 64], memories=[640, 1600, 3800], head_dims=[64],
+                dtypes=["float32"], backends=["cpu", "reference:compiled", "sdpa"])
+
+
+def _sdpa(q, k, v, r, u, vb):
+    from torch.nn.attention.bias import causal_lower_right
+
+    L, K = q.shape[2], k.shape[2]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, K))
+
+
+def candidate(name, device):
+    """(fn(q, k, v, r, u, vb), None) or (None, why it cannot run here)."""
+    if name == "sdpa":
+        return _sdpa, None
+    if name == "reference:compiled":
+        torch._dynamo.reset()  # a graph per shape, each case from a clean cache (the warm-up round compiles)
+        compiled = torch.compile(memtx_ops.reference.rel_memory_attention, fullgraph=True, dynamic=False)
+        return (lambda q, k, v, r, u, vb: compiled(q, k, v, r, u, vb)), None
+    reason = BACKENDS[name].unavailable_reason(device)
+    if reason is not None:
+        return None, reason
+    return (lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=name)), None
+
+
+def run(opts):
+    device = opts.device
+    cfg = default_config(device)
+    B, H = opts.batch or cfg["batch"], opts.heads or cfg["heads"]
+    rows = []
+    for L, M, D, dtype_name in itertools.product(opts.lengths or cfg["lengths"], opts.memories or cfg["memories"],
+                                                 opts.head_dims or cfg["head_dims"], opts.dtypes or cfg["dtypes"]):
+        dtype = getattr(torch, dtype_name)
+        inputs = [torch.randn(*shape, device=device, dtype=dtype) for shape in
+                  ((B, H, L, D), (B, H, M + L, D), (B, H, M + L, D), (H, M + L, D), (H, D), (H, D))]
+        case = f"B={B} H={H} L={L} M={M} D={D}"
+        fns, reasons = {}, {}
+        for name in opts.backends or cfg["backends"]:
+            fns[name], reasons[name] = candidate(name, device)
+
+        def forward(fn):
+            def call():
+                with torch.no_grad():
+                    fn(*inputs)
+            return call
+
+        timings, failed = time_interleaved({n: {"fwd_ms": forward(f)} for n, f in fns.items() if f is not None},
+                                           device, opts.repeats)
+        reasons.update(failed)
+        for name in fns:
+            if name not in timings:
+                rows.append(failure_row(NAME, case, name, dtype_name, reasons.get(name) or "not available"))
+                continue
+            row = dict(op=NAME, case=case, backend=name, dtype=dtype_name, **timings[name]["fwd_ms"].fields("fwd_ms"))
+            rows.append(row)
+            print(f"  {case} {dtype_name} {name}: fwd {row['fwd_ms']:.2f} ms "
+                  f"({row['fwd_ms_range'][0]:.2f}-{row['fwd_ms_range'][1]:.2f})", flush=True)
+    return rows
