@@ -162,3 +162,15 @@ def test_kv_head_index_layout_does_not_matter(layout):
 @pytest.mark.parametrize("compiled", [False, True], ids=["custom_op", "torch.compile"])
 def test_out_of_range_head_writes_only_its_own_rows(compiled):
     assert_bad_kv_head_stays_in_its_rows("triton", torch.float32, DEVICE, compiled)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 40])
+@pytest.mark.parametrize("case", [Case(B=1, H=2, L=1, M=300, D=32), Case(B=2, H=1, L=20, M=150, D=16, window=100,
+                                                                        mem_offset=9, R=120)], ids=str)
+def test_split_keys_flash_decoding(case, splits, monkeypatch):
+    """Split-K (flash-decoding) with one part, a few, and more parts than key blocks (some see no key): the
+    float64 reference, forward and backward (from the merged lse)."""
+    from memtx_ops.kernels.rel_memory_attention import fwd
+
+    monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
+    assert_matches_reference(triton_attention, case, torch.float32, DEVICE)

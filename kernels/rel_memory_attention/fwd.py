@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune_tiles, dot_precision, load_rows, store_rows, tile_scores
+from ..utils import autotune_tiles, dot_precision, load_rows, smallest_block, store_rows, tile_scores
 
 LOG2E = math.log2(math.e)
 
@@ -38,19 +38,38 @@ def _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_v
     return acc, m_new, l_i
 
 
+@triton.jit
+def visited_key_blocks(i0, L, M, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks query block ``[i0, i0 + BLOCK_M)`` visits, memory blocks first (they tile ``[0, M)`` and carry
+    the memory offset), then segment blocks (tiling ``[M, M + L)``) -> (first memory key, memory blocks, first
+    segment key, all blocks). Block ``t`` starts at ``mem_first + t * BLOCK_N`` or ``seg_first + (t - n_mem) *
+    BLOCK_N``."""
+    hi = M + tl.minimum(i0 + BLOCK_M, L) - 1  # visible keys of the block: [lo, hi]
+    lo = tl.maximum(M + i0 - WINDOW + 1, 0)
+    mem_first = lo // BLOCK_N * BLOCK_N
+    n_mem = tl.cdiv(tl.maximum(tl.minimum(hi + 1, M) - mem_first, 0), BLOCK_N)
+    seg_first = M + (tl.maximum(lo, M) - M) // BLOCK_N * BLOCK_N
+    n_seg = tl.cdiv(tl.maximum(hi + 1 - seg_first, 0), BLOCK_N)
+    return mem_first, n_mem, seg_first, n_mem + n_seg
+
+
 @autotune_tiles(FWD_CONFIGS)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, R_, U, VB, KV_HEAD, O, LSE,
+    Q, K, V, R_, U, VB, KV_HEAD, O, LSE, PART_O, PART_ML,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_ob, stride_oh, stride_om,
-    H, HK, L, M, R, D, WINDOW, MEM_OFFSET, qk_scale,
+    B, H, HK, L, M, R, D, WINDOW, MEM_OFFSET, qk_scale, SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
 ):
-    """Grid ``(cdiv(L, BLOCK_M), B * H)``: one query block of one (batch, head)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid ``(B * H, cdiv(L, BLOCK_M), SPLITS)``: one query block of one (batch, head), over one of ``SPLITS``
+    parts of its key blocks. Without ``PARTIAL`` (one part) it writes ``O`` and ``LSE``; else (split-K, flash-decoding) its
+    unnormalised output, row max and row sum (log2 units) go to ``PART_O [SPLITS, B * H, L, BLOCK_D]`` and
+    ``PART_ML [SPLITS, 2, B * H, L]`` (float32) for :func:`merge_key_splits`."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     g = tl.load(KV_HEAD + h).to(tl.int64)
@@ -73,23 +92,51 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # visible keys of the block: [lo, hi]; memory blocks tile [0, M), segment blocks tile [M, M + L)
-    hi = M + tl.minimum(i0 + BLOCK_M, L) - 1
-    lo = tl.maximum(M + i0 - WINDOW + 1, 0)
-    for j0 in range(lo // BLOCK_N * BLOCK_N, tl.minimum(hi + 1, M), BLOCK_N):
+    mem_first, n_mem, seg_first, n_blocks = visited_key_blocks(i0, L, M, WINDOW, BLOCK_M, BLOCK_N)
+    for t in range(n_blocks * split // SPLITS, n_blocks * (split + 1) // SPLITS):
+        memory = t < n_mem
+        j0 = tl.where(memory, mem_first + t * BLOCK_N, seg_first + (t - n_mem) * BLOCK_N)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
-                                  offs_i, offs_d, mask_d, i0, j0, M, MEM_OFFSET, L, M, R, WINDOW, qk_scale,
-                                  BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
-    for j0 in range(M + (tl.maximum(lo, M) - M) // BLOCK_N * BLOCK_N, hi + 1, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
-                                  offs_i, offs_d, mask_d, i0, j0, M + L, 0, L, M, R, WINDOW, qk_scale,
+                                  offs_i, offs_d, mask_d, i0, j0, tl.where(memory, M, M + L),
+                                  tl.where(memory, MEM_OFFSET, 0), L, M, R, WINDOW, qk_scale,
                                   BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past L see no key
-    out = tl.where(g_valid, acc / l_safe[:, None], float("nan"))
-    store_rows(O + b * stride_ob + h * stride_oh, i0, L, stride_om, offs_d, mask_d, out, BLOCK_M)
-    lse = tl.where(g_valid, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("nan"))
-    tl.store(LSE + pid_bh.to(tl.int64) * L + offs_i, lse, mask=offs_i < L)
+    if not PARTIAL:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past L see no key
+        out = tl.where(g_valid, acc / l_safe[:, None], float("nan"))
+        store_rows(O + b * stride_ob + h * stride_oh, i0, L, stride_om, offs_d, mask_d, out, BLOCK_M)
+        lse = tl.where(g_valid, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("nan"))
+        tl.store(LSE + pid_bh.to(tl.int64) * L + offs_i, lse, mask=offs_i < L)
+    else:
+        rows = (split * B * H + pid_bh).to(tl.int64) * L  # first row of this (split, batch, head)
+        acc = tl.where(g_valid, acc, float("nan"))
+        store_rows(PART_O + rows * BLOCK_D, i0, L, BLOCK_D, offs_d, offs_d < BLOCK_D, acc, BLOCK_M)
+        ml = (split * 2 * B * H + pid_bh).to(tl.int64) * L + offs_i  # [split, 0 (max) | 1 (sum), bh, i]
+        tl.store(PART_ML + ml, m_i, mask=offs_i < L)
+        tl.store(PART_ML + ml + B * H * L, l_i, mask=offs_i < L)
+
+
+def key_splits(programs: int, keys: int, device: torch.device) -> int:
+    """Parts of the key range per query block (flash-decoding): 1 when ``programs`` (query blocks x batch x heads)
+    fill the GPU, else enough for about two programs per multiprocessor, at most one per 64 keys. Under the
+    interpreter a GPU of four multiprocessors is assumed, so that small test problems take the split path too."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if programs >= 2 * processors:
+        return 1
+    return max(1, min(triton.cdiv(2 * processors, programs), triton.cdiv(keys, 64)))
+
+
+def merge_key_splits(part_o, part_ml, out, lse, D):
+    """Out ``[B, H, L, D]`` and lse ``[B, H, L]`` from the split-K partials of :func:`_fwd_kernel`: every part's
+    output weighted by ``2 ** (max_part - max)``, over the weighted sum of the row sums. A part that saw no visible
+    key (max -inf, sum 0) weighs 0."""
+    m_parts, l_parts = part_ml[:, 0], part_ml[:, 1]  # [S, B*H, L]
+    m = m_parts.max(0).values
+    weight = torch.exp2(m_parts - m).nan_to_num(0.0)  # -inf - -inf only where no part saw a key (padding rows)
+    total = (l_parts * weight).sum(0)
+    merged = (part_o[..., :D] * weight[..., None]).sum(0) / total[..., None]
+    out.copy_(merged.view(out.shape))
+    lse.copy_(((m + torch.log2(total)) / LOG2E).view(lse.shape))
 
 
 def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
@@ -97,20 +144,29 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     kv_head_index ``[H]`` int64; ``window`` (0: none), ``mem_offset``, ``scale``.
 
     -> (out ``[B, H, L, D]`` in q.dtype, lse ``[B, H, L]`` float32, natural log of the softmax denominators).
-    Every tensor needs a unit last stride; other strides are arbitrary.
+    Every tensor needs a unit last stride; other strides are arbitrary. When the query blocks of all batches and
+    heads are too few to fill the GPU (decoding, short segments), each one's keys are split into parts computed
+    by separate programs and merged (:func:`key_splits`).
     """
     B, H, L, D = q.shape
     M = k.shape[2] - L
     kv_head_index = kv_head_index.contiguous()  # the kernel reads KV_HEAD[h] without a stride
     out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    block_d = max(16, triton.next_power_of_2(D))
+    splits = key_splits(B * H * triton.cdiv(L, smallest_block(_fwd_kernel, "BLOCK_M")), M + L, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_o = torch.empty((splits, B * H, L, block_d) if splits > 1 else (1,), **f32)
+    part_ml = torch.empty((splits, 2, B * H, L) if splits > 1 else (1,), **f32)
+    grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]), splits)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, r, u, vb, kv_head_index, out, lse,
+        q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), r.stride(0), r.stride(1), u.stride(0), vb.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        H, k.shape[1], L, M, r.shape[1], D, window if window > 0 else M + L + 1, mem_offset, scale * LOG2E,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype),
+        B, H, k.shape[1], L, M, r.shape[1], D, window if window > 0 else M + L + 1, mem_offset, scale * LOG2E, splits,
+        BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PARTIAL=splits > 1,
     )
+    if splits > 1:
+        merge_key_splits(part_o, part_ml, out, lse, D)
     return out, lse
