@@ -9,6 +9,8 @@ queries against the window followed by that per-row shift (``tl.gather``), and i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -21,10 +23,21 @@ INTERPRETER_BLOCK = 32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of ``tl.dot``: TF32 for float32 only when torch allows it for CUDA matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """``input_precision`` of ``tl.dot``. float32: ``"tf32"`` where torch allows TF32 for CUDA matmuls, else
+    ``"tf32x3"`` (three TF32 products: float32 accuracy, 1e-4 in SPEC terms, on the tensor cores; IEEE dots would
+    run on the CUDA cores). Read through torch's new ``fp32_precision`` API (reading the legacy ``allow_tf32``
+    after a user set the new one raises), or the legacy flag on a torch without it. 16-bit inputs ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    allowed = precision == "tf32" if precision is not None else matmul.allow_tf32
+    return "tf32" if allowed else "tf32x3"
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """The config table of a dtype: ``"fp32"`` (twice the shared memory per tile) or ``"16bit"``."""
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def tile_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2) -> triton.Config:
@@ -35,26 +48,41 @@ def tile_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int 
     )
 
 
-def autotune_tiles(gpu_table, make_config=tile_config, reset_to_zero=None):
-    """``triton.autotune`` over ``gpu_table`` = ``{largest BLOCK_D: [make_config arguments, ...]}``.
+def table_configs(gpu_tables, make_config=tile_config):
+    """``[(dtype kind, largest BLOCK_D, config)]`` of ``gpu_tables`` = ``{dtype kind: {largest BLOCK_D: [make_config
+    arguments, ...]}}`` (the AOT check compiles exactly these)."""
+    return [(kind, bound, make_config(*row)) for kind, table in gpu_tables.items() for bound in sorted(table)
+            for row in table[bound]]
 
-    Keyed on ``BLOCK_D`` (and, by Triton, the dtypes); only the row of the smallest bound ``>= BLOCK_D`` is
-    benchmarked. Under the interpreter there is exactly one config: ``make_config(32, 32)``.
+
+def autotune_tiles(gpu_tables, make_config=tile_config, key=("BLOCK_D",), reset_to_zero=None):
+    """``triton.autotune`` over the configs of ``gpu_tables`` (:func:`table_configs`) that fit the call: the table of
+    the inputs' dtype kind (:func:`dtype_kind` of the first tensor argument), the row of the smallest bound ``>=
+    BLOCK_D``. ``key`` names the arguments whose values select a tuning result (with the dtypes): every constexpr
+    that changes a kernel's resources belongs there. Under the interpreter there is exactly one config:
+    ``make_config(32, 32)``.
     """
+    key = list(key)
     if interpreter_enabled():
-        return triton.autotune([make_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK)], key=["BLOCK_D"])
-    bounds = sorted(gpu_table)
-    tagged = [(bound, make_config(*row)) for bound in bounds for row in gpu_table[bound]]
+        return triton.autotune([make_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK)], key=key)
+    tagged = table_configs(gpu_tables, make_config)
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        kind = dtype_kind(next(a for a in named_args.values() if isinstance(a, torch.Tensor)).dtype)
+        bounds = sorted(gpu_tables[kind])
         bound = next((b for b in bounds if b >= block_d), bounds[-1])
-        return [config for b, config in tagged if b == bound]
+        return [config for k, b, config in tagged if k == kind and b == bound]
 
     return triton.autotune(
-        [config for _, config in tagged], key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune},
+        [config for _, _, config in tagged], key=key, prune_configs_by={"early_config_prune": prune},
         reset_to_zero=reset_to_zero,
     )
+
+
+def on_device(t: torch.Tensor):
+    """The context that launches kernels on ``t``'s GPU (which need not be the current one); nothing on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def smallest_block(kernel, name: str) -> int:

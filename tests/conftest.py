@@ -35,8 +35,9 @@ def _global_state():
         "torch.get_num_threads()": torch.get_num_threads(),
         "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
         "torch.is_grad_enabled()": torch.is_grad_enabled(),
-        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        # torch's new precision API (reading the legacy allow_tf32 flags after it was set would raise)
+        "torch.backends.cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "torch.backends.cudnn.fp32_precision": torch.backends.cudnn.fp32_precision,
         "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
         "torch._dynamo.config": dynamo_config.get_config_copy(),
         "torch._inductor.config": inductor_config.get_config_copy(),
@@ -54,9 +55,9 @@ def _restore(state):
     torch.set_num_threads(state["torch.get_num_threads()"])
     torch.use_deterministic_algorithms(state["torch.are_deterministic_algorithms_enabled()"])
     torch.set_grad_enabled(state["torch.is_grad_enabled()"])
-    torch.backends.cuda.matmul.allow_tf32 = state["torch.backends.cuda.matmul.allow_tf32"]
-    torch.backends.cudnn.allow_tf32 = state["torch.backends.cudnn.allow_tf32"]
-    torch.set_float32_matmul_precision(state["torch.get_float32_matmul_precision()"])
+    torch.set_float32_matmul_precision(state["torch.get_float32_matmul_precision()"])  # sets fp32_precision too
+    torch.backends.cuda.matmul.fp32_precision = state["torch.backends.cuda.matmul.fp32_precision"]
+    torch.backends.cudnn.fp32_precision = state["torch.backends.cudnn.fp32_precision"]
     dynamo_config.load_config(state["torch._dynamo.config"])
     inductor_config.load_config(state["torch._inductor.config"])
 

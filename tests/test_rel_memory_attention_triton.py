@@ -174,3 +174,60 @@ def test_split_keys_flash_decoding(case, splits, monkeypatch):
 
     monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
     assert_matches_reference(triton_attention, case, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("api", ["new", "legacy", "none"])
+def test_float32_dots_follow_torch_precision_without_mixing_apis(api):
+    """float32 dots: TF32 where torch allows it, else 3xTF32 (float32 accuracy on tensor cores, never IEEE). Read
+    through torch's new fp32_precision API, which never raises 'mix of the legacy and new APIs'."""
+    from memtx_ops.kernels.utils import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    previous = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    try:
+        if api == "new":
+            matmul.fp32_precision = "tf32"
+        elif api == "legacy":
+            matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == ("tf32x3" if api == "none" else "tf32")
+        assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous[0])  # the legacy setter changed it
+        matmul.fp32_precision = previous[1]
+
+
+def test_autotune_keys_hold_every_resource_changing_constexpr():
+    """A config tuned for one precision or deterministic mode must not be reused for another."""
+    from memtx_ops.kernels.rel_memory_attention import bwd, fwd
+
+    assert {"D", "BLOCK_D", "PRECISION", "PARTIAL"} <= set(fwd._fwd_kernel.keys)
+    assert {"D", "BLOCK_D", "PRECISION", "DETERMINISTIC"} <= set(bwd._bwd_dq_kernel.keys)
+    assert {"D", "BLOCK_D", "PRECISION"} <= set(bwd._bwd_dkdv_kernel.keys) & set(bwd._bwd_dr_kernel.keys)
+
+
+def test_batch_times_heads_goes_on_the_grid_axis_without_the_65535_limit(monkeypatch):
+    """B * H = 70000 programs on grid axis 0 (2**31 - 1), query and key blocks on axis 1 (65535)."""
+    from memtx_ops.kernels.rel_memory_attention import bwd, fwd
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.configs = name, fwd._fwd_kernel.configs
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids[self.name] = grid(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=16)) if callable(grid) else grid
+            return launch
+
+    for module, name in ((fwd, "_fwd_kernel"), (bwd, "_bwd_preprocess"), (bwd, "_bwd_dkdv_kernel"),
+                         (bwd, "_bwd_dq_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name))
+    B, H, L, M, D = 7000, 10, 3, 2, 16
+    q, k, v, r, u, vb = (torch.empty(s) for s in ((B, H, L, D), (B, H, M + L, D), (B, H, M + L, D), (H, M + L, D),
+                                                  (H, D), (H, D)))
+    idx = torch.arange(H)
+    fwd.rel_memory_attention_fwd(q, k, v, r, u, vb, idx, 0, 0, 0.25)
+    bwd.rel_memory_attention_bwd(q, q, k, v, r, u, vb, q, torch.empty(B, H, L), idx, 0, 0, 0.25)
+    assert all(grid[0] == B * H and all(g <= 65535 for g in grid[1:]) for grid in grids.values()), grids
+    assert set(grids) == {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}

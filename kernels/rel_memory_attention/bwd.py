@@ -24,21 +24,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune_tiles, dot_precision, load_rows, smallest_block, store_rows, tile_scores, unshift_band
+from ..utils import (autotune_tiles, dot_precision, load_rows, on_device, smallest_block, store_rows, tile_scores,
+                     unshift_band)
 
 LOG2E = math.log2(math.e)
 
-# {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}
 BWD_CONFIGS = {
-    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-    128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-    256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+    "16bit": {
+        64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+    },
+    "fp32": {
+        64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+        256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+    },
 }
-# {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}}
 DR_CONFIGS = {
-    64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-    128: [(32, 32, 4, 2), (64, 32, 8, 2)],
-    256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+    "16bit": {
+        64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        128: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+    },
+    "fp32": {
+        64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        128: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+    },
 }
 
 
@@ -59,10 +74,10 @@ def band_config(block_m: int, block_r: int, num_warps: int = 4, num_stages: int 
 
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                    H, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid ``(cdiv(L, BLOCK_M), B * H)``: ``delta [B, H, L] = sum_d dO * O`` in float32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+                    H, L, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(B * H, cdiv(L, BLOCK_M))``: ``delta [B, H, L] = sum_d dO * O`` in float32."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     i0 = pid_m * BLOCK_M
@@ -93,20 +108,20 @@ def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, 
     return qu, qv, do, lse2, delta
 
 
-@autotune_tiles(BWD_CONFIGS)
+@autotune_tiles(BWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION"))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    H, HK, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, HK, L, M, R, WINDOW, MEM_OFFSET, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(M, BLOCK_N) + cdiv(L, BLOCK_N), B * Hk)``: memory key blocks, then segment key blocks."""
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    """Grid ``(B * Hk, cdiv(M, BLOCK_N) + cdiv(L, BLOCK_N))``: memory key blocks, then segment key blocks."""
+    pid_bg = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (pid_bg // HK).to(tl.int64)
     g = (pid_bg % HK).to(tl.int64)
     n_mem = tl.cdiv(M, BLOCK_N)
@@ -174,22 +189,22 @@ def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_bas
     return dq_c, dq_p, clamped
 
 
-@autotune_tiles(BWD_CONFIGS, reset_to_zero=["DR"])
+@autotune_tiles(BWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "DETERMINISTIC"), reset_to_zero=["DR"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DQ, DU, DVB, DR, CQ,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm, stride_drh, stride_drn,
-    H, HK, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, HK, L, M, R, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    """Grid ``(cdiv(L, BLOCK_M), B * H)``. DU, DVB, CQ: float32 partials ``[B, NUM_SLOTS, H, D]``, slot = query
+    """Grid ``(B * H, cdiv(L, BLOCK_M))``. DU, DVB, CQ: float32 partials ``[B, NUM_SLOTS, H, D]``, slot = query
     block; CQ holds the gradient of the clamped row ``r[R - 1]``. DR: float32 ``[Hk, R, D]`` atomic accumulator
     (rows below ``R - 1``, and ``R - 1`` itself unless DETERMINISTIC)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     g = tl.load(KV_HEAD + h).to(tl.int64)
@@ -273,20 +288,20 @@ def _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, st
     return acc + tl.dot(tl.trans(by_distance.to(qv.dtype)), qv, input_precision=PRECISION)
 
 
-@autotune_tiles(DR_CONFIGS, make_config=band_config)
+@autotune_tiles(DR_CONFIGS, make_config=band_config, key=("D", "BLOCK_D", "PRECISION"))
 @triton.jit
 def _bwd_dr_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, CQ, DR,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom, stride_drh, stride_drn,
-    B, H, L, M, R, D, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
+    B, H, L, M, R, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(R, BLOCK_R), Hk)``: rows ``[d0, d0 + BLOCK_R)`` of ``dr[g]``, summed in a fixed order over
+    """Grid ``(Hk, cdiv(R, BLOCK_R))``: rows ``[d0, d0 + BLOCK_R)`` of ``dr[g]``, summed in a fixed order over
     batches, the query heads of g, query blocks, and (row ``R - 1``) the dq kernel's partials CQ."""
-    pid_d = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
     d0 = pid_d * BLOCK_R
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -333,8 +348,13 @@ def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_inde
     arguments as in :func:`rel_memory_attention_fwd`.
 
     -> (dq, dk, dv, dr, du, dvb), each with its input's shape and dtype. Deterministic (no atomics) under
-    ``MEMTX_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
+    ``MEMTX_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``. Launches on the inputs' GPU.
     """
+    with on_device(q):
+        return _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale)
+
+
+def _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
     B, H, L, D = q.shape
     Hk, K = k.shape[1], k.shape[2]
     M, R = K - L, r.shape[1]
@@ -350,18 +370,18 @@ def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_inde
     )
 
     delta = torch.empty(B, H, L, **f32)
-    _bwd_preprocess[(triton.cdiv(L, 64), B * H)](
+    _bwd_preprocess[(B * H, triton.cdiv(L, 64))](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), H, L, D, BLOCK_M=64, BLOCK_D=block_d,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), H, L, D=D, BLOCK_M=64, BLOCK_D=block_d,
     )
 
     dk = torch.empty(B, Hk, K, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, Hk, K, D, dtype=v.dtype, device=v.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_N"]) + triton.cdiv(L, meta["BLOCK_N"]), B * Hk)  # noqa: E731
+    grid = lambda meta: (B * Hk, triton.cdiv(M, meta["BLOCK_N"]) + triton.cdiv(L, meta["BLOCK_N"]))  # noqa: E731
     _bwd_dkdv_kernel[grid](
         q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, dk, dv, *common_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, Hk, L, M, R, D, window, mem_offset, scale, scale * LOG2E, BLOCK_D=block_d, PRECISION=precision,
+        H, Hk, L, M, R, window, mem_offset, scale, scale * LOG2E, D=D, BLOCK_D=block_d, PRECISION=precision,
     )
 
     is_deterministic = deterministic()
@@ -369,21 +389,21 @@ def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_inde
     num_slots = triton.cdiv(L, smallest_block(_bwd_dq_kernel, "BLOCK_M"))
     du_part, dvb_part, cq_part = (torch.zeros(B, num_slots, H, D, **f32) for _ in range(3))
     dr_acc = torch.zeros(Hk, R, D, **f32)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))  # noqa: E731
     _bwd_dq_kernel[grid](
         q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, dq, du_part, dvb_part, dr_acc, cq_part,
         *common_strides, dq.stride(0), dq.stride(1), dq.stride(2), dr_acc.stride(0), dr_acc.stride(1),
-        H, Hk, L, M, R, D, window, mem_offset, scale, scale * LOG2E, num_slots,
-        BLOCK_D=block_d, PRECISION=precision, DETERMINISTIC=is_deterministic,
+        H, Hk, L, M, R, window, mem_offset, scale, scale * LOG2E, num_slots,
+        D=D, BLOCK_D=block_d, PRECISION=precision, DETERMINISTIC=is_deterministic,
     )
 
     if is_deterministic:
         dr = torch.empty(Hk, R, D, dtype=r.dtype, device=r.device)
-        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), Hk)  # noqa: E731
+        grid = lambda meta: (Hk, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
         _bwd_dr_kernel[grid](
             q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, cq_part, dr, *common_strides,
-            dr.stride(0), dr.stride(1), B, H, L, M, R, D, window, mem_offset, scale, scale * LOG2E, num_slots,
-            BLOCK_D=block_d, PRECISION=precision,
+            dr.stride(0), dr.stride(1), B, H, L, M, R, window, mem_offset, scale, scale * LOG2E, num_slots,
+            D=D, BLOCK_D=block_d, PRECISION=precision,
         )
     else:
         dr = dr_acc.to(r.dtype)

@@ -8,15 +8,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune_tiles, dot_precision, load_rows, smallest_block, store_rows, tile_scores
+from ..utils import autotune_tiles, dot_precision, load_rows, on_device, smallest_block, store_rows, tile_scores
 
 LOG2E = math.log2(math.e)
 
-# {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}
 FWD_CONFIGS = {
-    64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-    128: [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
-    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    "16bit": {
+        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        128: [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    },
+    "fp32": {
+        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        128: [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    },
 }
 
 
@@ -53,14 +60,14 @@ def visited_key_blocks(i0, L, M, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     return mem_first, n_mem, seg_first, n_mem + n_seg
 
 
-@autotune_tiles(FWD_CONFIGS)
+@autotune_tiles(FWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "PARTIAL"))
 @triton.jit
 def _fwd_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, O, LSE, PART_O, PART_ML,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_ob, stride_oh, stride_om,
-    B, H, HK, L, M, R, D, WINDOW, MEM_OFFSET, qk_scale, SPLITS,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, H, HK, L, M, R, WINDOW, MEM_OFFSET, qk_scale, SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(L, BLOCK_M), SPLITS)``: one query block of one (batch, head), over one of ``SPLITS``
@@ -159,14 +166,23 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     part_o = torch.empty((splits, B * H, L, block_d) if splits > 1 else (1,), **f32)
     part_ml = torch.empty((splits, 2, B * H, L) if splits > 1 else (1,), **f32)
     grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]), splits)  # noqa: E731
+    with on_device(q):
+        _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml, window, mem_offset, scale,
+                        splits, block_d)
+        if splits > 1:
+            merge_key_splits(part_o, part_ml, out, lse, D)
+    return out, lse
+
+
+def _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml, window, mem_offset, scale,
+                    splits, block_d):
+    B, H, L, D = q.shape
+    M = k.shape[2] - L
     _fwd_kernel[grid](
         q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), r.stride(0), r.stride(1), u.stride(0), vb.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        B, H, k.shape[1], L, M, r.shape[1], D, window if window > 0 else M + L + 1, mem_offset, scale * LOG2E, splits,
-        BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PARTIAL=splits > 1,
+        B, H, k.shape[1], L, M, r.shape[1], window if window > 0 else M + L + 1, mem_offset, scale * LOG2E, splits,
+        D=D, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PARTIAL=splits > 1,
     )
-    if splits > 1:
-        merge_key_splits(part_o, part_ml, out, lse, D)
-    return out, lse
