@@ -8,6 +8,7 @@ Python Software Foundation License Version 2. No download is needed.
     python examples/train_char_lm.py --resume --steps 1200       # continue from the checkpoint
     python examples/train_char_lm.py --cross-head-p 0.1 --skip-retain-p 0.5 --finetune-at 400
     python examples/train_char_lm.py --replay-segments 4         # gradient through 4 segments of memory
+    python examples/train_char_lm.py --replay-fraction 0.25      # a quarter of each batch replayed by priority
 
 Prints a progress bar, evaluates bits per character on the validation split every ``--eval-every`` steps,
 saves a checkpoint there and at ``--stop-at`` (model, optimiser, schedule, step, data position, memory, every
@@ -29,6 +30,9 @@ import time
 import torch
 
 from memtx_ops.nn import LayerMemory, TransformerXL
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from char_lm_replay import replay_from_args  # noqa: E402  (prioritized segment replay, beside this file)
 
 
 def load_corpus():
@@ -125,6 +129,11 @@ def parse_args(argv=None):
     p.add_argument("--finetune-at", type=int, default=None, help="step at which skip-retain stops (phase 2)")
     p.add_argument("--replay-segments", type=int, default=0,
                    help="T > 0: each step back-propagates through T segments of memory (memory replay)")
+    p.add_argument("--replay-fraction", type=float, default=0.0,
+                   help="rho > 0: that fraction of each batch is replayed by priority (examples/char_lm_replay.py)")
+    p.add_argument("--replay-capacity", type=int, default=10000, help="segments the replay buffer keeps")
+    p.add_argument("--priority", choices=("loss", "loss_difference", "grad_norm"), default="loss",
+                   help="replay priority rule")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000, help="validation characters per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +147,8 @@ def parse_args(argv=None):
 
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
-            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed")
+            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "replay_fraction", "replay_capacity",
+            "priority", "seed")
 
 
 def random_states(model: TransformerXL) -> dict:
@@ -154,17 +164,17 @@ def set_random_states(model: TransformerXL, states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, schedule, state, args) -> None:
+def save_checkpoint(path, model, optimizer, schedule, state, args, replay=None) -> None:
     """Writes everything the run needs to go on exactly: a temporary file first, then renamed."""
     payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                   rng=random_states(model), args=vars(args))
+                   rng=random_states(model), args=vars(args), replay=None if replay is None else replay.state_dict())
     payload["memory"] = None if state["memory"] is None else [
         dict(hidden=m.hidden, age=m.age, mem_offset=m.mem_offset) for m in state["memory"]]
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, model, optimizer, schedule, args, device):
+def load_checkpoint(path, model, optimizer, schedule, args, device, replay=None):
     """Restores a checkpoint of save_checkpoint -> (the training state: step, data position, memory, history...;
     the learning-rate schedule)."""
     ckpt = torch.load(path, map_location=device, weights_only=False)
@@ -181,6 +191,8 @@ def load_checkpoint(path, model, optimizer, schedule, args, device):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
                                                        last_epoch=ckpt["step"] - 1)
     set_random_states(model, ckpt["rng"])
+    if replay is not None:
+        replay.load_state_dict(ckpt["replay"])
     memory = None if ckpt["memory"] is None else [LayerMemory(**m) for m in ckpt["memory"]]
     return dict(step=ckpt["step"], position=ckpt["position"], memory=memory, running=ckpt["running"],
                 history=ckpt["history"]), schedule
@@ -191,7 +203,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     train, valid, test, vocab = load_corpus()
-    train_streams = batchify(train, args.batch_size).to(device)
+    replay = replay_from_args(args, device)
+    train_streams = batchify(train, args.batch_size - (replay.replayed if replay else 0)).to(device)
     valid_streams = batchify(valid[: args.eval_chars], 1).to(device)
     test_streams = batchify(test, 1).to(device)
     model = TransformerXL(len(vocab), n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
@@ -204,7 +217,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = dict(step=0, position=0, memory=None, running=None, history={"train": [], "valid": []})
     if args.resume:
-        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device)
+        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device, replay)
         print(f"resumed from {ckpt_path} at step {state['step']}")
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
           f"{train.numel()} training characters, device {device}")
@@ -215,13 +228,17 @@ def main(argv=None):
     while state["step"] < stop:
         if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
             state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
-        chunk = [segment(train_streams, args.tgt_len, state["position"] + i) for i in range(per_step)]
+        index = state["position"]
+        chunk = [segment(train_streams, args.tgt_len, index + i) for i in range(per_step)]
         state["position"] += per_step
         step = state["step"]
         if args.finetune_at is not None and step >= args.finetune_at:
             model.set_phase("finetune")
         optimizer.zero_grad(set_to_none=True)
-        if args.replay_segments:
+        logged = None
+        if replay is not None:
+            loss, logged, memory = replay.train_loss(model, train_streams, index, state["memory"])
+        elif args.replay_segments:
             losses, memory = model.replay_segments([c[0] for c in chunk], [c[1] for c in chunk], state["memory"])
             loss = sum(losses) / len(losses)
             memory = [dataclasses.replace(m, hidden=m.hidden.detach()) for m in memory]  # truncate here
@@ -234,8 +251,8 @@ def main(argv=None):
         step = state["step"] = step + 1
         state["memory"] = memory
         tokens += sum(c[1].numel() for c in chunk)
-        running = state["running"]
-        state["running"] = running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        running, logged = state["running"], (loss if logged is None else logged).item()
+        state["running"] = running = logged if running is None else 0.95 * running + 0.05 * logged
         history["train"].append((step, running))
         progress(step, args.steps, running, tokens / (time.perf_counter() - start))
         if step % args.eval_every == 0 or step == args.steps:
@@ -243,7 +260,7 @@ def main(argv=None):
             history["valid"].append((step, bpc))
             print(f"\nstep {step}: validation {bpc:.3f} bpc")
         if step % args.eval_every == 0 or step == stop:
-            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args)
+            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args, replay)
     if state["step"] < args.steps:
         print(f"\nstopped at step {state['step']} of {args.steps}: {ckpt_path}; go on with --resume")
         return
