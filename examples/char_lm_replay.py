@@ -83,7 +83,7 @@ class SegmentReplay:
             return None
         return streams[:, start - self.mem_len: start + self.tgt_len + 1]
 
-    def _rebuild_memory(self, model: TransformerXL, context: torch.Tensor) -> List[LayerMemory]:
+    def rebuild_memory(self, model: TransformerXL, context: torch.Tensor) -> List[LayerMemory]:
         """The memory of replayed segments from their stored context: a window ``[R, mem_len]`` (no-grad forward,
         the model's mode as it is) or stored memories ``[R, n_layer, mem_len, d_model]``."""
         if self.context == "memory":
@@ -101,6 +101,8 @@ class SegmentReplay:
         (None: empty) -> (the loss to back-propagate, the fresh segments' mean loss (detached, for the log), the
         fresh segments' next memory). Samples R segments when the fresh memory is full and the buffer holds any,
         updates their priorities, and stores the fresh segments once the memory is full."""
+        if streams.dim() != 2 or streams.shape[0] != self.fresh:
+            raise ValueError(f"streams must be [B - R = {self.fresh}, n] (the fresh streams), got {tuple(streams.shape)}")
         start, L, M = index * self.tgt_len, self.tgt_len, self.mem_len
         inputs, targets = streams[:, start: start + L], streams[:, start + 1: start + 1 + L]
         full = memory is not None and all(m.hidden.shape[1] == M for m in memory)
@@ -111,7 +113,7 @@ class SegmentReplay:
             drawn = self.buffer.sample(self.replayed)
             span, context = drawn.examples if self.context == "memory" else (drawn.examples, drawn.examples[:, :M])
             span = span[:, -(L + 1):]
-            rebuilt = self._rebuild_memory(model, context)
+            rebuilt = self.rebuild_memory(model, context)
             inputs = torch.cat([inputs, span[:, :L]])
             targets = torch.cat([targets, span[:, 1:]])
             memory = [LayerMemory(torch.cat([m.hidden, r.hidden])) for m, r in zip(memory, rebuilt)]

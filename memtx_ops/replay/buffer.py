@@ -206,7 +206,7 @@ class PrioritizedReplay:
             torch._assert_async(((given > 0) & given.isfinite()).all(), "add: priorities must be positive and finite")
             self.max_priority = torch.maximum(self.max_priority, given.amax())
         if self._storage is None:
-            self._storage = tuple(t.new_empty((self.capacity, *t.shape[1:])) for t in tensors)
+            self._storage = tuple(t.new_zeros((self.capacity, *t.shape[1:])) for t in tensors)
             self._is_tuple = is_tuple
         if k > self.capacity:  # the ring would overwrite the first ones within this call
             drop = k - self.capacity
@@ -300,8 +300,9 @@ class PrioritizedReplay:
         return views if self._is_tuple else views[0]
 
     def state_dict(self) -> Dict[str, object]:
-        """Everything :meth:`load_state_dict` needs to go on exactly: examples, priorities, last losses, the
-        largest priority, the sampling structure, ring position, filled count, schedule step and generator state."""
+        """Everything :meth:`load_state_dict` needs to go on exactly: the examples of the filled slots, priorities,
+        last losses, the largest priority, the sampling structure, ring position, filled count, schedule step and
+        generator state."""
         state: Dict[str, object] = dict(capacity=self.capacity, alpha=self.alpha, rule=self.rule, eps=self.eps,
                                         position=self.position, filled=self.filled, samples_drawn=self.samples_drawn,
                                         seed=self.seed, is_tuple=self._is_tuple, device=None, storage=None)
@@ -309,7 +310,7 @@ class PrioritizedReplay:
             state.update(device=str(self.device), priorities=self.priorities, last_losses=self.last_losses,
                          max_priority=self.max_priority, structure_kind=type(self.structure).__name__,
                          structure=self.structure.state_dict(), generator=self.generator.get_state(),
-                         storage=None if self._storage is None else list(self._storage))
+                         storage=None if self._storage is None else [s[: self.filled] for s in self._storage])
         return state
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -335,5 +336,7 @@ class PrioritizedReplay:
         self.last_losses.copy_(state["last_losses"])
         self.max_priority = state["max_priority"].to(self.device, torch.float64).clone()
         self.generator.set_state(state["generator"].cpu())
-        storage: Optional[Sequence[Tensor]] = state["storage"]
-        self._storage = None if storage is None else tuple(t.to(self.device).clone() for t in storage)
+        storage: Optional[Sequence[Tensor]] = state["storage"]  # the filled slots
+        self._storage = None if storage is None else tuple(
+            torch.cat([t.to(self.device), t.new_zeros((self.capacity - t.shape[0], *t.shape[1:]), device=self.device)])
+            for t in storage)
