@@ -160,7 +160,8 @@ def replay_from_args(args, device) -> Optional[SegmentReplay]:
     try:
         return SegmentReplay(batch_size=args.batch_size, fraction=args.replay_fraction,
                              capacity=args.replay_capacity, rule=args.priority, tgt_len=args.tgt_len,
-                             mem_len=args.mem_len, device=device, steps=args.steps, seed=args.seed)
+                             mem_len=args.mem_len, device=device, steps=args.steps, alpha=args.replay_alpha,
+                             seed=args.seed)
     except ValueError as exc:
         raise SystemExit(f"--replay-fraction: {exc}")
 
@@ -172,12 +173,14 @@ ARMS = {  # name: flags of train_char_lm.py; every arm trains on the same B - R 
     "replay, loss": ["--batch-size", "8", "--replay-fraction", "0.25", "--priority", "loss"],
     "replay, loss difference": ["--batch-size", "8", "--replay-fraction", "0.25", "--priority", "loss_difference"],
     "replay, grad norm": ["--batch-size", "8", "--replay-fraction", "0.25", "--priority", "grad_norm"],
+    "replay, uniform": ["--batch-size", "8", "--replay-fraction", "0.25", "--replay-alpha", "0"],
 }
 
 
 def compare(argv=None) -> None:
-    """Trains every arm of ``ARMS`` for each seed (subprocesses, ``--jobs`` at a time, one thread each), then writes
-    ``<out>/summary.json`` (validation bpc against fresh characters, test bpc) and the plot ``--plot``."""
+    """Trains every arm of ``ARMS`` for each seed (subprocesses, ``--jobs`` at a time, one thread each; a run whose
+    folder holds a result is kept), then writes ``<out>/summary.json`` (validation bpc against fresh characters, test
+    bpc) and the plot ``--plot``."""
     import argparse
     import json
     import subprocess
@@ -202,6 +205,9 @@ def compare(argv=None) -> None:
 
     def train(run):
         arm, seed = run
+        if os.path.exists(os.path.join(folder(arm, seed), "result.json")):
+            print(f"{arm} seed {seed}: done before, kept", flush=True)
+            return
         cmd = [sys.executable, script, *ARMS[arm], "--steps", str(opts.steps), "--seed", str(seed),
                "--eval-every", str(opts.eval_every), "--out", folder(arm, seed), *opts.extra]
         env = dict(os.environ, OMP_NUM_THREADS="1") if opts.jobs > 1 else None
@@ -244,19 +250,22 @@ def plot_comparison(summary, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {}
-    for r in summary:
-        colour = colours.setdefault(r["arm"], f"C{len(colours)}")
-        chars, bpc = zip(*r["valid"])
-        ax.plot([c / 1e3 for c in chars], bpc, color=colour, alpha=0.8, marker=".",
-                label=r["arm"] if r["seed"] == min(s["seed"] for s in summary if s["arm"] == r["arm"]) else None)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for colour, arm in enumerate(dict.fromkeys(r["arm"] for r in summary)):
+        runs = [dict(r["valid"]) for r in summary if r["arm"] == arm]
+        chars = sorted(set.intersection(*(set(run) for run in runs)))
+        values = [[run[c] for run in runs] for c in chars]
+        x = [c / 1e3 for c in chars]
+        ax.plot(x, [sum(v) / len(v) for v in values], color=f"C{colour}", marker=".",
+                label=f"{arm} (mean of {len(runs)} seeds)")
+        ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=f"C{colour}", alpha=0.15)
     ax.set_xlabel("fresh training characters (thousands)")
     ax.set_ylabel("validation bits per character")
     ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("char-LM Transformer-XL: replay at rho = 0.25 vs none, same fresh data")
+    ax.set_title("char-LM Transformer-XL, same fresh characters: replay (rho = 0.25) vs none\n"
+                 "(band: min-max over the seeds)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

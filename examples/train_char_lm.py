@@ -134,6 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--replay-capacity", type=int, default=10000, help="segments the replay buffer keeps")
     p.add_argument("--priority", choices=("loss", "loss_difference", "grad_norm"), default="loss",
                    help="replay priority rule")
+    p.add_argument("--replay-alpha", type=float, default=0.6, help="replay priority exponent (0: uniform replay)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000, help="validation characters per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,7 +149,7 @@ def parse_args(argv=None):
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
             "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "replay_fraction", "replay_capacity",
-            "priority", "seed")
+            "priority", "replay_alpha", "seed")
 
 
 def random_states(model: TransformerXL) -> dict:
