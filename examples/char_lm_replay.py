@@ -17,8 +17,8 @@ A replayed segment needs its memory context. ``context="window"`` (the default) 
 ``mem_len`` tokens that precede it in its stream and rebuilds its memory by a no-grad forward over that window
 (from an empty memory, with the current weights, the last layer skipped: it feeds no memory). ``context="memory"``
 stores the memory itself (``n_layer x mem_len x d_model`` floats per segment, as it was when the segment was
-trained). Per stored segment: window ``(mem_len + L + 1)`` token ids (3 KB at L = M = 128), memory about
-``4 * n_layer * mem_len * d_model`` bytes more (256 KB for the example's defaults: 80x the bytes); per step the
+trained). Per stored segment: window ``(mem_len + L + 1)`` token ids (2 KB at L = M = 128), memory about
+``4 * n_layer * mem_len * d_model`` bytes more (256 KB for the example's defaults: 128x the bytes); per step the
 window costs a no-grad forward of ``R x mem_len`` tokens through ``n_layer - 1`` layers. ``bench/suites/replay.py``
 measures both; the window is the default because the memory's bytes would limit the buffer to a few thousand
 segments per GB while the rebuild costs a fraction of one forward (docs/replay.md).
