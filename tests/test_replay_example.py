@@ -127,7 +127,8 @@ def test_replayed_count_and_flags():
         with pytest.raises(ValueError, match="replay fraction"):
             char_lm_replay.replayed_count(fraction, batch)
     args = argparse.Namespace(replay_fraction=0.25, replay_segments=0, skip_retain_p=0.5, batch_size=8,
-                              replay_capacity=10, priority="loss", tgt_len=L, mem_len=M, steps=10, seed=0)
+                              replay_capacity=10, priority="loss", replay_alpha=0.6, tgt_len=L, mem_len=M, steps=10,
+                              seed=0)
     with pytest.raises(SystemExit, match="does not combine"):
         char_lm_replay.replay_from_args(args, "cpu")
     args.skip_retain_p, args.batch_size = 0.0, 1
