@@ -8,6 +8,7 @@ Python Software Foundation License Version 2. No download is needed.
     python examples/train_char_lm.py --resume --steps 1200       # continue from the checkpoint
     python examples/train_char_lm.py --cross-head-p 0.1 --skip-retain-p 0.5 --finetune-at 400
     python examples/train_char_lm.py --replay-segments 4         # gradient through 4 segments of memory
+    python examples/train_char_lm.py --replay-fraction 0.25      # a quarter of each batch replayed by priority
 
 Prints a progress bar, evaluates bits per character on the validation split every ``--eval-every`` steps,
 saves a checkpoint there and at ``--stop-at`` (model, optimiser, schedule, step, data position, memory, every
@@ -29,6 +30,9 @@ import time
 import torch
 
 from memtx_ops.nn import LayerMemory, SegmentRollout, TransformerXL
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from char_lm_replay import replay_from_args  # noqa: E402  (prioritized segment replay, beside this file)
 
 
 def load_corpus():
@@ -162,6 +166,12 @@ def parse_args(argv=None):
     p.add_argument("--finetune-at", type=int, default=None, help="step at which skip-retain stops (phase 2)")
     p.add_argument("--replay-segments", type=int, default=0,
                    help="T > 0: each step back-propagates through T segments of memory (memory replay)")
+    p.add_argument("--replay-fraction", type=float, default=0.0,
+                   help="rho > 0: that fraction of each batch is replayed by priority (examples/char_lm_replay.py)")
+    p.add_argument("--replay-capacity", type=int, default=10000, help="segments the replay buffer keeps")
+    p.add_argument("--priority", choices=("loss", "loss_difference", "grad_norm"), default="loss",
+                   help="replay priority rule")
+    p.add_argument("--replay-alpha", type=float, default=0.6, help="replay priority exponent (0: uniform replay)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000, help="validation characters per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,7 +200,8 @@ def parse_args(argv=None):
 
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
-            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed")
+            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "replay_fraction", "replay_capacity",
+            "priority", "replay_alpha", "seed")
 
 
 def random_states(model: TransformerXL) -> dict:
@@ -206,23 +217,24 @@ def set_random_states(model: TransformerXL, states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, schedule, state, args, rank=0, world=1) -> None:
-    """Writes everything the run needs to go on exactly (rank 0 writes; the memory and random-number states of every
-    rank go in): a temporary file first, then renamed."""
+def save_checkpoint(path, model, optimizer, schedule, state, args, rank=0, world=1, replay=None) -> None:
+    """Writes everything the run needs to go on exactly (rank 0 writes; the memory, random-number states and replay
+    buffer of every rank go in): a temporary file first, then renamed."""
     memory = None if state["memory"] is None else [
         dict(hidden=m.hidden.cpu(), age=m.age, mem_offset=m.mem_offset) for m in state["memory"]]
-    ranks = gather(dict(memory=memory, rng=random_states(model)), world)
+    ranks = gather(dict(memory=memory, rng=random_states(model),
+                        replay=None if replay is None else replay.state_dict()), world)
     if rank != 0:
         return
     payload = dict(state, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                   args=vars(args), world=world, memory=ranks[0]["memory"], rng=ranks[0]["rng"], ranks=ranks)
+                   args=vars(args), world=world, ranks=ranks, **ranks[0])
     torch.save(payload, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, world=1):
-    """Restores a checkpoint of save_checkpoint (this rank's memory and random-number states) -> (the training
-    state: step, data position, memory, history...; the learning-rate schedule)."""
+def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, world=1, replay=None):
+    """Restores a checkpoint of save_checkpoint (this rank's memory, random-number states and replay buffer) ->
+    (the training state: step, data position, memory, history...; the learning-rate schedule)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # random-number states stay CPU tensors
     changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_ARGS if ckpt["args"].get(k) != getattr(args, k)}
     if ckpt.get("world", 1) != world:
@@ -240,6 +252,8 @@ def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, worl
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
                                                        last_epoch=ckpt["step"] - 1)
     set_random_states(model, ckpt["rng"])
+    if replay is not None:
+        replay.load_state_dict(ckpt["replay"])
     memory = None if ckpt["memory"] is None else [LayerMemory(**dict(m, hidden=m["hidden"].to(device)))
                                                   for m in ckpt["memory"]]
     return dict(step=ckpt["step"], position=ckpt["position"], memory=memory, running=ckpt["running"],
@@ -339,8 +353,12 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
     torch.manual_seed(args.seed)  # the same initial model on every rank
     train, valid, test, vocab = load_corpus()
-    per_rank = args.batch_size // world
-    train_streams = batchify(train, args.batch_size)[rank * per_rank:(rank + 1) * per_rank].to(device)
+    replay = replay_from_args(args, device)
+    if replay is not None and world > 1:
+        raise SystemExit("--replay-fraction runs in one process: each rank would need its own buffer of its streams")
+    fresh = args.batch_size - (replay.replayed if replay else 0)
+    per_rank = fresh // world
+    train_streams = batchify(train, fresh)[rank * per_rank:(rank + 1) * per_rank].to(device)
     valid_streams = batchify(valid[: args.eval_chars], 1).to(device)
     test_streams = batchify(test, 1).to(device)
     model = build_model(args, vocab).to(device)
@@ -351,7 +369,7 @@ def main(argv=None):
     state = dict(step=0, position=0, memory=None, running=None, history={"train": [], "valid": []})
     torch.manual_seed(args.seed + rank)  # each rank its own dropout masks; cross-head and skip-retain stay in step
     if args.resume:
-        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device, rank, world)
+        state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device, rank, world, replay)
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {state['step']}")
     forward, rollout = model, SegmentRollout(model)
@@ -372,13 +390,17 @@ def main(argv=None):
     while state["step"] < stop:
         if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
             state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
-        chunk = [segment(train_streams, args.tgt_len, state["position"] + i) for i in range(per_step)]
+        index = state["position"]
+        chunk = [segment(train_streams, args.tgt_len, index + i) for i in range(per_step)]
         state["position"] += per_step
         step = state["step"]
         if args.finetune_at is not None and step >= args.finetune_at:
             model.set_phase("finetune")
         optimizer.zero_grad(set_to_none=True)
-        if args.replay_segments:
+        logged = None
+        if replay is not None:
+            loss, logged, memory = replay.train_loss(model, train_streams, index, state["memory"])
+        elif args.replay_segments:
             losses, memory = rollout([c[0] for c in chunk], [c[1] for c in chunk], state["memory"])
             loss = sum(losses) / len(losses)
             memory = [dataclasses.replace(m, hidden=m.hidden.detach()) for m in memory]  # truncate here
@@ -391,8 +413,8 @@ def main(argv=None):
         step = state["step"] = step + 1
         state["memory"] = memory
         tokens += world * sum(c[1].numel() for c in chunk)
-        running = state["running"]
-        state["running"] = running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        running, logged = state["running"], (loss if logged is None else logged).item()
+        state["running"] = running = logged if running is None else 0.95 * running + 0.05 * logged
         history["train"].append((step, running))
         bar.update(step, running, tokens / (time.perf_counter() - start))
         if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
@@ -400,7 +422,7 @@ def main(argv=None):
             history["valid"].append((step, bpc))
             bar.write(f"step {step}: validation {bpc:.3f} bpc")
         if step % args.eval_every == 0 or step == stop:
-            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args, rank, world)
+            save_checkpoint(ckpt_path, model, optimizer, schedule, state, args, rank, world, replay)
     bar.close()
     if rank != 0:
         return

@@ -33,8 +33,9 @@ def test_train_evaluate_checkpoint_resume(tmp_path, extra):
 
 
 @pytest.mark.parametrize("extra", [["--cross-head-p", "0.5", "--skip-retain-p", "0.5", "--finetune-at", "4"],
-                                   ["--replay-segments", "2", "--cross-head-p", "0.5"]],
-                         ids=["cross_head+skip_retain", "replay+cross_head"])
+                                   ["--replay-segments", "2", "--cross-head-p", "0.5"],
+                                   ["--replay-fraction", "0.5", "--priority", "loss_difference", "--cross-head-p", "0.5"]],
+                         ids=["cross_head+skip_retain", "replay+cross_head", "prioritized_replay+cross_head"])
 def test_resume_continues_exactly(tmp_path, extra):
     """Two runs (stopped at step 3, then resumed) give the loss curve, the parameters and the memory of one run that
     was never stopped: same data position, dropout masks, cross-head and skip-retain draws, schedule."""
@@ -52,6 +53,12 @@ def test_resume_continues_exactly(tmp_path, extra):
         assert torch.equal(value, parts["model"][name]), name
     for a, b in zip(whole["memory"], parts["memory"]):
         assert torch.equal(a["hidden"], b["hidden"]) and a["age"] == b["age"]
+    if whole["replay"] is not None:  # the prioritized replay buffer went on exactly too
+        a, b = whole["replay"], parts["replay"]
+        assert a["samples_drawn"] == b["samples_drawn"] > 0 and a["filled"] == b["filled"]
+        assert torch.equal(a["priorities"], b["priorities"]) and torch.equal(a["generator"], b["generator"])
+        torch.testing.assert_close(a["last_losses"], b["last_losses"], rtol=0, atol=0, equal_nan=True)
+        assert all(torch.equal(x, y) for x, y in zip(a["storage"], b["storage"]))
     assert json.loads((tmp_path / "whole" / "result.json").read_text())["test_bpc"] == \
         json.loads((tmp_path / "parts" / "result.json").read_text())["test_bpc"]
 

@@ -1,6 +1,6 @@
 """Bench suites, one module per op: each has NAME, BASELINE (the backend ratios are taken against) and
 ``run(opts) -> rows`` (dicts with op, case, backend, dtype and the measured fields)."""
 
-from . import cross_head, dropout, memory_replay, model, rel_memory_attention, short_query
+from . import cross_head, dropout, memory_replay, model, rel_memory_attention, replay, short_query
 
-SUITES = {s.NAME: s for s in (rel_memory_attention, cross_head, short_query, memory_replay, dropout, model)}
+SUITES = {s.NAME: s for s in (rel_memory_attention, cross_head, short_query, memory_replay, dropout, model, replay)}

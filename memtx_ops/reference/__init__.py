@@ -10,16 +10,28 @@ from .rel_memory_attention import (
     relative_scores,
     visibility_mask,
 )
+from .replay import (
+    ReferencePrioritizedReplay,
+    importance_weights,
+    inverse_cdf,
+    sampling_probabilities,
+    updated_priorities,
+)
 
 __all__ = [
+    "ReferencePrioritizedReplay",
     "cross_head_attention",
     "default_kv_head_index",
     "dropout",
     "dropout_keep_mask",
+    "importance_weights",
+    "inverse_cdf",
     "philox4x32_10",
     "position_scores",
     "rel_memory_attention",
     "rel_shift",
     "relative_scores",
+    "sampling_probabilities",
+    "updated_priorities",
     "visibility_mask",
 ]
