@@ -8,6 +8,7 @@ Python Software Foundation License Version 2. No download is needed.
     python examples/train_char_lm.py --resume --steps 1200       # continue from the checkpoint
     python examples/train_char_lm.py --cross-head-p 0.1 --skip-retain-p 0.5 --finetune-at 400
     python examples/train_char_lm.py --replay-segments 4         # gradient through 4 segments of memory
+    python examples/train_char_lm.py --layout "2@1 4@3 2@1" --tgt-len 120 --mem-len 120   # hourglass model
 
 Prints a progress bar, evaluates bits per character on the validation split every ``--eval-every`` steps,
 saves a checkpoint there and at ``--stop-at`` (model, optimiser, schedule, step, data position, memory, every
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from memtx_ops.nn import LayerMemory, TransformerXL
+from memtx_ops.nn import HourglassTransformerXL, LayerMemory, TransformerXL
 
 
 def load_corpus():
@@ -125,6 +126,11 @@ def parse_args(argv=None):
     p.add_argument("--finetune-at", type=int, default=None, help="step at which skip-retain stops (phase 2)")
     p.add_argument("--replay-segments", type=int, default=0,
                    help="T > 0: each step back-propagates through T segments of memory (memory replay)")
+    p.add_argument("--layout", default=None,
+                   help='hourglass layout, e.g. "2@1 4@3 2@1" (HourglassTransformerXL; replaces --n-layer; segment and '
+                        'memory lengths must be multiples of the largest factor)')
+    p.add_argument("--upsample", choices=("repeat", "linear"), default=None, help="hourglass upsampling (repeat)")
+    p.add_argument("--downsample", choices=("mean", "weighted"), default=None, help="hourglass shortening (mean)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000, help="validation characters per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +144,7 @@ def parse_args(argv=None):
 
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
-            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed")
+            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed", "layout", "upsample", "downsample")
 
 
 def random_states(model: TransformerXL) -> dict:
@@ -194,10 +200,14 @@ def main(argv=None):
     train_streams = batchify(train, args.batch_size).to(device)
     valid_streams = batchify(valid[: args.eval_chars], 1).to(device)
     test_streams = batchify(test, 1).to(device)
-    model = TransformerXL(len(vocab), n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                          d_head=args.d_model // args.n_head, d_inner=args.d_inner, dropout=args.dropout,
-                          mem_len=args.mem_len, cross_head_p=args.cross_head_p,
-                          skip_retain_p=args.skip_retain_p).to(device)
+    shape = dict(n_head=args.n_head, d_model=args.d_model, d_head=args.d_model // args.n_head, d_inner=args.d_inner,
+                 dropout=args.dropout, mem_len=args.mem_len, cross_head_p=args.cross_head_p,
+                 skip_retain_p=args.skip_retain_p)
+    if args.layout:
+        model = HourglassTransformerXL(len(vocab), layout=args.layout, downsample=args.downsample or "mean",
+                                       upsample=args.upsample or "repeat", **shape).to(device)
+    else:
+        model = TransformerXL(len(vocab), n_layer=args.n_layer, **shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     os.makedirs(args.out, exist_ok=True)
@@ -206,16 +216,18 @@ def main(argv=None):
     if args.resume:
         state, schedule = load_checkpoint(ckpt_path, model, optimizer, schedule, args, device)
         print(f"resumed from {ckpt_path} at step {state['step']}")
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{parameters / 1e6:.2f}M parameters, vocab {len(vocab)}, "
           f"{train.numel()} training characters, device {device}")
 
     per_step = max(args.replay_segments, 1)
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
-    history, tokens, start = state["history"], 0, time.perf_counter()
+    history, tokens, start, train_seconds = state["history"], 0, time.perf_counter(), 0.0
     while state["step"] < stop:
         if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
             state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
         chunk = [segment(train_streams, args.tgt_len, state["position"] + i) for i in range(per_step)]
+        step_start = time.perf_counter()
         state["position"] += per_step
         step = state["step"]
         if args.finetune_at is not None and step >= args.finetune_at:
@@ -231,6 +243,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         schedule.step()
+        train_seconds += time.perf_counter() - step_start
         step = state["step"] = step + 1
         state["memory"] = memory
         tokens += sum(c[1].numel() for c in chunk)
@@ -253,6 +266,7 @@ def main(argv=None):
     plot_history(history, os.path.join(args.out, "loss.png"))
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump({"steps": state["step"], "valid_bpc": history["valid"][-1][1], "test_bpc": test_bpc,
+                   "train_tokens_per_s": tokens / max(train_seconds, 1e-9), "parameters": parameters,
                    "args": vars(args)}, f, indent=1)
 
 
