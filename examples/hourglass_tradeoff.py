@@ -1,7 +1,7 @@
 """The trade-off the hourglass papers report, measured here: train the char-LM example with the flat Transformer-XL and
 with the hourglass for the same steps and characters, and compare validation bpc with peak memory and tokens/s.
 
-    python examples/hourglass_tradeoff.py --steps 1000 --out docs/hourglass_tradeoff      # the README's run
+    python examples/hourglass_tradeoff.py --steps 2000 --eval-every 200 --threads 1 --out /tmp/tradeoff  # README's run
     python examples/hourglass_tradeoff.py --steps 4 --tiny --out /tmp/tradeoff            # a smoke test
 
 Each model trains in its own process (``examples/train_char_lm.py``, same data, batch, segment and memory lengths,
@@ -33,7 +33,7 @@ TRAIN = os.path.join(ROOT, "examples", "train_char_lm.py")
 # Runs the training script in this child process and then prints its peak resident set (Linux: KiB).
 CHILD = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
          "print('max_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-TINY = dict(batch_size=2, tgt_len=12, mem_len=12, n_head=2, d_model=16, d_inner=32, eval_chars=300)
+TINY = dict(batch_size=2, tgt_len=96, mem_len=96, n_head=2, d_model=16, d_inner=32, eval_chars=300)
 
 
 def parse_args(argv=None):
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--d-inner", type=int, default=512)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of each training process (OMP_NUM_THREADS; default: torch's). On a shared "
+                        "machine 1 thread avoids the OpenMP barriers' waits for a busy core")
     p.add_argument("--tiny", action="store_true", help="a tiny model and data (smoke test)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "hourglass_tradeoff"))
     args = p.parse_args(argv)
@@ -102,8 +105,9 @@ def train(args, name, extra):
     out = os.path.join(args.out, name.split()[0])
     cmd = [sys.executable, "-c", CHILD, TRAIN, *common_arguments(args), *extra, "--out", out]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     with MachineLoad() as load:
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{name}: training failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     summary = json.load(open(os.path.join(out, "result.json")))
@@ -117,9 +121,11 @@ def train(args, name, extra):
 
 def table(rows, args) -> str:
     base = rows[0]
+    threads = f"{args.threads} thread(s)" if args.threads else f"torch's default threads ({torch.get_num_threads()})"
     lines = [f"Char-LM (`examples/train_char_lm.py`), {args.steps} steps of batch {args.batch_size} x segment "
              f"{args.tgt_len} (memory {args.mem_len}, d_model {args.d_model}, {args.n_head} heads, d_inner "
-             f"{args.d_inner}): {args.steps * args.batch_size * args.tgt_len} training characters for each model.", "",
+             f"{args.d_inner}): {args.steps * args.batch_size * args.tgt_len} training characters for each model, "
+             f"{threads} per training process.", "",
              "| model | parameters | valid bpc | test bpc | tokens/s (training) | peak tensor MiB per step | "
              "peak resident MiB | other processes (cores) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,6 +1,7 @@
 """Bench suites, one module per op: each has NAME, BASELINE (the backend ratios are taken against) and
 ``run(opts) -> rows`` (dicts with op, case, backend, dtype and the measured fields)."""
 
-from . import cross_head, dropout, memory_replay, model, rel_memory_attention
+from . import causal_resample, cross_head, dropout, hourglass, memory_replay, model, rel_memory_attention
 
-SUITES = {s.NAME: s for s in (rel_memory_attention, cross_head, memory_replay, dropout, model)}
+SUITES = {s.NAME: s for s in (rel_memory_attention, cross_head, memory_replay, dropout, model, causal_resample,
+                                hourglass)}
