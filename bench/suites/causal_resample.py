@@ -4,8 +4,9 @@
 ``cat`` + ``view`` + ``mean``/``einsum``; ``upsample_add`` (repeat or linear) against ``repeat_interleave`` + ``add``
 (linear: the ramp's two weighted terms). Rows per case: ``eager`` (memtx_ops.reference, the baseline) and the fused
 backend of the device (``cpu`` on the CPU, ``triton`` on CUDA): fwd, bwd, fwd+bwd and peak tensor memory of one
-fwd+bwd. Inputs are time-major activations seen batch-first (``h.transpose(0, 1)``), as the hourglass model hands them
-over. ``--batch`` and ``--lengths`` (fine sequence length, a multiple of 3) override the sizes; d_model is 512.
+fwd+bwd. Inputs are contiguous ``[B, L, d]`` leaves (a time-major leaf would add, to every candidate alike, the copy
+autograd makes to give its .grad the leaf's strides; in the model the inputs are not leaves). ``--batch`` and
+``--lengths`` (fine sequence length, a multiple of 3) override the sizes; d_model is 512.
 """
 
 from __future__ import annotations
@@ -28,20 +29,17 @@ def default_config(device):
     return dict(batch=8, lengths=[1536], dtypes=["float32"], fused="cpu")
 
 
-def time_major_leaf(L, B, d, dtype, device):
-    return torch.randn(L, B, d, device=device, dtype=dtype).transpose(0, 1).detach().requires_grad_()
+def leaf(*shape, dtype, device):
+    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
 
 def cases(B, L, dtype, device):
     """(op, case, {label: fn}, inputs, grad) of one size."""
     k, d = FACTOR, D_MODEL
-    x = time_major_leaf(L, B, d, dtype, device)
-    prev = torch.randn(B, k - 1, d, device=device, dtype=dtype, requires_grad=True)
+    x, prev, x_short, prev_short = (leaf(B, n, d, dtype=dtype, device=device) for n in (L, k - 1, L // k, 1))
     weights = torch.full((k,), 1.0 / k, device=device, dtype=dtype, requires_grad=True)
     short_grad = torch.randn(B, L // k, d, device=device, dtype=dtype)
     fine_grad = torch.randn(B, L, d, device=device, dtype=dtype)
-    x_short = time_major_leaf(L // k, B, d, dtype, device)
-    prev_short = torch.randn(B, 1, d, device=device, dtype=dtype, requires_grad=True)
     size = f"B={B} L={L} d={d} k={k}"
     yield ("causal_downsample", f"mean {size}",
            {"eager": lambda t, p: reference.causal_downsample(t, k, p),

@@ -157,10 +157,6 @@ class HourglassTransformerXL(TransformerXL):
             raise ValueError(f"{type(self).__name__}: {what} have L={tokens.shape[1]} positions, which must be a "
                              f"multiple of the largest factor {self.max_factor} of layout {self.layout!r}")
 
-    def _level_mask(self, qlen: int, klen: int, mem_len: int, device) -> torch.Tensor:
-        """Transformer-XL's mask of a level whose memory holds ``mem_len`` positions (its window with same_length)."""
-        return self._mask(qlen, klen, device, mem_len=mem_len)
-
     def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True):
         """:meth:`TransformerXL.hidden_states` on checked arguments, through the hourglass's stages."""
         skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
@@ -211,6 +207,6 @@ class HourglassTransformerXL(TransformerXL):
             klen = mem.hidden.shape[1] + h.shape[0]
             pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
-            h = layer(h, pos_emb, self._level_mask(h.shape[0], klen, stage.mem_len, h.device),
-                      mem.hidden.transpose(0, 1), mem.mem_offset, perm)
+            mask = self._mask(h.shape[0], klen, h.device, mem_len=stage.mem_len)  # same_length: the level's window
+            h = layer(h, pos_emb, mask, mem.hidden.transpose(0, 1), mem.mem_offset, perm)
         return h
