@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--layout", default="2@1 4@3 2@1", help="the hourglass; the flat model gets as many layers")
+    p.add_argument("--more-layouts", nargs="*", default=[],
+                   help='further hourglasses, e.g. "2@1 8@3 2@1" (deeper, about the flat model\'s memory)')
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the result of a model whose run folder holds one of exactly the same command")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tgt-len", type=int, default=120, help="segment length (a multiple of the largest factor)")
     p.add_argument("--mem-len", type=int, default=120)
@@ -66,9 +70,11 @@ def depth(layout: str) -> int:
 
 
 def candidates(args):
-    """{name: extra arguments of train_char_lm}: the flat model and the hourglass, same depth."""
+    """{name: extra arguments of train_char_lm}: the flat model and the hourglass of the same depth, then the
+    further hourglasses."""
     n = depth(args.layout)
-    return {f"flat {n}@1": ["--n-layer", str(n)], f"hourglass {args.layout}": ["--layout", args.layout]}
+    return {f"flat {n}@1": ["--n-layer", str(n)],
+            **{f"hourglass {layout}": ["--layout", layout] for layout in [args.layout, *args.more_layouts]}}
 
 
 def common_arguments(args):
@@ -102,8 +108,15 @@ def step_peak_bytes(args, extra) -> int:
 
 
 def train(args, name, extra):
-    out = os.path.join(args.out, name.split()[0])
+    """Trains one model (or, with --reuse, reads its row back) -> its row of the table."""
+    out = os.path.join(args.out, name.replace(" ", "_"))
     cmd = [sys.executable, "-c", CHILD, TRAIN, *common_arguments(args), *extra, "--out", out]
+    row_path = os.path.join(out, "row.json")
+    if args.reuse and os.path.isfile(row_path):
+        saved = json.load(open(row_path))
+        if saved["command"] == cmd[3:] and saved["threads"] == args.threads:
+            print(f"[{name}] reused {row_path}", flush=True)
+            return saved["row"]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     with MachineLoad() as load:
@@ -113,10 +126,13 @@ def train(args, name, extra):
     summary = json.load(open(os.path.join(out, "result.json")))
     history = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["history"]
     rss_kib = next(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("max_rss_kib"))
-    return dict(model=name, valid_bpc=summary["valid_bpc"], test_bpc=summary["test_bpc"],
-                tokens_per_s=summary["train_tokens_per_s"], parameters=summary["parameters"],
-                step_peak_mib=step_peak_bytes(args, extra) / 2**20, max_rss_mib=rss_kib / 1024,
-                valid_curve=history["valid"], load=load.summary())
+    row = dict(model=name, valid_bpc=summary["valid_bpc"], test_bpc=summary["test_bpc"],
+               tokens_per_s=summary["train_tokens_per_s"], parameters=summary["parameters"],
+               step_peak_mib=step_peak_bytes(args, extra) / 2**20, max_rss_mib=rss_kib / 1024,
+               valid_curve=history["valid"], load=load.summary())
+    with open(row_path, "w") as f:
+        json.dump(dict(command=cmd[3:], threads=args.threads, row=row), f, indent=1)
+    return row
 
 
 def table(rows, args) -> str:

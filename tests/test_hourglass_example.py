@@ -47,3 +47,7 @@ def test_tradeoff_script_compares_flat_and_hourglass(tmp_path):
                for r in rows)
     assert rows[0]["parameters"] == rows[1]["parameters"]  # same depth and widths: the same parameters
     assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (tmp_path / "tradeoff.md").is_file()
+    again = run("hourglass_tradeoff.py", "--tiny", "--steps", "2", "--threads", "1", "--layout", "1@1 1@3 1@1",
+                "--more-layouts", "1@1 2@3 1@1", "--reuse", "--out", str(tmp_path))
+    assert again.count("reused") == 2 and "| hourglass 1@1 2@3 1@1 |" in again  # only the new layout trained
+    assert json.loads((tmp_path / "tradeoff.json").read_text())["rows"][:2] == rows
