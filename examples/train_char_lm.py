@@ -144,7 +144,8 @@ def parse_args(argv=None):
 
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
-            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed", "layout", "upsample", "downsample")
+            "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "seed", "layout", "upsample",
+            "downsample")
 
 
 def random_states(model: TransformerXL) -> dict:

@@ -108,8 +108,9 @@ def assert_upsample_matches_reference(backend, case, dtype, mode, device="cpu", 
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.to(torch.float64))
     for name, g, t in zip(names, grads, leaves):
         assert g.shape == t.shape and g.dtype == t.dtype, name
-    assert_close_to_reference(dict(out=out, **dict(zip(names, grads))), dict(out=ref_out, **dict(zip(names, ref_grads))),
-                              dtype, context=f"{backend} {case} {mode} {layout} prev={with_prev}")
+    assert_close_to_reference(dict(out=out, **dict(zip(names, grads))),
+                              dict(out=ref_out, **dict(zip(names, ref_grads))), dtype,
+                              context=f"{backend} {case} {mode} {layout} prev={with_prev}")
 
 
 # -- the reference against SPEC §4, index by index ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The bench suites of the resampling ops and of the hourglass model run and give their rows (tiny sizes, one round;
-no figure is judged here: the lead measures on a quiet machine with ``python -m bench --ops causal_resample,hourglass``)."""
+no figure is judged here: measure on a quiet machine with ``python -m bench --ops causal_resample,hourglass``)."""
 
 import argparse
 

@@ -39,7 +39,8 @@ def test_train_char_lm_trains_the_hourglass_and_resumes_exactly(tmp_path):
 
 
 def test_tradeoff_script_compares_flat_and_hourglass(tmp_path):
-    out = run("hourglass_tradeoff.py", "--tiny", "--steps", "2", "--threads", "1", "--layout", "1@1 1@3 1@1", "--out", str(tmp_path))
+    out = run("hourglass_tradeoff.py", "--tiny", "--steps", "2", "--threads", "1", "--layout", "1@1 1@3 1@1",
+              "--out", str(tmp_path))
     assert "| flat 3@1 |" in out and "| hourglass 1@1 1@3 1@1 |" in out
     rows = json.loads((tmp_path / "tradeoff.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["flat 3@1", "hourglass 1@1 1@3 1@1"]

@@ -62,7 +62,8 @@ def run(opts):
     cfg = default_config(device)
     L = (opts.lengths or [cfg["length"]])[0]
     rows = []
-    for B, dtype_name in itertools.product([opts.batch] if opts.batch else cfg["batches"], opts.dtypes or cfg["dtypes"]):
+    batches = [opts.batch] if opts.batch else cfg["batches"]
+    for B, dtype_name in itertools.product(batches, opts.dtypes or cfg["dtypes"]):
         autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype_name)) if dtype_name != "float32"
                     else contextlib.nullcontext())
         case = f"B={B} L=M={L} d={cfg['d_model']} heads={cfg['n_head']} k=3"

@@ -10,8 +10,9 @@
 // Upsample: out[i] = residual[i] + a_r x_short[m] + b_r x_short[m-1] (m = i/k, r = i%k; repeat: a = 1, b = 0;
 // linear: a = (r+1)/k, b = (k-1-r)/k; x_short[-1] = prev). Its backward sums, per coarse row j, the k grad rows
 // that read it as the current row and (linear) the k rows of the next group that read it as the previous one.
-// Every row is accumulated in the op-math type (float for half/bfloat16) over a block of at most kColumns
-// columns on the stack. Memory: the outputs, one k-float64 partial per block of coarse rows for dw, nothing else.
+// Arithmetic is in the op-math type (float for half/bfloat16); sums over a group run over blocks of at most
+// kColumns columns accumulated on the stack. OpenMP splits the output rows. Memory: the outputs, one k-float64
+// partial per block of coarse rows for dw, nothing else.
 // Inputs are read through their batch and row strides (a time-major [L, B, d] activation passed as
 // .transpose(0, 1) is not copied); the last dimension must be contiguous.
 
@@ -52,6 +53,12 @@ struct ShiftedRows {
     return has_prev ? prev.row(b, t) : nullptr;
   }
 };
+
+// The shifted sequence of x [B, L, d] and prev [B, k-1, d] (undefined: zeros), both with a unit last stride.
+template <typename T>
+ShiftedRows<T> shifted_rows(const at::Tensor& x, const at::Tensor& prev, int64_t k) {
+  return {Rows<const T>(x), prev.defined() ? Rows<const T>(prev) : Rows<const T>(), prev.defined(), k - 1};
+}
 
 // acc[c] += w * src[c]
 template <typename T, typename A>
@@ -134,8 +141,7 @@ at::Tensor causal_downsample_cpu(const at::Tensor& x_in, const c10::optional<at:
   auto y = at::empty({B, Ls, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
-    const ShiftedRows<scalar_t> s{Rows<const scalar_t>(x), prev.defined() ? Rows<const scalar_t>(prev) : Rows<const scalar_t>(),
-                                  prev.defined(), k - 1};
+    const auto s = shifted_rows<scalar_t>(x, prev, k);
     const auto weighting = group_weights<scalar_t>(weights, k);
     const std::vector<A>& w = weighting.first;
     const A scale = weighting.second;
@@ -213,8 +219,7 @@ at::Tensor causal_downsample_weights_grad_cpu(const at::Tensor& grad_in, const a
   auto dw = at::empty({k}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
-    const ShiftedRows<scalar_t> s{Rows<const scalar_t>(x), prev.defined() ? Rows<const scalar_t>(prev) : Rows<const scalar_t>(),
-                                  prev.defined(), k - 1};
+    const auto s = shifted_rows<scalar_t>(x, prev, k);
     const Rows<const scalar_t> g(grad);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
@@ -251,12 +256,14 @@ at::Tensor upsample_add_cpu(const at::Tensor& x_short_in, const at::Tensor& resi
   TORCH_CHECK(k >= 1, op, ": factor must be >= 1, got ", k);
   TORCH_CHECK(residual_in.size(0) == x_short_in.size(0) && residual_in.size(1) == x_short_in.size(1) * k &&
                   residual_in.size(2) == x_short_in.size(2),
-              op, ": residual must be [B, L/k * k, d] of x_short, got ", residual_in.sizes(), " and ", x_short_in.sizes());
+              op, ": residual must be [B, L/k * k, d] of x_short, got ", residual_in.sizes(), " and ",
+              x_short_in.sizes());
   TORCH_CHECK(residual_in.scalar_type() == x_short_in.scalar_type(), op, ": residual must have the dtype of x_short");
   if (prev_in.has_value()) {
     TORCH_CHECK(linear, op, ": prev is read by mode 'linear' only");
     check_rows(*prev_in, op, "prev");
-    TORCH_CHECK(prev_in->size(0) == x_short_in.size(0) && prev_in->size(1) == 1 && prev_in->size(2) == x_short_in.size(2),
+    TORCH_CHECK(prev_in->size(0) == x_short_in.size(0) && prev_in->size(1) == 1 &&
+                    prev_in->size(2) == x_short_in.size(2),
                 op, ": prev must be [B, 1, d]");
     TORCH_CHECK(prev_in->scalar_type() == x_short_in.scalar_type(), op, ": prev must have the dtype of x_short");
   }
@@ -281,7 +288,9 @@ at::Tensor upsample_add_cpu(const at::Tensor& x_short_in, const at::Tensor& resi
         scalar_t* dst = out_rows.row(b, i);
         const A a = current[r], p = previous[r];
         if (before == nullptr) {
-          for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(static_cast<A>(src[c]) + a * static_cast<A>(cur[c]));
+          for (int64_t c = 0; c < d; ++c) {
+            dst[c] = static_cast<scalar_t>(static_cast<A>(src[c]) + a * static_cast<A>(cur[c]));
+          }
         } else {
           for (int64_t c = 0; c < d; ++c) {
             dst[c] = static_cast<scalar_t>(static_cast<A>(src[c]) +
@@ -299,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor> upsample_add_backward_cpu(const at::Tensor& g
   constexpr const char* op = "upsample_add_backward_cpu";
   const bool linear = is_linear(mode, op);
   check_rows(grad_in, op, "grad");
-  TORCH_CHECK(k >= 1 && grad_in.size(1) % k == 0, op, ": grad rows ", grad_in.size(1), " must be a multiple of factor=", k);
+  TORCH_CHECK(k >= 1 && grad_in.size(1) % k == 0, op, ": grad rows ", grad_in.size(1),
+              " must be a multiple of factor=", k);
   const auto grad = unit_last_stride(grad_in);
   const int64_t B = grad.size(0), Ls = grad.size(1) / k, d = grad.size(2);
   auto dx_short = at::empty({B, Ls, d}, grad.options());
