@@ -4,4 +4,4 @@
 from . import causal_resample, cross_head, dropout, hourglass, memory_replay, model, rel_memory_attention
 
 SUITES = {s.NAME: s for s in (rel_memory_attention, cross_head, memory_replay, dropout, model, causal_resample,
-                                hourglass)}
+                              hourglass)}

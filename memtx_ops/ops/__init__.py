@@ -6,5 +6,5 @@ from .dropout import dropout, relu_dropout
 from .memory_replay import memory_replay
 from .rel_memory_attention import rel_memory_attention
 
-__all__ = ["causal_downsample", "cross_head_attention", "dropout", "memory_replay", "rel_memory_attention", "relu_dropout",
-           "upsample_add"]
+__all__ = ["causal_downsample", "cross_head_attention", "dropout", "memory_replay", "rel_memory_attention",
+           "relu_dropout", "upsample_add"]
