@@ -7,5 +7,5 @@ from .rel_attention import RelPartialLearnableMultiHeadAttn
 from .skip_retain import LayerMemory, SkipRetainSchedule
 from .transformer_xl import TransformerXL
 
-__all__ = ["CrossHeadPermutation", "Dropout", "HourglassTransformerXL", "LayerMemory", "RelPartialLearnableMultiHeadAttn",
-           "SkipRetainSchedule", "TransformerXL"]
+__all__ = ["CrossHeadPermutation", "Dropout", "HourglassTransformerXL", "LayerMemory",
+           "RelPartialLearnableMultiHeadAttn", "SkipRetainSchedule", "TransformerXL"]
