@@ -305,12 +305,14 @@ def op_measures(fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor) ->
 
 
 def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable]], inputs: List[torch.Tensor],
-                device: torch.device, repeats: int, reasons: Optional[Dict[str, str]] = None):
-    """Rows of every ``{label: fn(*inputs)}`` of one case (its output shaped like ``inputs[0]``): fwd, bwd, fwd+bwd
-    (medians and ranges over interleaved rounds) and the peak tensor memory of one fwd+bwd. A label whose fn is
-    None (``reasons[label]`` says why) or that raises gets a row with the reason."""
+                device: torch.device, repeats: int, reasons: Optional[Dict[str, str]] = None,
+                grad: Optional[torch.Tensor] = None):
+    """Rows of every ``{label: fn(*inputs)}`` of one case (its output shaped like ``inputs[0]``, or like ``grad``, the
+    cotangent of its backward, when given): fwd, bwd, fwd+bwd (medians and ranges over interleaved rounds) and the
+    peak tensor memory of one fwd+bwd. A label whose fn is None (``reasons[label]`` says why) or that raises gets a
+    row with the reason."""
     reasons = dict(reasons or {})
-    grad = torch.randn_like(inputs[0])
+    grad = torch.randn_like(inputs[0]) if grad is None else grad
     runnable = {label: op_measures(fn, inputs, grad) for label, fn in fns.items() if fn is not None}
     timings, failed = time_interleaved(runnable, device, repeats)
     reasons.update(failed)

@@ -9,6 +9,7 @@ Python Software Foundation License Version 2. No download is needed.
     python examples/train_char_lm.py --cross-head-p 0.1 --skip-retain-p 0.5 --finetune-at 400
     python examples/train_char_lm.py --replay-segments 4         # gradient through 4 segments of memory
     python examples/train_char_lm.py --replay-fraction 0.25      # a quarter of each batch replayed by priority
+    python examples/train_char_lm.py --layout "2@1 4@3 2@1" --tgt-len 120 --mem-len 120   # hourglass model
 
 Prints a progress bar, evaluates bits per character on the validation split every ``--eval-every`` steps,
 saves a checkpoint there and at ``--stop-at`` (model, optimiser, schedule, step, data position, memory, every
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from memtx_ops.nn import LayerMemory, SegmentRollout, TransformerXL
+from memtx_ops.nn import HourglassTransformerXL, LayerMemory, SegmentRollout, TransformerXL
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from char_lm_replay import replay_from_args  # noqa: E402  (prioritized segment replay, beside this file)
@@ -172,6 +173,11 @@ def parse_args(argv=None):
     p.add_argument("--priority", choices=("loss", "loss_difference", "grad_norm"), default="loss",
                    help="replay priority rule")
     p.add_argument("--replay-alpha", type=float, default=0.6, help="replay priority exponent (0: uniform replay)")
+    p.add_argument("--layout", default=None,
+                   help='hourglass layout, e.g. "2@1 4@3 2@1" (HourglassTransformerXL; replaces --n-layer; segment and '
+                        'memory lengths must be multiples of the largest factor)')
+    p.add_argument("--upsample", choices=("repeat", "linear"), default=None, help="hourglass upsampling (repeat)")
+    p.add_argument("--downsample", choices=("mean", "weighted"), default=None, help="hourglass shortening (mean)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-chars", type=int, default=20000, help="validation characters per evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -201,7 +207,7 @@ def parse_args(argv=None):
 # Arguments that define the run: a resumed run must have the checkpoint's.
 RUN_ARGS = ("batch_size", "tgt_len", "mem_len", "n_layer", "n_head", "d_model", "d_inner", "dropout", "lr",
             "cross_head_p", "skip_retain_p", "finetune_at", "replay_segments", "replay_fraction", "replay_capacity",
-            "priority", "replay_alpha", "seed")
+            "priority", "replay_alpha", "seed", "layout", "upsample", "downsample")
 
 
 def random_states(model: TransformerXL) -> dict:
@@ -261,9 +267,14 @@ def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, worl
 
 
 def build_model(args, vocab) -> TransformerXL:
-    return TransformerXL(len(vocab), n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                         d_head=args.d_model // args.n_head, d_inner=args.d_inner, dropout=args.dropout,
-                         mem_len=args.mem_len, cross_head_p=args.cross_head_p, skip_retain_p=args.skip_retain_p)
+    """The run's model: a TransformerXL, or with ``--layout`` a HourglassTransformerXL."""
+    shape = dict(n_head=args.n_head, d_model=args.d_model, d_head=args.d_model // args.n_head, d_inner=args.d_inner,
+                 dropout=args.dropout, mem_len=args.mem_len, cross_head_p=args.cross_head_p,
+                 skip_retain_p=args.skip_retain_p)
+    if getattr(args, "layout", None):
+        return HourglassTransformerXL(len(vocab), layout=args.layout, downsample=args.downsample or "mean",
+                                      upsample=args.upsample or "repeat", **shape)
+    return TransformerXL(len(vocab), n_layer=args.n_layer, **shape)
 
 
 def setup_distributed(device):
@@ -279,6 +290,18 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def close_distributed(world: int):
+    """Every rank waits for rank 0's last evaluation, then leaves the process group together: a rank that exits
+    first closes its gloo connections under the others, which can abort them."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather(value, world: int):
@@ -349,6 +372,12 @@ def main(argv=None):
     if args.eval_only or args.sample:
         return run_evaluation(args, device) if args.eval_only else run_sampling(args, device)
     rank, world, device = setup_distributed(device)
+    train_model(args, rank, world, device)
+    close_distributed(world)  # not after an error: torchrun stops the other ranks, a barrier would hang them
+
+
+def train_model(args, rank: int, world: int, device):
+    """Trains (or resumes) on this rank's share of the batch; rank 0 evaluates, checkpoints and writes results."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
     torch.manual_seed(args.seed)  # the same initial model on every rank
@@ -379,19 +408,21 @@ def main(argv=None):
             rollout = ddp(rollout)
         else:  # a layer that skip-retain skips gives no gradient that step
             forward = ddp(model, find_unused_parameters=args.skip_retain_p > 0)
+    parameters = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
+        print(f"{parameters / 1e6:.2f}M parameters, vocab {len(vocab)}, "
               f"{train.numel()} training characters, device {device}, {world} process(es)")
 
     per_step = max(args.replay_segments, 1)
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
-    history, tokens, start = state["history"], 0, time.perf_counter()
+    history, tokens, start, train_seconds = state["history"], 0, time.perf_counter(), 0.0
     bar = Progress(args.steps, state["step"], args.progress if rank == 0 else "off")
     while state["step"] < stop:
         if state["position"] + per_step > segment_count(train_streams, args.tgt_len):
             state.update(position=0, memory=None)  # next epoch: the streams again, from an empty memory
         index = state["position"]
         chunk = [segment(train_streams, args.tgt_len, index + i) for i in range(per_step)]
+        step_start = time.perf_counter()
         state["position"] += per_step
         step = state["step"]
         if args.finetune_at is not None and step >= args.finetune_at:
@@ -410,6 +441,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         schedule.step()
+        train_seconds += time.perf_counter() - step_start
         step = state["step"] = step + 1
         state["memory"] = memory
         tokens += world * sum(c[1].numel() for c in chunk)
@@ -435,6 +467,7 @@ def main(argv=None):
     plot_history(history, os.path.join(args.out, "loss.png"))
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump({"steps": state["step"], "valid_bpc": history["valid"][-1][1], "test_bpc": test_bpc,
+                   "train_tokens_per_s": tokens / max(train_seconds, 1e-9), "parameters": parameters,
                    "args": vars(args)}, f, indent=1)
 
 

@@ -306,3 +306,24 @@ def assert_compiled_dropout_matches_eager(op, p=0.3):
     torch.manual_seed(0)
     (op(eager_x, p) * 2).sum().backward()
     assert torch.equal(x.grad, eager_x.grad) and (x.grad == 0).any()
+
+
+def bptt_like_replay(model, xs, ys):
+    """Full back-propagation through time over the segments of a TransformerXL-style model (any memory layout:
+    ``model.memory_lengths()``), with the random-number stream ``model.replay_segments`` uses: plain segments until
+    every memory entry is full, then before each step the state that memory replay's forward pass (memory path only)
+    leaves. -> (the segment losses, the final memory)."""
+    memory, losses = model.empty_memory(xs[0].shape[0]), []
+    for x, y in zip(xs, ys):
+        full = all(m.hidden.shape[1] >= n for m, n in zip(memory, model.memory_lengths()))
+        perms = model._draw_permutations(x.device) if full else ()
+        state = torch.get_rng_state()
+        kv = [None if row[0] < 0 else row for row in perms[0]] if perms else None
+        hidden, next_memory = model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv)
+        losses.append(model._loss(hidden, y))
+        if full:
+            torch.set_rng_state(state)
+            with torch.no_grad():
+                model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv, top_layer=False)
+        memory = next_memory
+    return losses, memory

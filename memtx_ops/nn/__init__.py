@@ -2,9 +2,10 @@
 
 from .cross_head import CrossHeadPermutation
 from .dropout import Dropout
+from .hourglass import HourglassTransformerXL
 from .rel_attention import RelPartialLearnableMultiHeadAttn
 from .skip_retain import LayerMemory, SkipRetainSchedule
 from .transformer_xl import SegmentRollout, TransformerXL
 
-__all__ = ["CrossHeadPermutation", "Dropout", "LayerMemory", "RelPartialLearnableMultiHeadAttn", "SegmentRollout",
-           "SkipRetainSchedule", "TransformerXL"]
+__all__ = ["CrossHeadPermutation", "Dropout", "HourglassTransformerXL", "LayerMemory",
+           "RelPartialLearnableMultiHeadAttn", "SegmentRollout", "SkipRetainSchedule", "TransformerXL"]

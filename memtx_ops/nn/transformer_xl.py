@@ -221,9 +221,18 @@ class TransformerXL(nn.Module):
             self.skip_retain.phase = phase
 
     def empty_memory(self, batch_size: int, device=None, dtype=None) -> Memory:
-        """One empty :class:`LayerMemory` per layer (``[B, 0, d_model]``)."""
+        """One empty :class:`LayerMemory` per memory entry (here per layer; ``[B, 0, d_model]``)."""
         x = self.word_emb.weight.new_empty(batch_size, 0, self.d_model, device=device, dtype=dtype)
-        return [LayerMemory.empty(x) for _ in range(self.n_layer)]
+        return [LayerMemory.empty(x) for _ in self.memory_lengths()]
+
+    def memory_lengths(self) -> List[int]:
+        """Positions each entry of the memory holds once full, in the memory's order: ``mem_len`` per layer here
+        (a subclass with other memories, such as the hourglass model, says its own)."""
+        return [self.mem_len] * self.n_layer
+
+    def _memory_description(self) -> str:
+        """What the memory must hold, for the error of a memory that does not."""
+        return f"one LayerMemory per layer (n_layer={self.n_layer})"
 
     def _positions(self, rlen: int, device, dtype) -> torch.Tensor:
         """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``, cached per shape
@@ -288,9 +297,9 @@ class TransformerXL(nn.Module):
             raise ValueError(f"{name}: targets must have the shape of {what} ({B}, {L}), got {shape}")
         if memory is None:
             return
-        if not isinstance(memory, (list, tuple)) or len(memory) != self.n_layer:
+        if not isinstance(memory, (list, tuple)) or len(memory) != len(self.memory_lengths()):
             got = f"{len(memory)} entries" if isinstance(memory, (list, tuple)) else type(memory).__name__
-            raise ValueError(f"{name}: memory must hold one LayerMemory per layer (n_layer={self.n_layer}), got {got}")
+            raise ValueError(f"{name}: memory must hold {self._memory_description()}, got {got}")
         for index, mem in enumerate(memory):
             if not isinstance(mem, LayerMemory):
                 raise TypeError(f"{name}: memory[{index}] must be a LayerMemory, got {type(mem).__name__}")
@@ -339,7 +348,7 @@ class TransformerXL(nn.Module):
         if memory is None:
             memory = self.empty_memory(inputs[0].shape[0], inputs[0].device)
         losses, t = [], 0
-        while t < len(inputs) and any(m.hidden.shape[1] < self.mem_len for m in memory):
+        while t < len(inputs) and any(m.hidden.shape[1] < n for m, n in zip(memory, self.memory_lengths())):
             hidden, memory = self._stack(inputs[t], memory, detach_memory=False)
             losses.append(self._loss(hidden, targets[t]))
             t += 1
