@@ -4,7 +4,7 @@
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test bench
+.PHONY: install test bench check-aot check-cuda-resources check-cuda-build gpu-check
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
@@ -16,3 +16,24 @@ test: install
 
 bench: install
 	$(PYTHON) -m bench
+
+# GPU readiness without a GPU (see bench/aot_triton.py, bench/cuda_resources.py, bench/check_cuda_build.sh).
+# check-aot compiles every Triton kernel config for sm_90 and sm_80 with the GPU image's Triton, installed beside
+# the one the tests use (AOT_FLAGS=--sample: of the float32 configs of a group only the first that fits).
+AOT_TRITON ?= 3.6.0
+AOT_DIR ?= $(HOME)/.cache/memtx-aot/triton-$(AOT_TRITON)
+AOT_FLAGS ?=
+
+check-aot: install
+	test -d $(AOT_DIR)/triton || $(PYTHON) -m pip install -q --no-deps --target $(AOT_DIR) triton==$(AOT_TRITON)
+	PYTHONPATH=$(AOT_DIR) $(PYTHON) -m bench.aot_triton $(AOT_FLAGS)
+
+check-cuda-resources:
+	$(PYTHON) -m bench.cuda_resources
+
+check-cuda-build:
+	bench/check_cuda_build.sh
+
+# On a machine with a GPU: the one prepared check (build, GPU tests, sanitizers, reduced bench), at most 8 min.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check

@@ -29,9 +29,22 @@ def cuda_wanted() -> bool:
     return available if flag is None else flag == "1"
 
 
+def cxx_standard() -> str:
+    """The C++ standard torch's headers need: C++20 where ATen.h says so (torch 2.14), else C++17."""
+    from torch.utils.cpp_extension import include_paths
+
+    for directory in include_paths():
+        header = os.path.join(directory, "ATen", "ATen.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                return "c++20" if "C++20 or later" in f.read() else "c++17"
+    return "c++17"
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", f"-march={os.environ.get('MEMTX_CPU_ARCH', 'native')}", "-fopenmp"]
+    std = f"-std={cxx_standard()}"
+    cxx = ["-O3", std, f"-march={os.environ.get('MEMTX_CPU_ARCH', 'native')}", "-fopenmp"]
     if not cuda_wanted():
         return CppExtension("memtx_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = [a for a in os.environ.get("MEMTX_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
@@ -39,7 +52,7 @@ def extension():
     # targets of one file in parallel (--threads), ninja runs the files in parallel (MAX_JOBS).
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"] if archs else []
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", f"--threads={max(1, len(gencode))}", *gencode]
+    nvcc = ["-O3", std, "--use_fast_math", "-lineinfo", f"--threads={max(1, len(gencode))}", *gencode]
     return CUDAExtension(
         "memtx_ops._C",
         sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),

@@ -2,6 +2,8 @@
 
 * nvcc compiles every ``.cu`` under ``csrc/`` for sm_80 and sm_90 with the flags of ``setup.py`` (warnings are
   errors);
+* the resource gate of ``bench/cuda_resources.py`` on ptxas's report: no kernel spills, none needs more shared
+  memory (static + what its launcher requests) than its target has or more registers than its launch bounds allow;
 * g++ checks the syntax of the ATen wrapper ``csrc/cuda/*.cpp`` against torch's headers and the CUDA headers
   (warnings in our files are errors), where torch ships its ``c10/cuda`` headers.
 
@@ -29,7 +31,9 @@ CU_FILES = sorted(ROOT.glob("csrc/**/*.cu"))
 WRAPPER_FILES = sorted(ROOT.glob("csrc/cuda/*.cpp"))
 ARCHS = ("80", "90")
 # The nvcc flags of setup.py's extension() (the gencode list is per arch here), plus: any warning fails.
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DMEMTX_WITH_CUDA=1", "-Werror", "all-warnings"]
+# ptxas -v: the resources of every kernel, for the gate below.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DMEMTX_WITH_CUDA=1", "-Werror", "all-warnings",
+              "-Xptxas", "-v"]
 
 
 def find_nvcc() -> Optional[str]:
@@ -146,3 +150,34 @@ def test_wrapper_syntax(builds):
 def test_compile_time_budget(builds):
     """All compilations together stay within a few minutes (CI has two cores)."""
     assert builds["_wall"] < 600, f"compiling the CUDA sources took {builds['_wall']:.0f} s"
+
+
+def test_kernel_resources(builds, tmp_path):
+    """No spills, shared memory within sm_80's and sm_90's limits, registers within the launch bounds
+    (``make check-cuda-resources`` writes the same table under bench/results/)."""
+    from bench import cuda_resources
+
+    logs = [(name.split()[0], int(name.rsplit("_", 1)[1]), r["log"]) for name, r in builds.items()
+            if " sm_" in name and r["rc"] == 0]
+    if not logs:
+        pytest.skip("no .cu file compiled here")
+    rows = cuda_resources.resource_rows(logs, str(tmp_path))
+    assert {r["kernel"] for r in rows} >= {"fwd", "delta", "dq", "dkv"}, rows
+    failures = cuda_resources.check(rows)
+    assert not failures, "\n".join(failures)
+
+
+def test_resource_gate_reports_spills_and_shared_memory():
+    """The gate itself: a synthetic ptxas log with a spill, too much shared memory and no launcher entry."""
+    from bench import cuda_resources
+
+    log = ("ptxas info    : Compiling entry function '_Z1fv' for 'sm_80'\n"
+           "ptxas info    : Function properties for _Z1fv\n"
+           "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n")
+    (row,) = cuda_resources.parse("x.cu", 80, log)
+    assert (row["registers"], row["static_shared"], row["spill_stores"], row["spill_loads"]) == (255, 1024, 8, 4)
+    row.update(kernel="fwd", dtype="float16", tile="DP64 BN64 NW4", threads=128, dynamic_shared=166912)
+    failures = cuda_resources.check([row])
+    assert any("spills" in f for f in failures) and any("shared memory 167936 > 166912" in f for f in failures)
+    assert cuda_resources.check([dict(row, dynamic_shared=None)])[0].startswith("no launcher requests")

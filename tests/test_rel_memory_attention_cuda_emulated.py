@@ -10,8 +10,9 @@ around the launchers.
 
 Inputs are copied into NaN-filled buffers (NaN before, after and between the rows of strided views) and the
 outputs start as NaN, so an out-of-bounds read, an output element left unwritten or a write outside a buffer
-fails. The cases cover every feature in float32, float16 and bfloat16; the output and all six gradients must
-meet the SPEC tolerances. About 40 s on two cores, compile included.
+fails. The cases cover every feature in float32, float16 and bfloat16, each under two fiber schedules
+(``MEMTX_EMU_SCHEDULES``); the output and all six gradients must meet the SPEC tolerances. A mutant built without
+the kernels' cp.async waits must fail. About 90 s on two cores, compile included.
 
 Skipped, with the reason, only where g++ or the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h,
 cuda_runtime_api.h; looked up through CUDA_HOME, CUDA_PATH, nvcc, /usr/local/cuda) are missing.
@@ -102,16 +103,12 @@ def emulated_launcher_source(path: Path) -> str:
     return f'#line 1 "{path}"\n{text}'
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    """The emulator library (ctypes.CDLL), built in a temporary directory."""
-    if SANITIZE and "libasan" not in Path("/proc/self/maps").read_text():
-        pytest.fail("MEMTX_EMU_SANITIZE=1 needs the ASan runtime loaded before Python: see this file's docstring")
-    build = tmp_path_factory.mktemp("cuda_emulation")
+def build_emulator(build: Path, defines=()):
+    """The emulator library (ctypes.CDLL), built in ``build`` (``defines``: extra -D macros, for mutants)."""
     launchers = build / "launchers.cpp"
     launchers.write_text("\n".join(emulated_launcher_source(CUDA_SRC / name) for name in LAUNCHERS))
     flags = (["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-             if SANITIZE else ["-O2"])
+             if SANITIZE else ["-O2"]) + [f"-D{d}" for d in defines]
     lib_path = build / "libmemtx_cuda_emu.so"
     cmd = [GXX, "-std=c++17", "-shared", "-fPIC", "-Wl,-z,defs", *flags, "-include", str(EMU_DIR / "emu.h"),
            f"-I{CUDA_SRC}", *[f"-isystem{d}" for d in CUDA_INCLUDES], str(EMU_DIR / "runner.cpp"), str(launchers),
@@ -130,6 +127,13 @@ def emulator(tmp_path_factory):
             assert lib.emu_layout(where.encode()) == getattr(struct, name).offset, f"offset of {where}"
     lib.dtype_code = {dt: lib.emu_layout(name.encode()) for dt, name in DTYPE_NAMES.items()}
     return lib
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if SANITIZE and "libasan" not in Path("/proc/self/maps").read_text():
+        pytest.fail("MEMTX_EMU_SANITIZE=1 needs the ASan runtime loaded before Python: see this file's docstring")
+    return build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
 
 
 PAD = 256  # NaN elements before and after every buffer the kernels see
@@ -217,11 +221,13 @@ CASES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case,strided,zero_grads", CASES,
-                         ids=[f"{case}{',strided' if strided else ''}" for case, strided, _ in CASES])
-def test_matches_reference(emulator, case, strided, zero_grads, dtype):
-    seed = zlib.crc32(f"{case} {strided}".encode())  # inputs and fiber schedule: fixed per case
+# Fiber schedules (and cp.async landing orders) each case runs under: MEMTX_EMU_SCHEDULES, default 2.
+SCHEDULES = int(os.environ.get("MEMTX_EMU_SCHEDULES", "2"))
+
+
+def run_case(lib, case, strided, dtype, schedule):
+    """One case under one schedule -> (inputs, grad_out, out, grads)."""
+    seed = zlib.crc32(f"{case} {strided}".encode())  # inputs: fixed per case
     inputs = make_inputs(case, dtype, "cpu", strided, seed=seed)
     q, k, v, r, u, vb = (guarded(t.detach()) for t in inputs)
     # strided: grad_out rows D + 1 apart, so not 16-byte aligned (the kernels read them element-wise)
@@ -231,9 +237,18 @@ def test_matches_reference(emulator, case, strided, zero_grads, dtype):
     kv_head_index = (torch.tensor(case.kv_head_index) if case.kv_head_index is not None
                      else default_kv_head_index(case.H, case.kv_heads))
     scale = case.scale if case.scale is not None else case.D ** -0.5
-    emulator.emu_set_seed(seed)
-    out, _, grads = emulated_cuda_attention(emulator, q, k, v, r, u, vb, grad_out, kv_head_index, case.window or 0,
+    lib.emu_set_seed(seed + 7919 * schedule)
+    out, _, grads = emulated_cuda_attention(lib, q, k, v, r, u, vb, grad_out, kv_head_index, case.window or 0,
                                             case.mem_offset, scale)
+    return inputs, grad_out, kv_head_index, out, grads
+
+
+@pytest.mark.parametrize("schedule", range(SCHEDULES), ids=lambda s: f"schedule{s}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,strided,zero_grads", CASES,
+                         ids=[f"{case}{',strided' if strided else ''}" for case, strided, _ in CASES])
+def test_matches_reference(emulator, case, strided, zero_grads, dtype, schedule):
+    inputs, grad_out, kv_head_index, out, grads = run_case(emulator, case, strided, dtype, schedule)
     ref_out, ref_grads = reference_float64(inputs, grad_out, case)
 
     for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
@@ -246,3 +261,16 @@ def test_matches_reference(emulator, case, strided, zero_grads, dtype):
     assert {n for n, e in errors.items() if e.get("vanishing")} == set(zero_grads), errors
     for g in set(range(case.kv_heads)) - set(kv_head_index.tolist()):  # kv heads no query head reads
         assert not grads[1][:, g].any() and not grads[2][:, g].any() and not grads[3][g].any(), f"kv head {g}"
+
+
+def test_missing_cp_async_wait_is_caught(tmp_path):
+    """The kernels built without their cp.async.wait_all: the copies land late, at random switches, so tiles are
+    read before they arrive and the results go wrong (or NaN). The emulator must see it."""
+    mutant = build_emulator(tmp_path, defines=("MEMTX_EMU_DROP_WAIT_ALL",))
+    case = FEATURE_CASES[0]
+    inputs, grad_out, _, out, grads = run_case(mutant, case, False, torch.float16, 0)
+    ref_out, ref_grads = reference_float64(inputs, grad_out, case)
+    got = dict(zip(("out",) + GRAD_NAMES, (out,) + tuple(grads)))
+    want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + tuple(ref_grads)))
+    _, bad = reference_errors(got, want, torch.float16, units=attention_units(*inputs[:4], grad_out, case.scale))
+    assert bad, "the kernels without cp.async.wait_all passed under the emulator"

@@ -30,8 +30,8 @@
 //
 // Host emulation: with MEMTX_HOST_EMULATION defined, the includer supplies the CUDA built-ins this file
 // uses (threadIdx, blockIdx, gridDim, __syncthreads, __syncwarp, __shfl_xor_sync, atomicAdd) and
-// memtx::emu::{mma_f16, mma_bf16, mma_tf32, tf32_round, cp_async_16, ldmatrix_x4, dynamic_smem}; every
-// kernel is then a plain function that a CPU-side thread emulator can run.
+// memtx::emu::{mma_f16, mma_bf16, mma_tf32, tf32_round, cp_async_16, wait_copies, ldmatrix_x4, dynamic_smem};
+// every kernel is then a plain function that a CPU-side thread emulator can run.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -113,7 +113,9 @@ MEMTX_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, int src_byte
 
 // Waits for this thread's cp.async copies; a __syncthreads() after it publishes them to the block.
 MEMTX_DEVICE void cp_async_wait_all() {
-#if !defined(MEMTX_HOST_EMULATION)
+#if defined(MEMTX_HOST_EMULATION)
+  emu::wait_copies();
+#else
   asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }

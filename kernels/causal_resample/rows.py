@@ -8,16 +8,19 @@ read through their batch and row strides with a unit last stride, offsets in int
 
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 import triton.language as tl
 
 from .. import interpreter_enabled
 
 
-def tile_sizes(D: int):
+def tile_sizes(D: int, interpreted: Optional[bool] = None):
     """``(BLOCK_M, BLOCK_D)`` for rows of ``D`` columns: 32 rows by up to 128 columns on a GPU (the ops are memory
-    bound: a tile is a few KiB per program); 8 by up to 32 under the interpreter, so small tests cross tiles."""
-    if interpreter_enabled():
+    bound: a tile is a few KiB per program); 8 by up to 32 under the interpreter (``interpreted``, default: whether
+    it is on), so small tests cross tiles."""
+    if interpreter_enabled() if interpreted is None else interpreted:
         return 8, min(32, max(16, triton.next_power_of_2(D)))
     return 32, min(128, max(16, triton.next_power_of_2(D)))
 

@@ -32,8 +32,9 @@ def _upsample_fwd_kernel(XS, RES, PREV, OUT, stride_sb, stride_sl, stride_rb, st
     if LINEAR:
         r = (offs_i % FACTOR).to(tl.float32)
         before = load_rows(XS, b, stride_sb, stride_sl, m - 1, mask_i & (m >= 1), offs_d, mask_d)
-        if HAS_PREV:
-            before += load_rows(PREV, b, stride_pb, 0, m, mask_i & (m == 0), offs_d, mask_d)
+        if HAS_PREV:  # the one row before x_short, broadcast to the rows of the first coarse position
+            prev = tl.load(PREV + b * stride_pb + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            before = tl.where((m == 0)[:, None], prev[None, :], before)
         out += ((r + 1) / FACTOR)[:, None] * current + ((FACTOR - 1 - r) / FACTOR)[:, None] * before
     else:
         out += current

@@ -11,13 +11,16 @@
 //    of its lanes wait at __syncthreads, then a random other one, so a missing barrier reads stale data or the
 //    NaN bytes dynamic shared memory starts with (guard zones around it catch stray writes).
 //  * mma.sync m16n8k16 f16/bf16 and m16n8k8 tf32 fragment layouts (exact products, summed in double);
-//    cvt.rna.tf32.f32; ldmatrix .x4 (.trans); cp.async 16 bytes with zero fill, landing at the issuing thread's
-//    next __syncthreads; alignment and shared-memory bounds of both; float atomicAdd.
+//    cvt.rna.tf32.f32; ldmatrix .x4 (.trans); alignment and shared-memory bounds of both; float atomicAdd.
+//  * cp.async 16 bytes with zero fill, in flight until it lands: each copy lands after a random number of fiber
+//    switches (drawn at issue), in any order, and at the latest when its thread runs cp.async.wait_all or exits.
+//    __syncthreads does not wait for copies, as on the hardware: a read of a tile without the issuing threads'
+//    wait_all before the barrier sees the NaN bytes shared memory starts with, or a part of the tile.
 //  * Launch limits: 1-D blocks of at most 1024 threads, grid y, z <= 65535, dynamic shared memory above 48 KB
 //    only as far as cudaFuncSetAttribute raised it (at most sm_80's 163 KB).
 // Not modelled: timing and performance; the memory model beyond barriers (writes are visible at once, and any
 // warp operation orders shared memory like __syncwarp, so a missing __syncwarp next to an mma or shuffle goes
-// unnoticed); cp.async.wait_all; concurrency between blocks (no cross-block races, e.g. on dr's atomics);
+// unnoticed); cp.async groups (commit_group / wait_group: the kernels use wait_all only); concurrency between blocks (no cross-block races, e.g. on dr's atomics);
 // the tensor cores' accumulation rounding and fast-math intrinsics (libm's exp2f, log2f); streams; bounds of
 // global memory (the test surrounds its buffers with NaN). A failed check ends the launch with
 // cudaErrorLaunchFailure and a message (emu::message()) instead of crashing the process.
@@ -63,6 +66,7 @@ struct Copy {
   void* dst;
   const void* src;
   int bytes;
+  int switches_left;  // lands after this many more fiber switches (unless a wait_all comes first)
 };
 
 struct Thread {
@@ -195,6 +199,41 @@ inline int pick_next() {
   return -1;  // unreachable: `ready` counts the ready lanes
 }
 
+inline void land(const Copy& c) {
+  std::memcpy(c.dst, c.src, size_t(c.bytes));
+  std::memset(static_cast<char*>(c.dst) + c.bytes, 0, size_t(16 - c.bytes));
+}
+
+// Every copy of the current thread lands (at its exit: the hardware completes them).
+inline void land_all_copies() {
+  Thread& t = E().threads[E().current];
+  for (const Copy& c : t.copies) land(c);
+  t.copies.clear();
+}
+
+// cp.async.wait_all. MEMTX_EMU_DROP_WAIT_ALL builds the tests' mutant, kernels without their waits, which must fail.
+inline void wait_copies() {
+#if !defined(MEMTX_EMU_DROP_WAIT_ALL)
+  land_all_copies();
+#endif
+}
+
+// At a fiber switch: the copies in flight, of every thread, whose time has come land. A copy's time is drawn at
+// issue, uniform in [0, 4 x threads) switches: a block's barrier is at least `threads` switches away, so without
+// its wait_all a copy lands after the barrier about three times in four.
+inline void land_due_copies() {
+  for (Thread& t : E().threads) {
+    size_t kept = 0;
+    for (Copy& c : t.copies) {
+      if (--c.switches_left <= 0)
+        land(c);
+      else
+        t.copies[kept++] = c;
+    }
+    t.copies.resize(kept);
+  }
+}
+
 // The current thread has left State::Ready: run another until someone makes this one ready again.
 inline void wait() {
   Emulator& e = E();
@@ -202,22 +241,13 @@ inline void wait() {
   if (next < 0)
     fail("deadlock: %d threads wait at __syncthreads, %d at warp operations, %d have exited", e.at_syncthreads,
          e.nthreads - e.at_syncthreads - e.exited, e.exited);
+  land_due_copies();
   e.current = next;
   jump(&e.threads[self].ctx, &e.threads[next].ctx, next, false);
 }
 
-inline void flush_copies() {
-  Thread& t = E().threads[E().current];
-  for (const Copy& c : t.copies) {
-    std::memcpy(c.dst, c.src, size_t(c.bytes));
-    std::memset(static_cast<char*>(c.dst) + c.bytes, 0, size_t(16 - c.bytes));
-  }
-  t.copies.clear();
-}
-
 inline void syncthreads() {
   Emulator& e = E();
-  flush_copies();
   set_state(e.current, State::AtSyncthreads);
   if (e.at_syncthreads + e.exited < e.nthreads) return wait();
   if (e.exited > 0) fail("__syncthreads reached after %d threads of the block exited", e.exited);
@@ -371,7 +401,8 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
     fail("cp.async address not 16-byte aligned");
   if (!in_smem(dst, 16)) fail("cp.async destination outside dynamic shared memory");
-  E().threads[E().current].copies.push_back({dst, src, src_bytes});
+  Emulator& e = E();
+  e.threads[e.current].copies.push_back({dst, src, src_bytes, int(e.rng() % unsigned(4 * e.nthreads))});
 }
 
 inline float atomic_add(float* p, float v) {
@@ -384,7 +415,7 @@ inline void thread_main() {
   Emulator& e = E();
   landed(nullptr);
   e.body();
-  flush_copies();
+  land_all_copies();
   const int self = e.current;
   set_state(self, State::Exited);
   const int next = pick_next();

@@ -1,0 +1,187 @@
+"""One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 8 minutes on an H200.
+
+Steps, in order, each with its own timeout so that one hang cannot eat the budget (times in seconds):
+
+1. ``build``      ``MEMTX_CUDA=1 MEMTX_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e .`` (150)
+2. ``tests``      the CUDA and Triton GPU tests, parallel under pytest-xdist (bf16, fp16 and the fp32 cases) (150)
+3. ``memcheck``   compute-sanitizer memcheck of one forward + backward per backend and dtype, with
+                  ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that a stray access hits unallocated memory (60)
+4. ``racecheck``  compute-sanitizer racecheck, filtered to this library's kernels (60)
+5. ``bench``      rel_memory_attention against the reference, FlexAttention with a table and SDPA flash at
+                  L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward + backward, TFLOP/s and
+                  peak memory, with ``--record-auto`` (backend="auto" choices for this GPU) (170)
+
+Every log and result goes to one folder (``--out``, default ``bench/results/gpu-check-<device>``): ``<step>.log``,
+the bench's report and ``summary.json`` (each step's status, seconds and exit code, and the ratios the GPU issue
+asks for). Without a GPU every step reports ``skipped`` with the reason. ``--rehearse`` (no GPU; what CI runs)
+replaces the steps by CPU stand-ins that show each one starts: the GPU tests are collected, the sanitizers' script
+compiles, the bench runs one tiny CPU case through the same code and report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET_S = 480
+
+# A forward and backward of every backend and dtype, small enough for the sanitizers (they run ~100x slower).
+SANITIZED_CALLS = """
+import torch, memtx_ops
+for backend in ("cuda", "triton"):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        B, H, L, M, D = 1, 2, 70, 60, 64
+        new = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        q, k, v = new(B, H, L, D), new(B, H, M + L, D), new(B, H, M + L, D)
+        r, u, vb = new(H, M + L, D), new(H, D), new(H, D)
+        out = memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=backend)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        print(backend, dtype, "ok")
+"""
+# The library's kernels: CUDA (fwd_kernel, delta_kernel, dq_kernel, dkv_kernel) and Triton (_fwd_kernel, _bwd_*).
+KERNEL_FILTER = "regex:(fwd_kernel|delta_kernel|dq_kernel|dkv_kernel|_bwd_preprocess|_bwd_dkdv|_bwd_dq|_bwd_dr)"
+
+
+class Step:
+    def __init__(self, name: str, timeout: int, command: List[str], env: Optional[Dict[str, str]] = None,
+                 skip: Optional[str] = None):
+        self.name, self.timeout, self.command, self.env, self.skip = name, timeout, command, env or {}, skip
+
+    def run(self, out: str, deadline: float) -> Dict:
+        """Runs the step (its output to ``<out>/<name>.log``) -> its summary row."""
+        row = dict(step=self.name, command=" ".join(self.command), timeout_s=self.timeout)
+        if self.skip:
+            print(f"[{self.name}] skipped: {self.skip}", flush=True)
+            return dict(row, status="skipped", reason=self.skip)
+        timeout = max(1, min(self.timeout, int(deadline - time.monotonic())))
+        start = time.monotonic()
+        with open(os.path.join(out, f"{self.name}.log"), "w") as log:
+            try:
+                proc = subprocess.run(self.command, cwd=ROOT, env={**os.environ, **self.env}, stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True)
+                status, code = ("passed" if proc.returncode == 0 else "failed"), proc.returncode
+            except subprocess.TimeoutExpired:
+                status, code = "timeout", None
+        seconds = round(time.monotonic() - start, 1)
+        print(f"[{self.name}] {status} in {seconds} s (limit {timeout} s): {out}/{self.name}.log", flush=True)
+        return dict(row, status=status, returncode=code, seconds=seconds, limit_s=timeout)
+
+
+def gpu() -> Optional[str]:
+    """The GPU's name, or None (from a subprocess: this script must not initialise CUDA before the build)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name() if "
+                            "torch.cuda.is_available() else '')"], capture_output=True, text=True)
+    return probe.stdout.strip() or None
+
+
+def gpu_arch() -> str:
+    probe = subprocess.run([sys.executable, "-c", "import torch; print('%d%d' % torch.cuda.get_device_capability())"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() or "90"
+
+
+def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
+    """The steps on a GPU; with ``rehearse``, CPU stand-ins that show each step starts: the tests are
+    collected, the sanitized script is compiled, the bench runs one tiny CPU case through the same code."""
+    python = sys.executable
+    if rehearse:
+        return rehearsal(python, out)
+    no_gpu = None if device else "no CUDA device here"
+    sanitizer = shutil.which("compute-sanitizer")
+    no_sanitizer = no_gpu or (None if sanitizer else "compute-sanitizer is not on PATH")
+    bench_args = ["--ops", "rel_memory_attention", "--device", "cuda", "--dtypes", "bfloat16",
+                  "--lengths", "1024,2048,4096", "--head-dims", "64,128", "--batch", "4", "--heads", "16",
+                  "--repeats", "5", "--no-plots", "--record-auto", "--out", out]
+    sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    return [
+        Step("build", 150, [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+             env={"MEMTX_CUDA": "1", "MEMTX_CUDA_ARCHS": gpu_arch() if device else "90",
+                  "MAX_JOBS": str(os.cpu_count() or 4)}, skip=no_gpu),
+        Step("tests", 150, [python, "-m", "pytest", "-q", "-x", "-n", str(min(8, os.cpu_count() or 1)),
+                            "-p", "no:randomly", "tests/test_rel_memory_attention_cuda.py",
+                            "tests/test_rel_memory_attention_triton.py"], skip=no_gpu),
+        Step("memcheck", 60, [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+                              python, "-c", SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
+        Step("racecheck", 60, [sanitizer or "compute-sanitizer", "--tool", "racecheck", "--racecheck-report", "hazard",
+                               "--kernel-name", KERNEL_FILTER, "--error-exitcode", "1", python, "-c",
+                               SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
+        Step("bench", 170, [python, "-m", "bench", *bench_args], skip=no_gpu),
+    ]
+
+
+def rehearsal(python: str, out: str) -> List[Step]:
+    bench_args = ["--ops", "rel_memory_attention", "--device", "cpu", "--dtypes", "float32", "--lengths", "64",
+                  "--head-dims", "16", "--batch", "1", "--heads", "2", "--repeats", "1", "--no-plots",
+                  "--backends", "reference,cpu", "--out", out]
+    return [
+        Step("build", 1, [], skip="rehearsal: the build needs a CUDA torch (make check-cuda-build does it here)"),
+        Step("tests", 120, [python, "-m", "pytest", "-q", "--collect-only", "-p", "no:randomly",
+                            "tests/test_rel_memory_attention_cuda.py", "tests/test_rel_memory_attention_triton.py"]),
+        Step("memcheck", 30, [python, "-c", f"compile({SANITIZED_CALLS!r}, 'sanitized', 'exec')"]),
+        Step("racecheck", 1, [], skip="rehearsal: compute-sanitizer needs a GPU"),
+        Step("bench", 120, [python, "-m", "bench", *bench_args]),
+    ]
+
+
+def ratios(out: str) -> Dict[str, object]:
+    """The ratios the GPU issue quotes, at L = M = 2048, D = 64, bf16, fwd+bwd, from the bench's rows (the faster
+    of the triton and cuda backends)."""
+    rows = []
+    for name in os.listdir(out):
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(out, name)) as f:
+                data = json.load(f)
+            rows += [r for r in data.get("rows", []) if r.get("op") == "rel_memory_attention"]
+    pick = {r["backend"]: r for r in rows if r.get("case", "").endswith("L=M=2048 D=64") and r.get("fwd_bwd_ms")}
+    fused = [pick[b] for b in ("triton", "cuda") if b in pick]
+    if not fused:
+        return {}
+    best = min(fused, key=lambda r: r["fwd_bwd_ms"])
+    result = {"fused_backend": best["backend"], "fused_fwd_bwd_ms": round(best["fwd_bwd_ms"], 3)}
+    for name in ("reference", "flex_table"):
+        if name in pick:
+            result[f"speedup_vs_{name}"] = round(pick[name]["fwd_bwd_ms"] / best["fwd_bwd_ms"], 2)
+    if "sdpa_flash" in pick:
+        result["time_vs_sdpa_flash"] = round(best["fwd_bwd_ms"] / pick["sdpa_flash"]["fwd_bwd_ms"], 2)
+        result["peak_vs_sdpa_flash"] = round(best["peak_mb"] / pick["sdpa_flash"]["peak_mb"], 3)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for every log and result (default bench/results/gpu-check-<device>)")
+    p.add_argument("--rehearse", action="store_true", help="CPU stand-ins of every step (no GPU needed): shows the check starts")
+    opts = p.parse_args(argv)
+    device = gpu()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device or "no-gpu").strip("-")
+    out = opts.out or os.path.join(ROOT, "bench", "results", f"gpu-check-{slug}")
+    os.makedirs(out, exist_ok=True)
+    deadline = time.monotonic() + BUDGET_S
+    start = time.monotonic()
+    summary = dict(device=device or "none", budget_s=BUDGET_S, steps=[])
+    for step in steps(device, opts.rehearse, out):
+        row = step.run(out, deadline)
+        summary["steps"].append(row)
+        if step.name == "build" and row["status"] in ("failed", "timeout"):
+            break  # nothing after it can run
+    summary["seconds"] = round(time.monotonic() - start, 1)
+    summary["ratios_L2048_D64_bf16"] = ratios(out) if device else {}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary["ratios_L2048_D64_bf16"]), f"{summary['seconds']} s in all: {out}/summary.json")
+    return 0 if all(s["status"] in ("passed", "skipped") for s in summary["steps"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""bench/gpu_check.py (``make gpu-check``) without a GPU: its step runner, its ratios, and the rehearsal."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from bench import gpu_check
+
+
+def test_a_hanging_step_is_stopped_at_its_timeout(tmp_path):
+    step = gpu_check.Step("hang", 1, [sys.executable, "-c", "import time; time.sleep(60)"])
+    start = time.monotonic()
+    row = step.run(str(tmp_path), deadline=time.monotonic() + 100)
+    assert row["status"] == "timeout" and time.monotonic() - start < 10
+    assert (tmp_path / "hang.log").exists()
+
+
+def test_a_step_never_outlives_the_budget(tmp_path):
+    step = gpu_check.Step("late", 100, [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert step.run(str(tmp_path), deadline=time.monotonic() + 1)["limit_s"] == 1
+
+
+def test_ratios_from_bench_rows(tmp_path):
+    case = "B=4 H=16 L=M=2048 D=64"
+    rows = [dict(op="rel_memory_attention", case=case, backend=b, fwd_bwd_ms=ms, peak_mb=mb)
+            for b, ms, mb in (("reference", 80.0, 9000.0), ("triton", 8.0, 300.0), ("cuda", 10.0, 290.0),
+                              ("flex_table", 16.0, 2000.0), ("sdpa_flash", 5.0, 280.0))]
+    rows.append(dict(op="rel_memory_attention", case="B=4 H=16 L=M=1024 D=64", backend="triton", fwd_bwd_ms=1.0,
+                     peak_mb=1.0))
+    (tmp_path / "gpu.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    assert gpu_check.ratios(str(tmp_path)) == {
+        "fused_backend": "triton", "fused_fwd_bwd_ms": 8.0, "speedup_vs_reference": 10.0,
+        "speedup_vs_flex_table": 2.0, "time_vs_sdpa_flash": 1.6, "peak_vs_sdpa_flash": round(300 / 280, 3)}
+
+
+def test_rehearsal_starts_every_step(tmp_path):
+    assert gpu_check.main(["--rehearse", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench"]
+    assert status["tests"] == status["memcheck"] == status["bench"] == "passed", summary
