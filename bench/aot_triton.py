@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel, with Triton's real compiler and no GPU: ``make check-aot``.
 
-For each kernel of ``kernels/rel_memory_attention``, every autotune config of its tables, dtype (float16, bfloat16,
+For each kernel of ``kernels/`` (attention and resampling), every autotune config of its tables, dtype (float16, bfloat16,
 float32 with 3xTF32 or TF32 dots), mode (deterministic dq/dr; split-K forward) and head-dim class (D = 64, 128,
 256, the largest of each class), it compiles the kernel for sm_90 (H100/H200) and sm_80 (A100) with
 ``triton.compile(ASTSource(...), target=GPUTarget(...))``. Run it with the Triton of the GPU image (3.6.0) first on
@@ -12,10 +12,13 @@ The check fails when a config does not compile, when a config needs more shared 
 autotune can pick (the float32 ones are recorded). Every config's registers, spill stores/loads, stack and shared
 memory go into ``bench/results/triton-aot-<version>.{md,json}``.
 
-Speed: ptxas dominates. Compiles run in a process pool and are cached (Triton's own cache plus this check's
-results, keyed by Triton's hash of the source, config and target, in ``$MEMTX_AOT_CACHE``, default
-``~/.cache/memtx-aot``): an unchanged kernel costs a cache lookup. ``--sample`` (what CI runs) compiles every 16-bit
-config but, of the float32 configs of a group, only the first that fits (the rest are listed as not compiled).
+Speed: ptxas dominates. Compiles run in a process pool; their result rows are cached in ``$MEMTX_AOT_CACHE``
+(default ``~/.cache/memtx-aot``), keyed by the job (kernel, dtype, precision, mode, D, target, config) and a hash of
+the sources it compiles from (its package under ``kernels/`` and ``kernels/*.py``): an unchanged kernel costs a
+lookup, an edit recompiles that package's kernels. The committed table records those hashes, so a test sees when it
+is stale. ``--sample`` (what
+a quicker look) compiles every 16-bit config but, of the float32 configs of a group, only the first that fits (the rest are
+listed as not compiled). ``--explore KERNEL`` prints a grid of candidate tiles for choosing a table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -45,28 +49,52 @@ class KernelSpec:
     arguments, the config table and the modes (extra constexprs) it is launched with."""
 
     name: str  # attribute of its module
-    module: str  # under kernels.rel_memory_attention
+    module: str  # module under kernels/
     pointers: Dict[str, str]
     floats: Tuple[str, ...]
     table: Optional[str]  # attribute holding {dtype kind: {bound: rows}}; None: one fixed launch
     make_config: str = "tile_config"
     modes: Tuple[Tuple[Tuple[str, object], ...], ...] = ((),)
     fixed: Tuple[Tuple[str, object], ...] = ()  # constexprs of a kernel without a table
+    precisions: bool = True  # float32 compiled with both dot precisions (kernels with tl.dot)
 
 
 IN, F32, I64 = "in", "fp32", "i64"
 ATTN = dict(Q=IN, K=IN, V=IN, R_=IN, U=IN, VB=IN, KV_HEAD=I64)
+FWD, BWD = "rel_memory_attention.fwd", "rel_memory_attention.bwd"
+DOWN, UP = "causal_resample.downsample", "causal_resample.upsample"
+
+
+def _flags(*names):
+    """Every combination of the boolean constexprs ``names`` -> modes."""
+    combos = [()]
+    for name in names:
+        combos = [c + ((name, value),) for c in combos for value in (False, True)]
+    return tuple(combos)
+
+
+ROWS = dict(make_config="row_tiles", precisions=False)  # the resampling kernels: tile_sizes(D), no dots
 KERNELS = [
-    KernelSpec("_fwd_kernel", "fwd", dict(ATTN, O=IN, LSE=F32, PART_O=F32, PART_ML=F32), ("qk_scale",),
-               "FWD_CONFIGS", modes=((("PARTIAL", False),), (("PARTIAL", True),))),
-    KernelSpec("_bwd_preprocess", "bwd", dict(O=IN, DO=IN, DELTA=F32), (), None, fixed=(("BLOCK_M", 64),)),
-    KernelSpec("_bwd_dkdv_kernel", "bwd", dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DK=IN, DV=IN), ("scale", "qk_scale"),
-               "BWD_CONFIGS"),
-    KernelSpec("_bwd_dq_kernel", "bwd", dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DQ=IN, DU=F32, DVB=F32, DR=F32, CQ=F32),
-               ("scale", "qk_scale"), "BWD_CONFIGS",
-               modes=((("DETERMINISTIC", False),), (("DETERMINISTIC", True),))),
-    KernelSpec("_bwd_dr_kernel", "bwd", dict(ATTN, DO=IN, LSE=F32, DELTA=F32, CQ=F32, DR=IN), ("scale", "qk_scale"),
+    KernelSpec("_fwd_kernel", FWD, dict(ATTN, O=IN, LSE=F32, PART_O=F32, PART_ML=F32), ("qk_scale",),
+               "FWD_CONFIGS", modes=_flags("PARTIAL")),
+    KernelSpec("_bwd_preprocess", BWD, dict(O=IN, DO=IN, DELTA=F32), (), None, fixed=(("BLOCK_M", 64),),
+               precisions=False),
+    KernelSpec("_bwd_dkdv_kernel", BWD, dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DK=IN, DV=IN), ("scale", "qk_scale"),
+               "DKDV_CONFIGS"),
+    KernelSpec("_bwd_dq_kernel", BWD, dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DQ=IN, DU=F32, DVB=F32, DR=F32, CQ=F32),
+               ("scale", "qk_scale"), "DQ_CONFIGS", modes=_flags("DETERMINISTIC")),
+    KernelSpec("_bwd_dr_kernel", BWD, dict(ATTN, DO=IN, LSE=F32, DELTA=F32, CQ=F32, DR=IN), ("scale", "qk_scale"),
                "DR_CONFIGS", make_config="band_config"),
+    KernelSpec("_downsample_fwd_kernel", DOWN, dict(X=IN, PREV=IN, W=IN, Y=IN), (), None,
+               modes=_flags("HAS_PREV", "HAS_WEIGHTS"), **ROWS),
+    KernelSpec("_downsample_bwd_kernel", DOWN, dict(G=IN, W=IN, DX=IN, DPREV=IN), (), None,
+               modes=_flags("HAS_WEIGHTS"), **ROWS),
+    KernelSpec("_downsample_weights_grad_kernel", DOWN, dict(X=IN, PREV=IN, G=IN, PARTIAL=F32), (), None,
+               modes=_flags("HAS_PREV"), **ROWS),
+    KernelSpec("_upsample_fwd_kernel", UP, dict(XS=IN, RES=IN, PREV=IN, OUT=IN), (), None,
+               modes=_flags("LINEAR", "HAS_PREV"), **ROWS),
+    KernelSpec("_upsample_bwd_kernel", UP, dict(G=IN, DXS=IN, DPREV=IN), (), None,
+               modes=(((("LINEAR", True), ("FIRST_ROW", 0))), (("LINEAR", False), ("FIRST_ROW", 1))), **ROWS),
 ]
 
 
@@ -97,40 +125,77 @@ class Job:
 
 
 def load_kernels():
-    """The kernels package as a plain import from the repository (a leaf: no memtx_ops, no torch device)."""
+    """The kernel modules as plain imports from the repository (``kernels`` is a leaf: no memtx_ops, no device)."""
     sys.path.insert(0, ROOT)
     import importlib
 
-    return {m: importlib.import_module(f"kernels.rel_memory_attention.{m}") for m in ("fwd", "bwd")}
+    return {spec.module: importlib.import_module(f"kernels.{spec.module}") for spec in KERNELS}
 
 
-def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80)) -> List[Job]:
+def kernels_digest(module: str) -> str:
+    """A hash of the sources a kernel module compiles from: its package under ``kernels/`` and the shared
+    ``kernels/*.py``. Cached results are reused only for the same sources."""
+    digest = hashlib.sha256()
+    folder = os.path.join(ROOT, "kernels")
+    package = os.path.join(folder, module.split(".")[0])
+    paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py")]
+    paths += [os.path.join(package, f) for f in os.listdir(package) if f.endswith(".py")]
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            digest.update(os.path.relpath(path, folder).encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+def precisions_of(spec: KernelSpec, dtype: str) -> Tuple[str, ...]:
+    return ("tf32x3", "tf32") if dtype == "float32" and spec.precisions else ("tf32",)
+
+
+def configs_of(spec: KernelSpec, module, dtype: str, head_dim: int, tables=None):
+    """[(constexprs, num_warps, num_stages, bound)] a launch of ``spec`` at ``head_dim`` can pick."""
     from kernels import utils
 
+    if spec.make_config == "row_tiles":
+        block_m, block_d = module.tile_sizes(head_dim, interpreted=False)
+        return [(dict(BLOCK_M=block_m, BLOCK_D=block_d), 4, 3, head_dim)]
+    if spec.table is None:
+        return [(dict(spec.fixed), 4, 3, head_dim)]
+    table = (tables or {}).get(spec.name) or getattr(module, spec.table)["fp32" if dtype == "float32" else "16bit"]
+    bound = next(b for b in sorted(table) if b >= head_dim)
+    make = getattr(module, spec.make_config, None) or getattr(utils, spec.make_config)
+    return [(dict(c.kwargs), c.num_warps, c.num_stages, bound) for c in (make(*row) for row in table[bound])]
+
+
+def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80), tables=None, dtypes=tuple(DTYPES)) -> List[Job]:
+    """Every compile of the check; ``tables`` ({kernel: {bound: rows}}) replaces a kernel's table (``--explore``)."""
     out = []
     for spec in KERNELS:
         module = modules[spec.module]
-        for dtype in DTYPES:
-            precisions = ("tf32x3", "tf32") if dtype == "float32" else ("tf32",)
-            kind = "fp32" if dtype == "float32" else "16bit"
-            for precision, mode, head_dim, arch in ((p, m, d, a) for p in precisions for m in spec.modes
-                                                    for d in head_dims for a in arches):
-                if spec.table is None:
-                    out.append(Job(spec.name, spec.module, dtype, precision, mode, head_dim, arch, dict(spec.fixed),
-                                   4, 3, head_dim))
-                    continue
-                table = getattr(module, spec.table)[kind]
-                bound = next(b for b in sorted(table) if b >= head_dim)
-                make = getattr(module, spec.make_config, None) or getattr(utils, spec.make_config)
-                for row in table[bound]:
-                    config = make(*row)
-                    out.append(Job(spec.name, spec.module, dtype, precision, mode, head_dim, arch,
-                                   dict(config.kwargs), config.num_warps, config.num_stages, bound))
+        for dtype in dtypes:
+            for precision, mode, head_dim, arch in ((p, m, d, a) for p in precisions_of(spec, dtype)
+                                                    for m in spec.modes for d in head_dims for a in arches):
+                for config, warps, stages, bound in configs_of(spec, module, dtype, head_dim, tables):
+                    out.append(Job(spec.name, spec.module, dtype, precision, mode, head_dim, arch, config, warps,
+                                   stages, bound))
     return out
 
 
-PTXAS = re.compile(r"Used (\d+) registers")
-SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_resources(log: str) -> Dict[str, int]:
+    """Registers of the entry function and stack / spills summed over every function in ptxas -v ``log`` (a called
+    device function's spills run too) -> {} when the log has none."""
+    entry = PTXAS_ENTRY.search(log)
+    if entry is None:
+        return {}
+    registers = PTXAS_REGISTERS.search(log, entry.end())
+    frames = [tuple(map(int, m.groups())) for m in PTXAS_FRAME.finditer(log)]
+    if registers is None or not frames:
+        return {}
+    return dict(registers=int(registers.group(1)), stack=max(f[0] for f in frames),
+                spill_stores=sum(f[1] for f in frames), spill_loads=sum(f[2] for f in frames))
 
 
 def compile_job(job: Job) -> Dict[str, object]:
@@ -144,14 +209,13 @@ def compile_job(job: Job) -> Dict[str, object]:
     spec = next(s for s in KERNELS if s.name == job.kernel)
     kernel = getattr(modules[job.module], job.kernel)
     fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an Autotuner wraps the JITFunction
-    block_d = max(16, triton.next_power_of_2(job.head_dim))
-    constexprs = dict(job.config, D=job.head_dim, BLOCK_D=block_d, **dict(job.mode))
-    if "PRECISION" in fn.arg_names:
-        constexprs["PRECISION"] = job.precision
+    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    constexprs = dict(D=job.head_dim, BLOCK_D=max(16, triton.next_power_of_2(job.head_dim)), PRECISION=job.precision)
+    constexprs = {k: v for k, v in dict(constexprs, **job.config, **dict(job.mode)).items() if k in constexpr}
     signature, attrs = {}, {}
     element = DTYPES[job.dtype]
     for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in constexpr:
             signature[name] = "constexpr"
         elif name in spec.pointers:
             role = spec.pointers[name]
@@ -177,12 +241,10 @@ def compile_job(job: Job) -> Dict[str, object]:
         return row
     row.update(ok=True, seconds=round(time.perf_counter() - start, 2), shared=compiled.metadata.shared,
                hash=compiled.hash)
-    text = log.getvalue()
-    regs, spills = PTXAS.search(text), SPILLS.search(text)
-    if regs and spills:
-        row.update(registers=int(regs.group(1)), stack=int(spills.group(1)), spill_stores=int(spills.group(2)),
-                   spill_loads=int(spills.group(3)))
-    return row
+    resources = ptxas_resources(log.getvalue())
+    if not resources:
+        row.update(ok=False, error="no ptxas -v log (was the compile served from a cache?)")
+    return dict(row, **resources)
 
 
 @contextlib.contextmanager
@@ -204,9 +266,12 @@ def _captured_fd(fd: int):
             text.append(tmp.read())
 
 
-def cached_compile(job: Job, cache: Dict[str, Dict]) -> Dict[str, object]:
-    key = json.dumps(dataclasses.asdict(job), sort_keys=True, default=str)
-    return cache.get(key) or compile_job(job)
+# 16-bit spills that are known, reported in the table and not (yet) fixed: {(kernel, D): why}. A test requires this
+# list to be exactly what the table shows, so it can only shrink.
+KNOWN_SPILLS = {
+    ("_bwd_dr_kernel", 256): "deterministic dr, D in (128, 256]: every tile spills; needs its accumulator split over D",
+    ("_bwd_dkdv_kernel", 256): "dk/dv, D in (128, 256], sm_80: the smallest tile (16 x 16, 8 warps) spills 24 B",
+}
 
 
 def check(rows: List[Dict]) -> List[str]:
@@ -224,7 +289,8 @@ def check(rows: List[Dict]) -> List[str]:
             failures.append(f"does not compile: {what}: {r['error']}")
         elif not fits:
             failures.append(f"shared memory {r['shared']} > {SHARED_LIMIT[r['arch']]}: {what}")
-        elif r["dtype"] != "float32" and (r.get("spill_stores") or r.get("spill_loads")):
+        elif r["dtype"] != "float32" and (r.get("spill_stores") or r.get("spill_loads")) \
+                and (r["kernel"], r["D"]) not in KNOWN_SPILLS:
             failures.append(f"spills {r['spill_stores']} B stores / {r['spill_loads']} B loads: {what}")
     for key, fits in groups.items():
         if not any(fits):
@@ -251,11 +317,66 @@ def table(rows: List[Dict], meta: Dict) -> str:
         else:
             fits = r["shared"] <= SHARED_LIMIT[r["arch"]]
             spills = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
+            if r["dtype"] != "float32" and r.get("spill_stores") and (r["kernel"], r["D"]) in KNOWN_SPILLS:
+                spills += " (known)"
             cells = [str(r["shared"]), "yes" if fits else "**no**", str(r.get("registers", "?")), spills,
                      str(r.get("stack", "?")), str(r.get("seconds", "cached"))]
         lines.append("| " + " | ".join([r["kernel"], r["dtype"], r["precision"], mode, str(r["D"]),
                                          f"sm_{r['arch']}", r["config"], *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compile_all(all_jobs: List[Job], cache: Dict[str, Dict], sample: bool, workers: int):
+    """Rows of ``all_jobs`` in order: cached ones looked up (key: the job and its sources' digest), the rest compiled
+    in a process pool; with ``sample`` a float32 group stops at its first config that fits (the rest: skipped)."""
+    digests = {j.module: kernels_digest(j.module) for j in all_jobs}
+    key = lambda j: json.dumps(dict(dataclasses.asdict(j), sources=digests[j.module]), sort_keys=True,  # noqa
+                               default=str)
+    rows_by_job: Dict[int, Dict] = {}
+    todo = []
+    for job in all_jobs:
+        if key(job) in cache:
+            rows_by_job[id(job)] = dict(cache[key(job)], cached=True)
+        else:
+            todo.append(job)
+    first = [j for j in todo if not (sample and j.dtype == "float32")]
+    groups: Dict[Tuple, List[Job]] = {}
+    for job in todo:
+        if sample and job.dtype == "float32":
+            groups.setdefault(job.group, []).append(job)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        for job, row in zip(first, pool.map(compile_job, first)):
+            rows_by_job[id(job)] = cache[key(job)] = row
+        pending = {g: iter(js) for g, js in groups.items()}
+        while pending:
+            batch = {g: j for g, j in ((g, next(it, None)) for g, it in pending.items()) if j is not None}
+            fitted = set()
+            for (g, job), row in zip(list(batch.items()), pool.map(compile_job, batch.values())):
+                rows_by_job[id(job)] = cache[key(job)] = row
+                if row["ok"] and row["shared"] <= SHARED_LIMIT[job.arch]:
+                    fitted.add(g)
+            pending = {g: pending[g] for g in batch if g not in fitted}
+    for job in all_jobs:
+        rows_by_job.setdefault(id(job), dict(kernel=job.kernel, dtype=job.dtype, precision=job.precision,
+                                             mode=dict(job.mode), D=job.head_dim, arch=job.arch, config=job.label(),
+                                             bound=job.bound, skipped=True))
+    return [rows_by_job[id(j)] for j in all_jobs]
+
+
+def explore(modules, kernel: str, head_dims, workers: int, dtype: str, blocks=(16, 32, 64, 128), warps=(4, 8),
+            stages=(1, 2, 3), arches=(90, 80)) -> None:
+    """Prints registers, spills and shared memory of a grid of tiles for one kernel: for choosing tables."""
+    spec = next(s for s in KERNELS if s.name == kernel)
+    rows = [(m, n, w, st) for m in blocks for n in blocks if n <= 64 for w in warps for st in stages
+            if m * n <= 64 * 64 * (w // 4)]
+    tables = {kernel: {d: rows for d in head_dims}}
+    grid = [j for j in jobs(modules, head_dims, arches, tables, (dtype,)) if j.kernel == kernel
+            and j.mode == spec.modes[0] and j.precision == precisions_of(spec, dtype)[-1]]
+    print("D arch config registers spill_stores shared", flush=True)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        for r in pool.map(compile_job, grid):
+            print(r["D"], r["arch"], r["config"], r.get("registers"), r.get("spill_stores"), r.get("shared"), r.get("error", ""),
+                  flush=True)
 
 
 def main(argv=None) -> int:
@@ -265,59 +386,31 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles at a time")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--kernels", default=None, help="comma list of kernel names (default: all)")
+    p.add_argument("--explore", metavar="KERNEL", help="print a grid of candidate tiles of KERNEL, no check")
+    p.add_argument("--explore-dtype", default="float16", choices=tuple(DTYPES))
+    p.add_argument("--explore-grid", default="16,32,64,128/4,8/1,2,3", help="blocks/warps/stages of --explore")
     opts = p.parse_args(argv)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # the workers print ptxas -v, which compile_job reads
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a compile served from Triton's cache prints no log
     cache_dir = os.environ.get("MEMTX_AOT_CACHE", os.path.expanduser("~/.cache/memtx-aot"))
     os.makedirs(cache_dir, exist_ok=True)
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache_dir, "triton"))
     import triton
 
     modules = load_kernels()
+    if opts.explore:
+        blocks, warps, stages = (tuple(int(v) for v in part.split(",")) for part in opts.explore_grid.split("/"))
+        explore(modules, opts.explore, HEAD_DIMS, opts.jobs, opts.explore_dtype, blocks, warps, stages)
+        return 0
     all_jobs = [j for j in jobs(modules) if opts.kernels is None or j.kernel in opts.kernels.split(",")]
     results_path = os.path.join(cache_dir, f"results-{triton.__version__}.json")
     cache = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    keys = {id(j): json.dumps(dataclasses.asdict(j), sort_keys=True, default=str) for j in all_jobs}
     start = time.perf_counter()
-    rows_by_job: Dict[int, Dict] = {}
-    todo = []
-    for job in all_jobs:
-        if keys[id(job)] in cache and cache[keys[id(job)]].get("ok") is not None:
-            rows_by_job[id(job)] = dict(cache[keys[id(job)]], cached=True)
-        else:
-            todo.append(job)
-    first = [j for j in todo if not (opts.sample and j.dtype == "float32")]
-    sampled = [j for j in todo if opts.sample and j.dtype == "float32"]
-    with concurrent.futures.ProcessPoolExecutor(max_workers=opts.jobs) as pool:
-        for job, row in zip(first, pool.map(compile_job, first)):
-            rows_by_job[id(job)] = row
-        # --sample: float32 groups in config order, stopping at the first config that fits
-        groups: Dict[Tuple, List[Job]] = {}
-        for job in sampled:
-            groups.setdefault(job.group, []).append(job)
-        pending = {g: iter(js) for g, js in groups.items()}
-        while pending:
-            batch = {g: next(it, None) for g, it in pending.items()}
-            batch = {g: j for g, j in batch.items() if j is not None}
-            if not batch:
-                break
-            for (g, job), row in zip(batch.items(), pool.map(compile_job, batch.values())):
-                rows_by_job[id(job)] = row
-                if row["ok"] and row["shared"] <= SHARED_LIMIT[job.arch]:
-                    del pending[g]
-            pending = {g: it for g, it in pending.items() if g in batch}
-    for job in all_jobs:
-        if id(job) not in rows_by_job:
-            rows_by_job[id(job)] = dict(kernel=job.kernel, dtype=job.dtype, precision=job.precision,
-                                        mode=dict(job.mode), D=job.head_dim, arch=job.arch, config=job.label(),
-                                        bound=job.bound, skipped=True)
-    for job in all_jobs:
-        row = rows_by_job[id(job)]
-        if not row.get("skipped") and not row.get("cached"):
-            cache[keys[id(job)]] = row
+    rows = compile_all(all_jobs, cache, opts.sample, opts.jobs)
     with open(results_path, "w") as f:
         json.dump(cache, f)
-    rows = [rows_by_job[id(j)] for j in all_jobs]
-    meta = dict(triton=triton.__version__, jobs=len(rows), compiled=sum(1 for r in rows if not r.get("cached")
+    meta = dict(triton=triton.__version__, sources={m: kernels_digest(m) for m in sorted({j.module for j in all_jobs})},
+                sample=opts.sample, jobs=len(rows), compiled=sum(1 for r in rows if not r.get("cached")
                                                                       and not r.get("skipped")),
                 cached=sum(1 for r in rows if r.get("cached")), skipped=sum(1 for r in rows if r.get("skipped")),
                 seconds=round(time.perf_counter() - start))
@@ -326,7 +419,7 @@ def main(argv=None) -> int:
     with open(stem + ".md", "w") as f:
         f.write(table(rows, meta))
     with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != "cached"} for r in rows]), f, indent=1)
     failures = check(rows)
     print(f"{meta}: {stem}.md")
     for failure in failures:

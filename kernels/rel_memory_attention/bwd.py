@@ -29,30 +29,49 @@ from ..utils import (autotune_tiles, dot_precision, load_rows, on_device, smalle
 
 LOG2E = math.log2(math.e)
 
-# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}
-BWD_CONFIGS = {
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}, one table per kernel, chosen
+# with the ahead-of-time compile check (`make check-aot`, bench/results/triton-aot-3.6.0.md): every config fits
+# sm_80's shared memory and the 16-bit ones compile without spills for sm_80 and sm_90. The backward holds the
+# recomputed scores, the position band, dP and dS of a tile at once, so its tiles are small: 64 x 64 spills at
+# every width, and on sm_80 the dq kernel at D = 64 fits only 16 x 16 without spilling (the float32 tables take
+# tiles that fit sm_80's shared memory; their spills are recorded, not gated).
+DKDV_CONFIGS = {
     "16bit": {
-        64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-        128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-        256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+        64: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
+        128: [(32, 32, 8, 1), (16, 32, 8, 2), (16, 16, 8, 2)],
+        256: [(16, 16, 8, 1)],
     },
     "fp32": {
-        64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-        128: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
-        256: [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1)],
+        64: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
+        128: [(16, 32, 8, 2), (16, 16, 8, 2)],
+        256: [(16, 16, 8, 1)],
     },
 }
-# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}}
-DR_CONFIGS = {
+DQ_CONFIGS = {
     "16bit": {
-        64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-        128: [(32, 32, 4, 2), (64, 32, 8, 2)],
-        256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+        64: [(16, 16, 8, 2), (16, 16, 4, 2)],
+        128: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)],
+        256: [(16, 32, 8, 2), (16, 16, 8, 2)],
     },
     "fp32": {
-        64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-        128: [(32, 32, 4, 2), (64, 32, 8, 2)],
-        256: [(32, 16, 4, 1), (16, 16, 4, 1)],
+        64: [(32, 32, 8, 2), (16, 16, 8, 2)],
+        128: [(16, 16, 8, 2), (16, 32, 8, 1)],
+        256: [(16, 16, 8, 1)],
+    },
+}
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}} of the deterministic dr pass.
+# For D in (128, 256] every tile spills (16 x 16 with 8 warps the least, ~400 B a thread): the check lists it as a
+# known spill (bench/aot_triton.py KNOWN_SPILLS) until the accumulator is split over D.
+DR_CONFIGS = {
+    "16bit": {
+        64: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+        128: [(16, 16, 8, 2)],
+        256: [(16, 16, 8, 1)],
+    },
+    "fp32": {
+        64: [(16, 16, 8, 2), (16, 32, 8, 2)],
+        128: [(16, 16, 8, 2)],
+        256: [(16, 16, 8, 1)],
     },
 }
 
@@ -108,7 +127,7 @@ def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, 
     return qu, qv, do, lse2, delta
 
 
-@autotune_tiles(BWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION"))
+@autotune_tiles(DKDV_CONFIGS, key=("D", "BLOCK_D", "PRECISION"))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DK, DV,
@@ -189,7 +208,7 @@ def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_bas
     return dq_c, dq_p, clamped
 
 
-@autotune_tiles(BWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "DETERMINISTIC"), reset_to_zero=["DR"])
+@autotune_tiles(DQ_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "DETERMINISTIC"), reset_to_zero=["DR"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DQ, DU, DVB, DR, CQ,

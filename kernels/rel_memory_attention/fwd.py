@@ -12,17 +12,21 @@ from ..utils import autotune_tiles, dot_precision, load_rows, on_device, smalles
 
 LOG2E = math.log2(math.e)
 
-# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}
+# {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}. Chosen with the ahead-of-time
+# compile check (`make check-aot`, bench/results/triton-aot-3.6.0.md): every config fits sm_80's shared memory and
+# the 16-bit ones compile without spills for sm_80 and sm_90 (sm_80, without wgmma, needs more registers). The
+# position band ([BLOCK_M, BLOCK_W] float32) is what fills the registers: 64-query tiles spill on sm_80 but for
+# 64 x 32 at D = 128, and 128-query tiles spill at any width.
 FWD_CONFIGS = {
     "16bit": {
-        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-        128: [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+        64: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 8, 2)],
+        128: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
+        256: [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)],
     },
-    "fp32": {
-        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
-        128: [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    "fp32": {  # twice the bytes per tile: smaller tiles
+        64: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
+        128: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
+        256: [(16, 32, 8, 1), (16, 16, 8, 2)],
     },
 }
 
