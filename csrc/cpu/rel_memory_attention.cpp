@@ -240,8 +240,10 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   };
 
   at::parallel_for(0, s.H * n_qblocks * plan.groups * splits, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = plan.group * kBlockM;  // query rows of a task: bm per batch of the group
-    std::vector<T> qu(rows * s.D), qv(rows * s.D), pos(rows * kBand), score(kBlockM * kBlockN);
+    // query rows of a task: bm <= min(kBlockM, L) per batch of the group (sized to L, so that a decoding step
+    // does not allocate and clear tiles of kBlockM rows)
+    const int64_t tile_rows = std::min(kBlockM, s.L), rows = plan.group * tile_rows;
+    std::vector<T> qu(rows * s.D), qv(rows * s.D), pos(rows * kBand), score(tile_rows * kBlockN);
     std::vector<T> m_own(rows), l_own(rows);
     std::vector<OnlineSoftmax<T>> acc(plan.group);
     for (int64_t task = begin; task < end; ++task) {
@@ -255,7 +257,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
                                                 part_m.data() + part_row(b, h, qb, split),
                                                 part_l.data() + part_row(b, h, qb, split)}
                              : OnlineSoftmax<T>{out_data + ((b * s.H + h) * s.L + tile.i0) * s.D,  // in place
-                                                m_own.data() + gb * kBlockM, l_own.data() + gb * kBlockM};
+                                                m_own.data() + gb * tile_rows, l_own.data() + gb * tile_rows};
         std::fill(acc[gb].out, acc[gb].out + bm * s.D, T(0));
         std::fill(acc[gb].m, acc[gb].m + bm, -std::numeric_limits<T>::infinity());
         std::fill(acc[gb].l, acc[gb].l + bm, T(0));
