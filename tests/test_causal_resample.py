@@ -80,8 +80,23 @@ def assert_downsample_matches_reference(backend, case, dtype, device="cpu", layo
     ref_grads = torch.autograd.grad(ref_y, ref_leaves, grad.to(torch.float64))
     for name, g, t in zip(names, grads, leaves):
         assert g.shape == t.shape and g.dtype == t.dtype, name
+    units = {"dweights": weights_grad_unit(ref_x, ref_prev, ref_w, grad, k)} if weights is not None else None
     assert_close_to_reference(dict(y=y, **dict(zip(names, grads))), dict(y=ref_y, **dict(zip(names, ref_grads))),
-                              dtype, context=f"{backend} {case} {layout} prev={with_prev} weights={with_weights}")
+                              dtype, units=units,
+                              context=f"{backend} {case} {layout} prev={with_prev} weights={with_weights}")
+
+
+def weights_grad_unit(x, prev, weights, grad, k):
+    """Unit (tests/helpers.reference_errors) of dweights: ``dweights[r]`` sums n = B * L/k * d products
+    ``s[b, m*k + r, c] * grad[b, m, c]``, so two summation orders differ by about ``sqrt(n)`` roundings of the terms
+    however much the sum cancels. The unit is ``max_r sum |terms| / sqrt(n)``: the size of an uncancelled sum (it
+    equals ``|dweights|`` when the terms do not cancel, and changes nothing then)."""
+    abs_x = x.detach().abs()
+    abs_prev = None if prev is None else prev.detach().abs()
+    w = torch.ones_like(weights, requires_grad=True)
+    (total,) = torch.autograd.grad(reference.causal_downsample(abs_x, k, abs_prev, w), w,
+                                   grad.detach().to(torch.float64).abs())
+    return total.max().item() / grad.numel() ** 0.5
 
 
 def upsample_inputs(case, dtype, device, layout="contiguous", with_prev=False, seed=0):
