@@ -37,6 +37,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
+from bench.report import write_gate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_LIMIT = {90: 232448, 80: 166912}  # dynamic shared memory a block may use, bytes
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -416,15 +418,8 @@ def main(argv=None) -> int:
                 seconds=round(time.perf_counter() - start))
     os.makedirs(opts.out, exist_ok=True)
     stem = os.path.join(opts.out, f"triton-aot-{triton.__version__}")
-    with open(stem + ".md", "w") as f:
-        f.write(table(rows, meta))
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != "cached"} for r in rows]), f, indent=1)
-    failures = check(rows)
-    print(f"{meta}: {stem}.md")
-    for failure in failures:
-        print("FAIL", failure)
-    return 1 if failures else 0
+    return write_gate(stem, table(rows, meta), meta, [{k: v for k, v in r.items() if k != "cached"} for r in rows],
+                      check(rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import glob
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Tuple
+
+from bench.report import write_gate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -188,17 +189,8 @@ def main(argv=None) -> int:
     meta = dict(nvcc=version.group(1) if version else "?", kernels=len(rows), seconds=round(time.perf_counter() - start))
     os.makedirs(opts.out, exist_ok=True)
     stem = os.path.join(opts.out, "cuda-resources")
-    with open(stem + ".md", "w") as f:
-        f.write(table(rows, meta))
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    failures = check(rows)
-    if not rows:
-        failures.append("ptxas reported no kernels")
-    print(f"{meta}: {stem}.md")
-    for failure in failures:
-        print("FAIL", failure)
-    return 1 if failures else 0
+    failures = check(rows) + ([] if rows else ["ptxas reported no kernels"])
+    return write_gate(stem, table(rows, meta), meta, rows, failures)
 
 
 if __name__ == "__main__":

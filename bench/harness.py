@@ -333,3 +333,46 @@ def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable
         print(f"  {case} {dtype} {label}: fwd+bwd {row['fwd_bwd_ms']:.2f} ms "
               f"({row['fwd_bwd_ms_range'][0]:.2f}-{row['fwd_bwd_ms_range'][1]:.2f})", flush=True)
     return rows
+
+
+def lm_training_step(model: torch.nn.Module, vocab: int, B: int, L: int, device: torch.device, autocast,
+                     forward: Optional[Callable] = None) -> Callable[[], None]:
+    """A training step (forward, backward, Adam) of the language model ``model`` on random tokens ``[B, L]`` with a
+    full memory of L positions (``forward``: what to call instead of ``model``, e.g. its compiled form). One step is
+    run here, so that the optimiser state exists (and a compiled forward is compiled) before any measure."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, vocab, (B, L + 1), device=device)
+    with torch.no_grad(), autocast:
+        _, memory = model(tokens[:, :-1])
+    forward = model if forward is None else forward
+
+    def train_step():
+        with autocast:
+            loss, _ = forward(tokens[:, :-1], memory, tokens[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    return train_step
+
+
+def measure_training_steps(op: str, case: str, dtype: str, steps: Dict[str, Callable[[], None]], tokens: int,
+                           device: torch.device, repeats: int) -> List[Dict[str, object]]:
+    """Rows of the training steps ``steps`` {name: step} timed in interleaved rounds: time, peak memory and
+    ``tokens`` per step as tokens/s (median and range); a step that fails is a row with the reason."""
+    timings, failed = time_interleaved({n: {"fwd_bwd_ms": s} for n, s in steps.items()}, device, repeats)
+    rows = []
+    for name, step in steps.items():
+        if name in failed:
+            rows.append(failure_row(op, case, name, dtype, failed[name]))
+            continue
+        timing = timings[name]["fwd_bwd_ms"]
+        row = dict(op=op, case=case, backend=name, dtype=dtype, **timing.fields("fwd_bwd_ms"),
+                   peak_mb=peak_memory(step, device) / 2**20)
+        row["extra"] = {"tokens/s": f"{tokens / timing.median:.0f} ({tokens / timing.high:.0f}-"
+                                    f"{tokens / timing.low:.0f})"}
+        rows.append(row)
+        print(f"  {case} {dtype} {name}: {row['extra']['tokens/s']} tokens/s, peak {row['peak_mb']:.1f} MiB",
+              flush=True)
+    return rows

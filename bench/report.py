@@ -126,3 +126,16 @@ def plot_against(rows, op, x_of, out_path, xlabel, title):
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def write_gate(stem: str, markdown: str, meta: dict, rows: list, failures: list) -> int:
+    """A compile gate's result (``make check-aot``, ``make check-cuda-resources``): ``<stem>.md`` and ``<stem>.json``
+    written, the failures printed -> the exit status (1 when any)."""
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"{meta}: {stem}.md")
+    for failure in failures:
+        print("FAIL", failure)
+    return 1 if failures else 0

@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from bench.harness import failure_row, peak_memory, time_interleaved
+from bench.harness import lm_training_step, measure_training_steps
 from memtx_ops.nn import HourglassTransformerXL, TransformerXL
 
 NAME = "hourglass"
@@ -38,23 +38,9 @@ def make_model(name, cfg, L):
 
 
 def train_step_of(name, cfg, B, L, device, autocast):
-    """A training step of a fresh ``name`` model with a full memory; its optimiser state is created by one step."""
+    """A training step of a fresh ``name`` model with a full memory (:func:`bench.harness.lm_training_step`)."""
     torch.manual_seed(0)
-    model = make_model(name, cfg, L).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, cfg["vocab"], (B, L + 1), device=device)
-    with torch.no_grad(), autocast:
-        _, memory = model(tokens[:, :-1])
-
-    def train_step():
-        with autocast:
-            loss, _ = model(tokens[:, :-1], memory, tokens[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    train_step()
-    return train_step
+    return lm_training_step(make_model(name, cfg, L).to(device), cfg["vocab"], B, L, device, autocast)
 
 
 def run(opts):
@@ -68,18 +54,6 @@ def run(opts):
                     else contextlib.nullcontext())
         case = f"B={B} L=M={L} d={cfg['d_model']} heads={cfg['n_head']} k=3"
         steps = {name: train_step_of(name, cfg, B, L, device, autocast) for name in (BASELINE, f"hourglass {LAYOUT}")}
-        timings, failed = time_interleaved({n: {"fwd_bwd_ms": s} for n, s in steps.items()}, device, opts.repeats)
-        for name, step in steps.items():
-            if name in failed:
-                rows.append(failure_row(NAME, case, name, dtype_name, failed[name]))
-                continue
-            timing = timings[name]["fwd_bwd_ms"]
-            row = dict(op=NAME, case=case, backend=name, dtype=dtype_name, **timing.fields("fwd_bwd_ms"),
-                       peak_mb=peak_memory(step, device) / 2**20)
-            row["extra"] = {"tokens/s": f"{B * L / timing.median:.0f} ({B * L / timing.high:.0f}-"
-                                        f"{B * L / timing.low:.0f})"}
-            rows.append(row)
-            print(f"  {case} {dtype_name} {name}: {row['extra']['tokens/s']} tokens/s, "
-                  f"peak {row['peak_mb']:.1f} MiB", flush=True)
+        rows += measure_training_steps(NAME, case, dtype_name, steps, B * L, device, opts.repeats)
         del steps
     return rows

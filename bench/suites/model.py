@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from bench.harness import failure_row, peak_memory, time_interleaved
+from bench.harness import lm_training_step, measure_training_steps
 from memtx_ops.nn import TransformerXL
 
 NAME = "model"
@@ -43,22 +43,8 @@ def train_step_of(label, cfg, B, L, device, autocast):
                           d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
                           mem_len=L, backend=backend,
                           dropout_backend="torch" if backend == "reference" else "auto").to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, cfg["vocab"], (B, L + 1), device=device)
-    with torch.no_grad(), autocast:
-        _, memory = model(tokens[:, :-1])  # a full memory of L positions
-
-    forward = torch.compile(model, fullgraph=True) if compiled else model
-
-    def train_step():
-        with autocast:
-            loss, _ = forward(tokens[:, :-1], memory, tokens[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    train_step()  # creates the optimiser state
-    return train_step
+    forward = torch.compile(model, fullgraph=True) if compiled else None
+    return lm_training_step(model, cfg["vocab"], B, L, device, autocast, forward)
 
 
 def run(opts):
@@ -73,18 +59,6 @@ def run(opts):
         case = f"B={B} L=M={L} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
         steps = {backend: train_step_of(backend, cfg, B, L, device, autocast)
                  for backend in opts.backends or cfg["backends"]}
-        timings, failed = time_interleaved({b: {"fwd_bwd_ms": step} for b, step in steps.items()}, device,
-                                           opts.repeats)
-        for backend, step in steps.items():
-            if backend in failed:
-                rows.append(failure_row(NAME, case, backend, dtype_name, failed[backend]))
-                continue
-            timing = timings[backend]["fwd_bwd_ms"]
-            row = dict(op=NAME, case=case, backend=backend, dtype=dtype_name, **timing.fields("fwd_bwd_ms"),
-                       peak_mb=peak_memory(step, device) / 2**20)
-            row["extra"] = {"tokens/s": f"{B * L / timing.median:.0f} ({B * L / timing.high:.0f}-"
-                                        f"{B * L / timing.low:.0f})"}
-            rows.append(row)
-            print(f"  {case} {dtype_name} {backend}: {row['extra']['tokens/s']} tokens/s", flush=True)
+        rows += measure_training_steps(NAME, case, dtype_name, steps, B * L, device, opts.repeats)
         del steps
     return rows
