@@ -16,7 +16,7 @@ import torch
 
 import memtx_ops
 from bench.harness import failure_row, time_interleaved
-from memtx_ops.backends import BACKENDS
+from bench.suites import rel_memory_attention
 
 NAME = "short_query"
 BASELINE = "sdpa"
@@ -46,10 +46,7 @@ def candidate(name, device):
         torch._dynamo.reset()  # a graph per shape, each case from a clean cache (the warm-up round compiles)
         compiled = torch.compile(memtx_ops.reference.rel_memory_attention, fullgraph=True, dynamic=False)
         return (lambda q, k, v, r, u, vb: compiled(q, k, v, r, u, vb)), None
-    reason = BACKENDS[name].unavailable_reason(device)
-    if reason is not None:
-        return None, reason
-    return (lambda q, k, v, r, u, vb: memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend=name)), None
+    return rel_memory_attention.backend_fn(name, device)
 
 
 def run(opts):
