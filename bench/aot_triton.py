@@ -10,7 +10,10 @@ The check fails when a config does not compile, when a config needs more shared 
 (232,448 bytes a block on sm_90, 166,912 on sm_80: autotune would raise OutOfResources for it on the GPU), or when a
 (kernel, dtype, mode, D) group has no config that fits. It also fails on register spills in the 16-bit configs that
 autotune can pick (the float32 ones are recorded). Every config's registers, spill stores/loads, stack and shared
-memory go into ``bench/results/triton-aot-<version>.{md,json}``.
+memory go into ``bench/results/triton-aot-<version>.{md,json}``. A head dim that is not a multiple of 16 must not
+switch off cp.async pipelining: every attention config is also compiled at D = 72 (16-bit, sm_90), with the strides
+the launcher guarantees (``kernels.utils.aligned_rows``), and must copy asynchronously wherever it does at its
+table's bound.
 
 Speed: ptxas dominates. Compiles run in a process pool; their result rows are cached in ``$MEMTX_AOT_CACHE``
 (default ``~/.cache/memtx-aot``), keyed by the job (kernel, dtype, precision, mode, D, target, config) and a hash of
@@ -43,6 +46,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_LIMIT = {90: 232448, 80: 166912}  # dynamic shared memory a block may use, bytes
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIMS = (64, 128, 256)  # one per class of the config tables (their bounds)
+# A head dim that is not a multiple of 16 (masked columns of BLOCK_D = 128), compiled as the launcher hands it over
+# (rows padded to 16 elements by kernels.utils.aligned_rows): it must keep the cp.async pipelining of D = 128.
+UNALIGNED_HEAD_DIM, UNALIGNED_ARCH, UNALIGNED_DTYPE = 72, 90, "float16"
+CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +174,9 @@ def configs_of(spec: KernelSpec, module, dtype: str, head_dim: int, tables=None)
     return [(dict(c.kwargs), c.num_warps, c.num_stages, bound) for c in (make(*row) for row in table[bound])]
 
 
-def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80), tables=None, dtypes=tuple(DTYPES)) -> List[Job]:
-    """Every compile of the check; ``tables`` ({kernel: {bound: rows}}) replaces a kernel's table (``--explore``)."""
+def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80), tables=None, dtypes=tuple(DTYPES), unaligned=True) -> List[Job]:
+    """Every compile of the check; ``tables`` ({kernel: {bound: rows}}) replaces a kernel's table (``--explore``).
+    With ``unaligned``, also every attention config at ``UNALIGNED_HEAD_DIM`` (16-bit, sm_90: the pipelining check)."""
     out = []
     for spec in KERNELS:
         module = modules[spec.module]
@@ -178,6 +186,9 @@ def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80), tables=None, dtypes=tupl
                 for config, warps, stages, bound in configs_of(spec, module, dtype, head_dim, tables):
                     out.append(Job(spec.name, spec.module, dtype, precision, mode, head_dim, arch, config, warps,
                                    stages, bound))
+    if unaligned:
+        out += [j for j in jobs(modules, (UNALIGNED_HEAD_DIM,), (UNALIGNED_ARCH,), tables, (UNALIGNED_DTYPE,), False)
+                if j.module in (FWD, BWD)]
     return out
 
 
@@ -212,7 +223,10 @@ def compile_job(job: Job) -> Dict[str, object]:
     kernel = getattr(modules[job.module], job.kernel)
     fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an Autotuner wraps the JITFunction
     constexpr = {p.name for p in fn.params if p.is_constexpr}
-    constexprs = dict(D=job.head_dim, BLOCK_D=max(16, triton.next_power_of_2(job.head_dim)), PRECISION=job.precision)
+    block_d = max(16, triton.next_power_of_2(job.head_dim))
+    constexprs = dict(D=job.head_dim, BLOCK_D=block_d, PRECISION=job.precision)
+    if "BLOCK_DC" in constexpr:  # the dr kernel's column block, set by its launcher
+        constexprs["BLOCK_DC"] = modules[job.module].dr_column_block(block_d)
     constexprs = {k: v for k, v in dict(constexprs, **job.config, **dict(job.mode)).items() if k in constexpr}
     signature, attrs = {}, {}
     element = DTYPES[job.dtype]
@@ -242,7 +256,7 @@ def compile_job(job: Job) -> Dict[str, object]:
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
         return row
     row.update(ok=True, seconds=round(time.perf_counter() - start, 2), shared=compiled.metadata.shared,
-               hash=compiled.hash)
+               hash=compiled.hash, async_copies=len(CP_ASYNC.findall(compiled.asm["ptx"])))
     resources = ptxas_resources(log.getvalue())
     if not resources:
         row.update(ok=False, error="no ptxas -v log (was the compile served from a cache?)")
@@ -271,15 +285,19 @@ def _captured_fd(fd: int):
 # 16-bit spills that are known, reported in the table and not (yet) fixed: {(kernel, D): why}. A test requires this
 # list to be exactly what the table shows, so it can only shrink.
 KNOWN_SPILLS = {
-    ("_bwd_dr_kernel", 256): "deterministic dr, D in (128, 256]: every tile spills; needs its accumulator split over D",
-    ("_bwd_dkdv_kernel", 256): "dk/dv, D in (128, 256], sm_80: the smallest tile (16 x 16, 8 warps) spills 24 B",
+    ("_bwd_dkdv_kernel", 256): "dk/dv, D in (128, 256], sm_80 only: the smallest tile (16 x 16, 8 warps) spills 24 B "
+                               "(every other tile and warp count more; sm_90 none)",
 }
 
 
 def check(rows: List[Dict]) -> List[str]:
     """The failures: compile errors, shared memory over the target's limit, groups with no fitting config, spills in
-    16-bit configs that autotune can pick."""
+    16-bit configs that autotune can pick, and cp.async pipelining lost at the unaligned head dim (a config that
+    streams its tiles with cp.async at its table's bound D must still do so at ``UNALIGNED_HEAD_DIM``)."""
     failures, groups = [], {}
+    config_of = lambda r: (r["kernel"], r["dtype"], r["precision"], json.dumps(r["mode"]), r["arch"], r["config"])  # noqa
+    async_at_bound = {config_of(r): r.get("async_copies", 0) for r in rows
+                      if r.get("ok") and r["D"] == r.get("bound")}
     for r in rows:
         if r.get("skipped"):
             continue
@@ -294,6 +312,9 @@ def check(rows: List[Dict]) -> List[str]:
         elif r["dtype"] != "float32" and (r.get("spill_stores") or r.get("spill_loads")) \
                 and (r["kernel"], r["D"]) not in KNOWN_SPILLS:
             failures.append(f"spills {r['spill_stores']} B stores / {r['spill_loads']} B loads: {what}")
+        if r["ok"] and r["D"] == UNALIGNED_HEAD_DIM and async_at_bound.get(config_of(r)) \
+                and not r.get("async_copies"):
+            failures.append(f"no cp.async at D={r['D']} (it streams with cp.async at D={r['bound']}): {what}")
     for key, fits in groups.items():
         if not any(fits):
             failures.append(f"no config fits: {' '.join(map(str, key))}")
@@ -304,25 +325,27 @@ def table(rows: List[Dict], meta: Dict) -> str:
     lines = [f"# Triton AOT compile check ({meta['triton']})", "",
              f"Compiled for sm_90 and sm_80 with Triton {meta['triton']}'s compiler (`triton.compile` with a "
              "`GPUTarget`, no GPU), by `make check-aot`. Shared memory: bytes a block needs (limit 232,448 on sm_90, "
-             "166,912 on sm_80). Registers and spills from ptxas -v.", "",
+             "166,912 on sm_80). Registers and spills from ptxas -v; cp.async: asynchronous copies in the PTX (the "
+             f"tiles streamed by software pipelining; D={UNALIGNED_HEAD_DIM} rows check that a head dim not a multiple "
+             "of 16 keeps them).", "",
              f"- jobs: {meta['jobs']}, compiled now: {meta['compiled']}, from the cache: {meta['cached']}, "
              f"not compiled (--sample): {meta['skipped']}; {meta['seconds']} s", "",
              "| kernel | dtype | dots | mode | D | arch | config | shared B | fits | registers | spill st/ld B | "
-             "stack B | s |", "|" + "---|" * 13]
+             "stack B | cp.async | s |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["precision"], json.dumps(r["mode"]), r["D"],
                                          -r["arch"], r["config"])):
         mode = ",".join(f"{k}={v}" for k, v in r["mode"].items()) or "-"
         if r.get("skipped"):
-            cells = ["not compiled (sample)"] + ["-"] * 5
+            cells = ["not compiled (sample)"] + ["-"] * 6
         elif not r["ok"]:
-            cells = ["-", "no: " + r["error"][:80]] + ["-"] * 4
+            cells = ["-", "no: " + r["error"][:80]] + ["-"] * 5
         else:
             fits = r["shared"] <= SHARED_LIMIT[r["arch"]]
             spills = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
             if r["dtype"] != "float32" and r.get("spill_stores") and (r["kernel"], r["D"]) in KNOWN_SPILLS:
                 spills += " (known)"
             cells = [str(r["shared"]), "yes" if fits else "**no**", str(r.get("registers", "?")), spills,
-                     str(r.get("stack", "?")), str(r.get("seconds", "cached"))]
+                     str(r.get("stack", "?")), str(r.get("async_copies", "?")), str(r.get("seconds", "cached"))]
         lines.append("| " + " | ".join([r["kernel"], r["dtype"], r["precision"], mode, str(r["D"]),
                                          f"sm_{r['arch']}", r["config"], *cells]) + " |")
     return "\n".join(lines) + "\n"
@@ -372,7 +395,7 @@ def explore(modules, kernel: str, head_dims, workers: int, dtype: str, blocks=(1
     rows = [(m, n, w, st) for m in blocks for n in blocks if n <= 64 for w in warps for st in stages
             if m * n <= 64 * 64 * (w // 4)]
     tables = {kernel: {d: rows for d in head_dims}}
-    grid = [j for j in jobs(modules, head_dims, arches, tables, (dtype,)) if j.kernel == kernel
+    grid = [j for j in jobs(modules, head_dims, arches, tables, (dtype,), unaligned=False) if j.kernel == kernel
             and j.mode == spec.modes[0] and j.precision == precisions_of(spec, dtype)[-1]]
     print("D arch config registers spill_stores shared", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:

@@ -85,6 +85,26 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Triton specialises an integer argument divisible by 16 (and a 16-byte aligned pointer): only then can it prove the
+# rows of a tile 16-byte aligned, vectorise their loads and stream them with cp.async (software pipelining).
+ROW_ALIGNMENT = 16
+
+
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[..., D]``, unit last stride) as the kernels stream it: itself when its data pointer is 16-byte
+    aligned and every stride is a multiple of 16 elements, else a copy whose rows are padded to a multiple of 16
+    elements (a view of the first D columns; the kernels mask the rest). A stride that is not a multiple of 16 (a
+    head dim such as 41, 72 or 100 in a contiguous tensor, or a view at an odd offset) would make every load
+    scalar and switch off cp.async pipelining; the copy costs one pass over ``t``, the kernels re-read it many
+    times. The stride of a dim of size 1 never moves a pointer: it is passed as 0 instead of copying."""
+    strides = [0 if size == 1 else stride for size, stride in zip(t.shape[:-1], t.stride()[:-1])]
+    if t.data_ptr() % 16 == 0 and all(stride % ROW_ALIGNMENT == 0 for stride in strides):
+        return t if strides == list(t.stride()[:-1]) else t.as_strided(t.shape, (*strides, 1))
+    padded = triton.cdiv(t.shape[-1], ROW_ALIGNMENT) * ROW_ALIGNMENT
+    out = torch.empty(*t.shape[:-1], padded, dtype=t.dtype, device=t.device)[..., : t.shape[-1]]
+    return out.copy_(t)
+
+
 def smallest_block(kernel, name: str) -> int:
     """The smallest value of the constexpr ``name`` among the configs of the autotuned ``kernel``."""
     return min(config.kwargs[name] for config in kernel.configs)

@@ -95,6 +95,24 @@ def test_check_reports_every_kind_of_failure():
     assert any(f.startswith("no config fits: k float16 tf32 {} 128 80") for f in failures)
     assert not any("64 80" in f and f.startswith("no config fits") for f in failures)  # config c fits (spills)
     assert aot_triton.check([dict(base, dtype="float32", spill_stores=8, spill_loads=8)]) == []  # fp32: recorded
+    pipelined = dict(base, D=128, bound=128, async_copies=32)
+    lost = aot_triton.check([pipelined, dict(pipelined, D=aot_triton.UNALIGNED_HEAD_DIM, async_copies=0)])
+    assert lost and lost[0].startswith(f"no cp.async at D={aot_triton.UNALIGNED_HEAD_DIM}"), lost
+    assert aot_triton.check([dict(pipelined, async_copies=0), dict(pipelined, D=72, async_copies=0)]) == []
+
+
+def test_unaligned_head_dim_keeps_cp_async_pipelining(table):
+    """The review: a D that is not a multiple of 16 switched off cp.async (its contiguous rows made every load
+    scalar). At D = 72, as the launcher hands it over (rows padded by kernels.utils.aligned_rows), the attention
+    kernels that stream with cp.async at D = 128 still do, every config."""
+    rows = rows_of(table, D=aot_triton.UNALIGNED_HEAD_DIM)
+    assert rows and all(r["ok"] for r in rows)
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        for r in (r for r in rows if r["kernel"] == kernel):
+            aligned, = rows_of(table, kernel=kernel, dtype=r["dtype"], precision=r["precision"], mode=r["mode"],
+                               D=r["bound"], arch=r["arch"], config=r["config"])
+            assert r["async_copies"] > 0 or (aligned["async_copies"] == 0 and r["config"].endswith("s1")), r
+        assert any(r["async_copies"] > 0 for r in rows if r["kernel"] == kernel), kernel
 
 
 def test_ptxas_log_of_an_entry_and_a_called_function():
@@ -114,6 +132,9 @@ def test_jobs_cover_every_mode_precision_and_target(jobs):
         assert ("_fwd_kernel", "float32", "tf32x3", mode, 80) in kinds
     for mode in ((("DETERMINISTIC", False),), (("DETERMINISTIC", True),)):
         assert ("_bwd_dq_kernel", "bfloat16", "tf32", mode, 90) in kinds
-    assert {j.head_dim for j in jobs} == set(aot_triton.HEAD_DIMS)
+    assert {j.head_dim for j in jobs} == {*aot_triton.HEAD_DIMS, aot_triton.UNALIGNED_HEAD_DIM}
+    unaligned = {(j.kernel, j.dtype, j.arch) for j in jobs if j.head_dim == aot_triton.UNALIGNED_HEAD_DIM}
+    assert {k for k, _, _ in unaligned} == {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                                            "_bwd_dr_kernel"}
     assert {j.kernel for j in jobs} >= {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
                                         "_bwd_dr_kernel", "_downsample_fwd_kernel", "_upsample_bwd_kernel"}

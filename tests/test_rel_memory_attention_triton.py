@@ -77,9 +77,58 @@ def test_strided_inputs_are_not_copied(monkeypatch):
     assert_strided_inputs_reach_backend("triton", triton_attention, torch.float32, DEVICE, monkeypatch)
 
 
-@pytest.mark.parametrize("case", [FEATURE_CASES[i] for i in (5, 6, 8, 12)], ids=str)
+def test_aligned_rows():
+    """Operands are streamed with 16-element-aligned rows (vectorised loads, cp.async): aligned ones as they are,
+    others copied into padded rows; a size-1 dim's stride is passed as 0."""
+    from memtx_ops.kernels.utils import aligned_rows
+
+    aligned = torch.randn(2, 3, 5, 32)[:, :, 1:]  # a view, every stride a multiple of 16, 16-byte aligned
+    assert aligned_rows(aligned) is aligned
+    for t in (torch.randn(2, 3, 5, 41), torch.randn(2, 3, 5, 72), torch.randn(2, 3, 5, 33)[..., 1:]):
+        copy = aligned_rows(t)
+        assert copy.data_ptr() != t.data_ptr() and copy.data_ptr() % 16 == 0 and torch.equal(copy, t)
+        assert all(stride % 16 == 0 for stride in copy.stride()[:-1]) and copy.stride(-1) == 1
+    single = torch.randn(4, 1, 64)[:, :, :41]  # size-1 dim of stride 64, rows of stride 64: no copy
+    view = aligned_rows(torch.randn(4, 1, 48).expand(4, 1, 48))
+    assert view.stride() == (48, 0, 1)
+    assert aligned_rows(single).data_ptr() == single.data_ptr() and aligned_rows(single).stride() == (64, 0, 1)
+
+
+@pytest.mark.parametrize("head_dim", [24, 41])
+def test_unaligned_head_dim_reaches_kernels_aligned(head_dim, monkeypatch):
+    """A head dim that is not a multiple of 16 (contiguous rows of 24 or 41 elements) reaches every streaming kernel
+    with 16-element strides and aligned pointers, and the result still matches the reference."""
+    from memtx_ops.kernels.rel_memory_attention import bwd, fwd
+
+    streamed = {}  # kernel -> the tensors it streams: q, k, v, r (and dO for the backward kernels: argument 7)
+
+    class Spy:
+        def __init__(self, name, module):
+            self.name, self.kernel = name, getattr(module, name)
+            monkeypatch.setattr(module, name, self)
+
+        def __getattr__(self, attr):  # configs, as the launcher reads them
+            return getattr(self.kernel, attr)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                streamed.setdefault(self.name, []).extend(args[:4] + (args[7:8] if self.name != "_fwd_kernel" else ()))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name, module in (("_fwd_kernel", fwd), ("_bwd_dkdv_kernel", bwd), ("_bwd_dq_kernel", bwd)):
+        Spy(name, module)
+    assert_matches_reference(triton_attention, Case(B=1, H=2, L=20, M=13, D=head_dim), torch.float32, DEVICE)
+    assert sorted(streamed) == ["_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_kernel"]
+    for name, tensors in streamed.items():
+        for t in tensors:
+            assert t.shape[-1] == head_dim and t.data_ptr() % 16 == 0, name
+            assert all(st % 16 == 0 for st in t.stride()[:-1]) and t.stride(-1) == 1, (name, t.stride())
+
+
+@pytest.mark.parametrize("case", [FEATURE_CASES[i] for i in (5, 6, 8, 12)] + [EXTRA_CASES[1]], ids=str)
 def test_deterministic_dr(case, monkeypatch):
-    """MEMTX_DETERMINISTIC=1: dr from the distance-block kernel instead of atomics."""
+    """MEMTX_DETERMINISTIC=1: dr from the distance-block kernel instead of atomics (D = 200: two column blocks)."""
     monkeypatch.setenv("MEMTX_DETERMINISTIC", "1")
     assert_matches_reference(triton_attention, case, torch.float32, DEVICE)
 

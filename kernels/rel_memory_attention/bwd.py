@@ -8,7 +8,8 @@ Kernels, in launch order:
 * ``_bwd_dq_kernel``: one program per (batch, head, query block) owns dq and writes per-block partials of du, dvb
   and of the clamped row ``dr[R - 1]``; the unclamped rows of dr are added with float32 atomics.
 * ``_bwd_dr_kernel`` (deterministic mode only, replacing those atomics): one program per (kv head, block of
-  distances) sums, in a fixed order, the gradient of its r rows over batches, query heads and queries.
+  distances, block of at most 128 columns) sums, in a fixed order, the gradient of its r rows over batches, query
+  heads and queries.
 
 With ``dS = scale * P * (dP - delta)``: ``dq = dS k + band(dS) rwin``, ``dk = dS^T (q+u)``, ``dv = P^T dO``,
 ``dr[d] = sum over (i, j) at clamped distance d of dS_ij (q_i+vb)``, ``du``/``dvb`` = the two parts of dq
@@ -24,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import (autotune_tiles, dot_precision, load_rows, on_device, smallest_block, store_rows, tile_scores,
-                     unshift_band)
+from ..utils import (aligned_rows, autotune_tiles, dot_precision, load_r_window, load_rows, on_device, shift_band,
+                     smallest_block, store_rows, tile_scores, unshift_band, visible)
 
 LOG2E = math.log2(math.e)
 
@@ -110,16 +111,24 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
 
 
 @triton.jit
+def _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_d, mask_d, BLOCK_M: tl.constexpr):
+    """Columns ``offs_d`` of query rows ``[i0, i0 + BLOCK_M)`` of one head -> (q+u, q+vb) in the input dtype."""
+    q = load_rows(q_base, i0, 0, L, stride_qm, offs_d, mask_d, BLOCK_M)
+    u = tl.load(u_row + offs_d, mask=mask_d, other=0.0)
+    vb = tl.load(vb_row + offs_d, mask=mask_d, other=0.0)
+    qu = (q.to(tl.float32) + u[None, :].to(tl.float32)).to(q.dtype)
+    qv = (q.to(tl.float32) + vb[None, :].to(tl.float32)).to(q.dtype)
+    return qu, qv
+
+
+@triton.jit
 def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh, stride_vbh,
                       stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M: tl.constexpr):
     """Rows ``[i0, i0 + BLOCK_M)`` of head h -> (q+u, q+vb, dO in the input dtype; lse in log2 units, delta)."""
     h = tl.cast(h, tl.int64)
-    q = load_rows(Q + b * stride_qb + h * stride_qh, i0, 0, L, stride_qm, offs_d, mask_d, BLOCK_M)
+    qu, qv = _biased_queries(Q + b * stride_qb + h * stride_qh, U + h * stride_uh, VB + h * stride_vbh, i0, L,
+                             stride_qm, offs_d, mask_d, BLOCK_M)
     do = load_rows(DO + b * stride_dob + h * stride_doh, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
-    u = tl.load(U + h * stride_uh + offs_d, mask=mask_d, other=0.0)
-    vb = tl.load(VB + h * stride_vbh + offs_d, mask=mask_d, other=0.0)
-    qu = (q.to(tl.float32) + u[None, :].to(tl.float32)).to(q.dtype)
-    qv = (q.to(tl.float32) + vb[None, :].to(tl.float32)).to(q.dtype)
     offs_i = i0 + tl.arange(0, BLOCK_M)
     rows = (b * H + h) * L + offs_i
     lse2 = tl.load(LSE + rows, mask=offs_i < L, other=0.0) * 1.4426950408889634
@@ -284,27 +293,54 @@ def _band_needed(j_first, j_lo, j_hi, i0, L, M, WINDOW, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
-             offs_i, offs_d, mask_d, i0, d0, j_first, j_lo, j_hi, offset, L, M, R, WINDOW, scale, qk_scale,
+def _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r_base, stride_qm, stride_dom,
+             stride_kn, stride_vn, stride_rn, offs_i, offs_c, mask_c, i0, d0, j_first, j_lo, j_hi, offset,
+             L, M, R, WINDOW, scale, qk_scale, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Adds to ``acc [BLOCK_R, BLOCK_D]`` the gradient of r rows ``[d0, d0 + BLOCK_R)`` (those below ``R - 1``)
-    from queries ``[i0, i0 + BLOCK_M)`` and the keys in ``[j_lo, j_hi)`` at those distances.
+             BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds to ``acc [BLOCK_R, BLOCK_DC]`` the columns ``offs_c`` of the gradient of r rows ``[d0, d0 + BLOCK_R)``
+    (those below ``R - 1``) from queries ``[i0, i0 + BLOCK_M)`` and the keys in ``[j_lo, j_hi)`` at those distances.
 
     Query ``ii`` meets distance ``d0 + dd`` at key ``j_first + ii + BLOCK_R - 1 - dd``: the tile of keys
-    ``j_first + arange(BLOCK_T)`` covers them all, read back along its diagonals with ``tl.gather``."""
-    k = load_rows(k_base, j_first, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_T)
-    v = load_rows(v_base, j_first, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_T)
-    s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j_first, j_lo, j_hi, offset,
-                       L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_T, BLOCK_W, PRECISION)
+    ``j_first + arange(BLOCK_T)`` covers them all, read back along its diagonals with ``tl.gather``. The scores and
+    dP are sums over all of D: they are accumulated ``BLOCK_DC`` columns at a time, so that no full-width tile of
+    k, v or the r window is ever live (at D = 256 those spill)."""
+    s = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+    band = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+    dp = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+    dmax = M + i0 + BLOCK_M - 1 - j_first + offset  # the tile's largest distance: window row 0
+    for c0 in range(0, BLOCK_D, BLOCK_DC):
+        offs_d = c0 + tl.arange(0, BLOCK_DC)
+        mask_d = offs_d < D
+        qu, qv = _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_d, mask_d, BLOCK_M)
+        do = load_rows(do_base, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
+        k = load_rows(k_base, j_first, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_T)
+        v = load_rows(v_base, j_first, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_T)
+        rwin = load_r_window(r_base, stride_rn, dmax, R, offs_d, mask_d, BLOCK_W)
+        s += tl.dot(qu, tl.trans(k), input_precision=PRECISION)
+        band += tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
+        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    offs_j = j_first + tl.arange(0, BLOCK_T)
+    s = tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), (s + shift_band(band, BLOCK_M, BLOCK_T)) * qk_scale,
+                 float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None]) * scale
     dist = d0 + BLOCK_R - 1 + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_T)[None, :]
     ds = tl.where(dist < R - 1, ds, 0.0)  # the clamped row comes from the dq kernel's partials
     index = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_R - 1 - tl.arange(0, BLOCK_R))[None, :]
     by_distance = tl.gather(ds, index, axis=1)  # [BLOCK_M, BLOCK_R]
+    _, qv = _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_c, mask_c, BLOCK_M)
     return acc + tl.dot(tl.trans(by_distance.to(qv.dtype)), qv, input_precision=PRECISION)
+
+
+# Columns of dr one program of the dr kernel accumulates (grid axis 2 splits wider head dims): with all 256 columns
+# of D = 256 in one program, its tiles spill at every tile size.
+DR_COLUMNS = 128
+
+
+def dr_column_block(block_d: int) -> int:
+    """``BLOCK_DC`` of :func:`_bwd_dr_kernel` for ``BLOCK_D``: the columns of dr one program owns."""
+    return min(block_d, DR_COLUMNS)
 
 
 @autotune_tiles(DR_CONFIGS, make_config=band_config, key=("D", "BLOCK_D", "PRECISION"))
@@ -315,25 +351,31 @@ def _bwd_dr_kernel(
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_dob, stride_doh, stride_dom, stride_drh, stride_drn,
     B, H, L, M, R, WINDOW, MEM_OFFSET, scale, qk_scale, NUM_SLOTS,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid ``(Hk, cdiv(R, BLOCK_R))``: rows ``[d0, d0 + BLOCK_R)`` of ``dr[g]``, summed in a fixed order over
-    batches, the query heads of g, query blocks, and (row ``R - 1``) the dq kernel's partials CQ."""
+    """Grid ``(Hk, cdiv(R, BLOCK_R), BLOCK_D // BLOCK_DC)``: rows ``[d0, d0 + BLOCK_R)`` and one block of
+    ``BLOCK_DC`` columns of ``dr[g]``, summed in a fixed order over batches, the query heads of g, query blocks,
+    and (row ``R - 1``) the dq kernel's partials CQ."""
     g = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d0 = pid_d * BLOCK_R
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_c = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    mask_c = offs_c < D
     r_base = R_ + g * stride_rh
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    clamped = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DC], tl.float32)
+    clamped = tl.zeros([BLOCK_DC], tl.float32)
     owns_clamped_row = (d0 <= R - 1) & (R - 1 < d0 + BLOCK_R)
     for batch in range(B):
         b = tl.cast(batch, tl.int64)
         k_base = K + b * stride_kb + g * stride_kh
         v_base = V + b * stride_vb + g * stride_vh
-        for h in range(H):
-            if tl.load(KV_HEAD + h) == g:
+        for head in range(H):
+            if tl.load(KV_HEAD + head) == g:
+                h = tl.cast(head, tl.int64)
+                q_base = Q + b * stride_qb + h * stride_qh
+                do_base = DO + b * stride_dob + h * stride_doh
+                u_row = U + h * stride_uh
+                vb_row = VB + h * stride_vbh
                 for i0 in range(0, L, BLOCK_M):
                     # query i meets distance d at segment key M + i - d and memory key M + i + MEM_OFFSET - d
                     j_segment = M + i0 - d0 - (BLOCK_R - 1)
@@ -341,25 +383,26 @@ def _bwd_dr_kernel(
                     need_segment = (d0 < R - 1) & _band_needed(j_segment, M, M + L, i0, L, M, WINDOW, BLOCK_M, BLOCK_R)
                     need_memory = (d0 < R - 1) & _band_needed(j_memory, 0, M, i0, L, M, WINDOW, BLOCK_M, BLOCK_R)
                     if need_segment | need_memory:
-                        qu, qv, do, lse2, delta = _load_query_block(
-                            Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh,
-                            stride_vbh, stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M)
                         offs_i = i0 + tl.arange(0, BLOCK_M)
+                        rows = (b * H + h) * L + offs_i
+                        lse2 = tl.load(LSE + rows, mask=offs_i < L, other=0.0) * 1.4426950408889634
+                        delta = tl.load(DELTA + rows, mask=offs_i < L, other=0.0)
                         if need_segment:
-                            acc = _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn,
-                                           stride_rn, offs_i, offs_d, mask_d, i0, d0, j_segment, M, M + L, 0,
-                                           L, M, R, WINDOW, scale, qk_scale,
-                                           BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, PRECISION)
+                            acc = _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r_base,
+                                           stride_qm, stride_dom, stride_kn, stride_vn, stride_rn, offs_i, offs_c,
+                                           mask_c, i0, d0, j_segment, M, M + L, 0, L, M, R, WINDOW, scale, qk_scale,
+                                           D, BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, BLOCK_D, BLOCK_DC, PRECISION)
                         if need_memory:
-                            acc = _dr_band(acc, qu, qv, do, lse2, delta, k_base, v_base, r_base, stride_kn, stride_vn,
-                                           stride_rn, offs_i, offs_d, mask_d, i0, d0, j_memory, 0, M, MEM_OFFSET,
-                                           L, M, R, WINDOW, scale, qk_scale,
-                                           BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, PRECISION)
+                            acc = _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r_base,
+                                           stride_qm, stride_dom, stride_kn, stride_vn, stride_rn, offs_i, offs_c,
+                                           mask_c, i0, d0, j_memory, 0, M, MEM_OFFSET, L, M, R, WINDOW, scale,
+                                           qk_scale, D, BLOCK_M, BLOCK_R, BLOCK_T, BLOCK_W, BLOCK_D, BLOCK_DC,
+                                           PRECISION)
                 if owns_clamped_row:
                     for slot in range(NUM_SLOTS):
-                        clamped += tl.load(CQ + ((b * NUM_SLOTS + slot) * H + h) * D + offs_d, mask=mask_d, other=0.0)
+                        clamped += tl.load(CQ + ((b * NUM_SLOTS + slot) * H + h) * D + offs_c, mask=mask_c, other=0.0)
     acc += tl.where((tl.arange(0, BLOCK_R) == R - 1 - d0)[:, None], clamped[None, :], 0.0)
-    store_rows(DR + g * stride_drh, d0, R, stride_drn, offs_d, mask_d, acc, BLOCK_R)
+    store_rows(DR + g * stride_drh, d0, R, stride_drn, offs_c, mask_c, acc, BLOCK_R)
 
 
 def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
@@ -377,6 +420,7 @@ def _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_
     B, H, L, D = q.shape
     Hk, K = k.shape[1], k.shape[2]
     M, R = K - L, r.shape[1]
+    q, k, v, r, grad_out, out = (aligned_rows(t) for t in (q, k, v, r, grad_out, out))  # streamed rows, aligned
     kv_head_index = kv_head_index.contiguous()  # the kernels read KV_HEAD[h] without a stride
     window = window if window > 0 else K + 1
     block_d = max(16, triton.next_power_of_2(D))
@@ -418,11 +462,12 @@ def _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_
 
     if is_deterministic:
         dr = torch.empty(Hk, R, D, dtype=r.dtype, device=r.device)
-        grid = lambda meta: (Hk, triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
+        block_dc = dr_column_block(block_d)
+        grid = lambda meta: (Hk, triton.cdiv(R, meta["BLOCK_R"]), block_d // block_dc)  # noqa: E731
         _bwd_dr_kernel[grid](
             q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, cq_part, dr, *common_strides,
             dr.stride(0), dr.stride(1), B, H, L, M, R, window, mem_offset, scale, scale * LOG2E, num_slots,
-            D=D, BLOCK_D=block_d, PRECISION=precision,
+            D=D, BLOCK_D=block_d, BLOCK_DC=block_dc, PRECISION=precision,
         )
     else:
         dr = dr_acc.to(r.dtype)

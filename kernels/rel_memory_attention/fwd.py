@@ -8,7 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune_tiles, dot_precision, load_rows, on_device, smallest_block, store_rows, tile_scores
+from ..utils import (
+    aligned_rows,
+    autotune_tiles,
+    dot_precision,
+    load_rows,
+    on_device,
+    smallest_block,
+    store_rows,
+    tile_scores,
+)
 
 LOG2E = math.log2(math.e)
 
@@ -155,12 +164,14 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     kv_head_index ``[H]`` int64; ``window`` (0: none), ``mem_offset``, ``scale``.
 
     -> (out ``[B, H, L, D]`` in q.dtype, lse ``[B, H, L]`` float32, natural log of the softmax denominators).
-    Every tensor needs a unit last stride; other strides are arbitrary. When the query blocks of all batches and
-    heads are too few to fill the GPU (decoding, short segments), each one's keys are split into parts computed
-    by separate programs and merged (:func:`key_splits`).
+    Every tensor needs a unit last stride; other strides are arbitrary (q, k, v and r are streamed with rows
+    aligned: :func:`aligned_rows`). When the query blocks of all batches and heads are too few to fill the GPU
+    (decoding, short segments), each one's keys are split into parts computed by separate programs and merged
+    (:func:`key_splits`).
     """
     B, H, L, D = q.shape
     M = k.shape[2] - L
+    q, k, v, r = (aligned_rows(t) for t in (q, k, v, r))
     kv_head_index = kv_head_index.contiguous()  # the kernel reads KV_HEAD[h] without a stride
     out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
