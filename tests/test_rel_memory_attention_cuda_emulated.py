@@ -1,32 +1,41 @@
-"""The CUDA backend (csrc/cuda), kernels and launchers, run on the CPU by a host emulator against the float64
-reference: no GPU needed, so CI exercises the kernels' logic on every commit.
+"""The CUDA backend (csrc/cuda) run on the CPU by a host emulator against the float64 reference, through its real
+ATen wrapper: no GPU needed, so CI exercises on every commit the kernels' logic and what the wrapper does around
+them (checks, output allocation, kv_head/u/vb conversion, dr's zeroing, du/dvb's partial sums, copies).
 
 tests/cuda_emulation/emu.h supplies the CUDA built-ins the kernels use: each CUDA thread is a fiber; barriers,
-shuffles, mma.sync, ldmatrix and cp.async follow the PTX ISA, under an adversarial schedule (its header says
-what is and is not modelled). g++ compiles the real launchers (rel_memory_attention_{fwd,bwd_dq,bwd_dkv}.cu,
-each ``<<<...>>>`` rewritten to the emulator's launch) with the kernels and runner.cpp into a library loaded
-through ctypes; ``emulated_cuda_attention`` does what the ATen wrapper rel_memory_attention_cuda.cpp does
-around the launchers.
+shuffles, mma.sync, ldmatrix and cp.async follow the PTX ISA, under an adversarial schedule (its header says what
+is and is not modelled). g++ compiles, against the CPU torch's headers, the ATen wrapper rel_memory_attention_cuda.cpp
+with csrc/common/check_inputs.cpp, the real launchers (rel_memory_attention_{fwd,bwd_dq,bwd_dkv}.cu, each
+``<<<...>>>`` rewritten to the emulator's launch) with the kernels, and runner.cpp (the CUDA runtime calls, the
+emulated device memory, the wrapper's two functions registered as ``torch.ops.memtx_cuda_emu.*``) into one library,
+loaded with ``torch.ops.load_library``; shim/ stands in for c10/cuda, which the CPU wheel has no library for. The
+test calls those operators as the Python layer calls memtx_C's, and controls the emulator through ctypes.
 
-Inputs are copied into NaN-filled buffers (NaN before, after and between the rows of strided views) and the
-outputs start as NaN, so an out-of-bounds read, an output element left unwritten or a write outside a buffer
-fails. The cases cover every feature in float32, float16 and bfloat16, each under two fiber schedules
-(``MEMTX_EMU_SCHEDULES``); the output and all six gradients must meet the SPEC tolerances. A mutant built without
-the kernels' cp.async waits must fail. About 90 s on two cores, compile included.
+Inputs are copied into NaN-filled buffers (NaN before, after and between the rows of strided views) and passed as
+they are: the wrapper reads q, k, v through their strides. During the calls, torch's CPU allocator is the
+emulator's device memory: every buffer the wrapper allocates starts as NaN, between guard zones. So an
+out-of-bounds read, an output element left unwritten or a write outside a buffer fails. The cases cover every
+feature in float32, float16 and bfloat16, each under two fiber schedules (``MEMTX_EMU_SCHEDULES``); the output and
+all six gradients must meet the SPEC tolerances. Injected faults must be caught: kernels without their cp.async
+waits, a failed launch (it raises with the emulator's reason), a launch that never ran. The wrapper's own checks
+must raise. About 90 s on two cores, compile included.
 
 Skipped, with the reason, only where g++ or the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h,
 cuda_runtime_api.h; looked up through CUDA_HOME, CUDA_PATH, nvcc, /usr/local/cuda) are missing.
 
 Sanitizer mode, not run by default: ``MEMTX_EMU_SANITIZE=1`` builds the library with ASan and UBSan; the first
 report aborts the run (hence ``-s``, or pytest's capture swallows it). About 4 times slower. The ASan runtime
-has to be loaded before Python starts::
+has to be loaded before Python starts, and libstdc++ with it (else ASan cannot intercept the C++ exceptions the
+wrapper's checks throw)::
 
-    MEMTX_EMU_SANITIZE=1 LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
-        python -m pytest -q -s tests/test_rel_memory_attention_cuda_emulated.py
+    MEMTX_EMU_SANITIZE=1 LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \\
+        ASAN_OPTIONS=detect_leaks=0 python -m pytest -q -s tests/test_rel_memory_attention_cuda_emulated.py
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import os
 import re
@@ -41,11 +50,14 @@ import torch
 from helpers import FEATURE_CASES, GRAD_NAMES, Case, attention_units, make_inputs, reference_errors, reference_float64
 from memtx_ops.reference import default_kv_head_index
 
-CUDA_SRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_SRC = ROOT / "csrc" / "cuda"
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 LAUNCHERS = ("rel_memory_attention_fwd.cu", "rel_memory_attention_bwd_dq.cu", "rel_memory_attention_bwd_dkv.cu")
 SANITIZE = os.environ.get("MEMTX_EMU_SANITIZE", "") not in ("", "0")
 GXX = shutil.which("g++")
+# memtx::emu::Fault (emu.h)
+NO_FAULT, DROP_WAIT_ALL, FAIL_NEXT_LAUNCH, SKIP_NEXT_LAUNCH = range(4)
 
 
 def cuda_include_dirs():
@@ -68,32 +80,6 @@ elif CUDA_INCLUDES is None:
                                   "kernels were NOT run under the host emulator")
 
 
-# ctypes mirrors of the structs of rel_memory_attention_launch.h (checked against the compiled layout).
-class Strided4(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("sr", ctypes.c_int64)]
-
-
-class RelAttnProblem(ctypes.Structure):
-    _fields_ = [("q", Strided4), ("k", Strided4), ("v", Strided4),
-                ("r", ctypes.c_void_p), ("r_sh", ctypes.c_int64), ("r_sr", ctypes.c_int64),
-                ("u", ctypes.c_void_p), ("vb", ctypes.c_void_p), ("kv_head", ctypes.c_void_p),
-                *[(name, ctypes.c_int) for name in ("B", "H", "L", "D", "Hk", "K", "M", "R", "window")],
-                ("mem_offset", ctypes.c_int64), ("scale", ctypes.c_float), ("dtype", ctypes.c_int)]
-
-
-class RelAttnForward(ctypes.Structure):
-    _fields_ = [("out", ctypes.c_void_p), ("lse", ctypes.c_void_p)]
-
-
-class RelAttnBackward(ctypes.Structure):
-    _fields_ = [("dout", Strided4), ("out", Strided4),
-                *[(name, ctypes.c_void_p) for name in ("lse", "delta", "dq", "dk", "dv", "dr_acc", "du_part",
-                                                       "dvb_part")]]
-
-
-DTYPE_NAMES = {torch.float16: "DType::kHalf", torch.bfloat16: "DType::kBFloat16", torch.float32: "DType::kFloat"}
-
-
 def emulated_launcher_source(path: Path) -> str:
     """A launcher .cu as C++, ``kernel<<<grid, block, smem, stream>>>(args)`` rewritten to
     ``::memtx::emu::launch_kernel(kernel, grid, block, smem, stream)(args)`` (line numbers kept)."""
@@ -103,40 +89,78 @@ def emulated_launcher_source(path: Path) -> str:
     return f'#line 1 "{path}"\n{text}'
 
 
-def build_emulator(build: Path, defines=()):
-    """The emulator library (ctypes.CDLL), built in ``build`` (``defines``: extra -D macros, for mutants)."""
+def build_emulator(build: Path) -> Path:
+    """The emulator library, built in ``build``: its three translation units compiled in parallel (runner.cpp with
+    the wrapper, check_inputs.cpp, the launchers), linked against torch's libraries."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
     launchers = build / "launchers.cpp"
     launchers.write_text("\n".join(emulated_launcher_source(CUDA_SRC / name) for name in LAUNCHERS))
     flags = (["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-             if SANITIZE else ["-O2"]) + [f"-D{d}" for d in defines]
-    lib_path = build / "libmemtx_cuda_emu.so"
-    cmd = [GXX, "-std=c++17", "-shared", "-fPIC", "-Wl,-z,defs", *flags, "-include", str(EMU_DIR / "emu.h"),
-           f"-I{CUDA_SRC}", *[f"-isystem{d}" for d in CUDA_INCLUDES], str(EMU_DIR / "runner.cpp"), str(launchers),
-           "-o", str(lib_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-8000:]}"
+             if SANITIZE else ["-O2"])
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    compile_cmd = [GXX, "-std=c++17", "-fPIC", *flags, abi, "-include", str(EMU_DIR / "emu.h"),
+                   f"-I{EMU_DIR / 'shim'}", f"-I{CUDA_SRC}",  # shim/ first: it stands in for torch's c10/cuda
+                   *[f"-isystem{d}" for d in (*include_paths(), *CUDA_INCLUDES)]]
+    sources = (EMU_DIR / "runner.cpp", ROOT / "csrc" / "common" / "check_inputs.cpp", launchers)
+    objects = [build / f"{src.stem}.o" for src in sources]
+    cmds = [[*compile_cmd, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects)]
+    lib_dirs = library_paths()
+    cmds.append([GXX, "-shared", *flags, "-Wl,-z,defs", *map(str, objects), *[f"-L{d}" for d in lib_dirs],
+                 "-lc10", "-ltorch_cpu", "-ltorch", *[f"-Wl,-rpath,{d}" for d in lib_dirs],
+                 "-o", str(build / "libmemtx_cuda_emu.so")])
 
-    lib = ctypes.CDLL(str(lib_path))
+    def run(cmd):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-8000:]}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(run, cmds[:-1]))
+    run(cmds[-1])
+    return build / "libmemtx_cuda_emu.so"
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The emulator library, loaded once per process (its operators cannot be registered twice): torch.ops
+    registers ``torch.ops.memtx_cuda_emu.*``; the ctypes handle (the same library) gives the emulator's controls."""
+    if SANITIZE and "libasan" not in Path("/proc/self/maps").read_text():
+        pytest.fail("MEMTX_EMU_SANITIZE=1 needs the ASan runtime loaded before Python: see this file's docstring")
+    path = build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
+    torch.ops.load_library(str(path))
+    lib = ctypes.CDLL(str(path))
     lib.emu_message.restype = ctypes.c_char_p
-    lib.emu_layout.restype = ctypes.c_long
-    lib.emu_layout.argtypes = [ctypes.c_char_p]
-    for struct in (Strided4, RelAttnProblem, RelAttnForward, RelAttnBackward):
-        assert lib.emu_layout(struct.__name__.encode()) == ctypes.sizeof(struct), f"sizeof({struct.__name__})"
-        for name, _ in struct._fields_:
-            where = f"{struct.__name__}.{name}"
-            assert lib.emu_layout(where.encode()) == getattr(struct, name).offset, f"offset of {where}"
-    lib.dtype_code = {dt: lib.emu_layout(name.encode()) for dt, name in DTYPE_NAMES.items()}
+    lib.emu_device_memory_check.restype = ctypes.c_char_p
     return lib
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    if SANITIZE and "libasan" not in Path("/proc/self/maps").read_text():
-        pytest.fail("MEMTX_EMU_SANITIZE=1 needs the ASan runtime loaded before Python: see this file's docstring")
-    return build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
+@contextlib.contextmanager
+def emulated_device(lib, fault=NO_FAULT, device=None):
+    """Runs the calls inside on the emulated device: torch's CPU allocator is its device memory (buffers start as
+    NaN between guard zones, checked at the end), with ``fault`` injected and, if given, ``device`` = (compute
+    capability major, opt-in shared memory per block). Everything is restored afterwards."""
+    assert lib.emu_device_memory(1) == 0, "torch kept another CPU allocator: the emulator's device memory is not used"
+    lib.emu_set_fault(fault)
+    if device is not None:
+        lib.emu_set_device(*device)
+    try:
+        yield
+    finally:
+        lib.emu_device_memory(0)
+        lib.emu_reset()
+    broken = lib.emu_device_memory_check().decode()
+    assert not broken, broken
 
 
-PAD = 256  # NaN elements before and after every buffer the kernels see
+def fwd(*args):
+    return torch.ops.memtx_cuda_emu.rel_memory_attention_fwd(*args)
+
+
+def bwd(*args):
+    return torch.ops.memtx_cuda_emu.rel_memory_attention_bwd(*args)
+
+
+PAD = 256  # NaN elements before and after every input buffer
 
 
 def guarded(t: torch.Tensor) -> torch.Tensor:
@@ -145,49 +169,6 @@ def guarded(t: torch.Tensor) -> torch.Tensor:
     view = torch.full((span + 2 * PAD,), float("nan"), dtype=t.dtype).as_strided(
         t.shape, t.stride(), PAD + t.storage_offset())
     return view.copy_(t)
-
-
-def nan_buffer(*shape, dtype, fill=float("nan")) -> torch.Tensor:
-    return guarded(torch.full(shape, fill, dtype=dtype))
-
-
-def margins_intact(t: torch.Tensor) -> bool:
-    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
-    return bool(flat[:PAD].isnan().all() and flat[-PAD:].isnan().all())
-
-
-def strided4(t: torch.Tensor) -> Strided4:
-    return Strided4(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
-
-
-def emulated_cuda_attention(lib, q, k, v, r, u, vb, grad_out, kv_head_index, window, mem_offset, scale):
-    """rel_memory_attention_fwd_cuda then rel_memory_attention_bwd_cuda (rel_memory_attention_cuda.cpp) minus
-    the input checks, on NaN-guarded output buffers. -> (out, lse, (dq, dk, dv, dr, du, dvb))."""
-    B, H, L, D = q.shape
-    Hk, K, R = k.shape[1], k.shape[2], r.shape[1]
-    kv_head, u, vb = kv_head_index.to(torch.int64).contiguous(), u.contiguous(), vb.contiguous()
-    dtype = lib.dtype_code[q.dtype]
-    problem = RelAttnProblem(strided4(q), strided4(k), strided4(v), r.data_ptr(), r.stride(0), r.stride(1),
-                             u.data_ptr(), vb.data_ptr(), kv_head.data_ptr(), B, H, L, D, Hk, K, K - L, R,
-                             0 if window >= K else window, mem_offset, scale, dtype)
-
-    def launch(entry, outputs):
-        err = entry(ctypes.byref(problem), ctypes.byref(outputs))
-        assert err == 0, f"{entry.__name__}: cudaError_t {err}: {lib.emu_message().decode()}"
-
-    out, lse = nan_buffer(B, H, L, D, dtype=q.dtype), nan_buffer(B, H, L, dtype=torch.float32)
-    launch(lib.emu_forward, RelAttnForward(out.data_ptr(), lse.data_ptr()))
-
-    dout = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    n_qb = -(-L // lib.emu_query_block_rows(D, dtype))
-    dq, delta = nan_buffer(B, H, L, D, dtype=q.dtype), nan_buffer(B, H, L, dtype=torch.float32)
-    dk, dv = nan_buffer(B, Hk, K, D, dtype=q.dtype), nan_buffer(B, Hk, K, D, dtype=q.dtype)
-    dr_acc = nan_buffer(Hk, R, D, dtype=torch.float32, fill=0.0)
-    du_part, dvb_part = nan_buffer(B * n_qb, H, D, dtype=torch.float32), nan_buffer(B * n_qb, H, D, dtype=torch.float32)
-    buffers = (lse, delta, dq, dk, dv, dr_acc, du_part, dvb_part)
-    launch(lib.emu_backward, RelAttnBackward(strided4(dout), strided4(out), *(t.data_ptr() for t in buffers)))
-    assert all(margins_intact(t) for t in (out, *buffers)), "a kernel wrote outside its output buffer"
-    return out, lse, (dq, dk, dv, dr_acc.to(q.dtype), du_part.sum(0).to(q.dtype), dvb_part.sum(0).to(q.dtype))
 
 
 # Tiles (rel_memory_attention_dispatch.cuh): 64 queries x 64 keys; 64 x 32 for 16-bit types with D > 64;
@@ -225,22 +206,41 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCHEDULES = int(os.environ.get("MEMTX_EMU_SCHEDULES", "2"))
 
 
-def run_case(lib, case, strided, dtype, schedule):
-    """One case under one schedule -> (inputs, grad_out, out, grads)."""
+def case_inputs(case, strided, dtype):
+    """-> (inputs (the leaves of make_inputs), guarded (q, k, v, r, u, vb), guarded grad_out, kv_head_index,
+    the operators' trailing arguments, the seed of the case)."""
     seed = zlib.crc32(f"{case} {strided}".encode())  # inputs: fixed per case
     inputs = make_inputs(case, dtype, "cpu", strided, seed=seed)
-    q, k, v, r, u, vb = (guarded(t.detach()) for t in inputs)
     # strided: grad_out rows D + 1 apart, so not 16-byte aligned (the kernels read them element-wise)
     grad_out = torch.randn(case.B, case.H, case.L, case.D + strided, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(seed)).to(dtype)
-    grad_out = guarded(grad_out[..., :case.D])
     kv_head_index = (torch.tensor(case.kv_head_index) if case.kv_head_index is not None
                      else default_kv_head_index(case.H, case.kv_heads))
     scale = case.scale if case.scale is not None else case.D ** -0.5
+    options = (kv_head_index, case.window or 0, case.mem_offset, scale)
+    return (inputs, tuple(guarded(t.detach()) for t in inputs), guarded(grad_out[..., :case.D]), kv_head_index,
+            options, seed)
+
+
+def run_case(lib, case, strided, dtype, schedule, fault=NO_FAULT):
+    """One case under one schedule, forward then backward through the wrapper -> (inputs, grad_out,
+    kv_head_index, out, grads)."""
+    inputs, qkvruvb, grad_out, kv_head_index, options, seed = case_inputs(case, strided, dtype)
     lib.emu_set_seed(seed + 7919 * schedule)
-    out, _, grads = emulated_cuda_attention(lib, q, k, v, r, u, vb, grad_out, kv_head_index, case.window or 0,
-                                            case.mem_offset, scale)
+    with emulated_device(lib, fault):
+        out, lse = fwd(*qkvruvb, *options)
+        grads = bwd(grad_out, *qkvruvb, out, lse, *options)
     return inputs, grad_out, kv_head_index, out, grads
+
+
+def errors_against_reference(case, dtype, inputs, grad_out, out, grads):
+    """reference_errors of out and the six gradients -> (errors, bad)."""
+    ref_out, ref_grads = reference_float64(inputs, grad_out, case)
+    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
+        assert g.shape == ref.shape and g.dtype == dtype, name
+    got = dict(zip(("out",) + GRAD_NAMES, (out,) + tuple(grads)))
+    want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + tuple(ref_grads)))
+    return reference_errors(got, want, dtype, units=attention_units(*inputs[:4], grad_out, case.scale))
 
 
 @pytest.mark.parametrize("schedule", range(SCHEDULES), ids=lambda s: f"schedule{s}")
@@ -249,28 +249,106 @@ def run_case(lib, case, strided, dtype, schedule):
                          ids=[f"{case}{',strided' if strided else ''}" for case, strided, _ in CASES])
 def test_matches_reference(emulator, case, strided, zero_grads, dtype, schedule):
     inputs, grad_out, kv_head_index, out, grads = run_case(emulator, case, strided, dtype, schedule)
-    ref_out, ref_grads = reference_float64(inputs, grad_out, case)
-
-    for name, g, ref in zip(GRAD_NAMES, grads, ref_grads):
-        assert g.shape == ref.shape and g.dtype == dtype, name
-    got = dict(zip(("out",) + GRAD_NAMES, (out,) + tuple(grads)))
-    want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + tuple(ref_grads)))
-    units = attention_units(*inputs[:4], grad_out, case.scale)
-    errors, bad = reference_errors(got, want, dtype, units=units)
+    errors, bad = errors_against_reference(case, dtype, inputs, grad_out, out, grads)
     assert not bad, f"{case} {dtype}: {bad} (all: {errors})"
     assert {n for n, e in errors.items() if e.get("vanishing")} == set(zero_grads), errors
     for g in set(range(case.kv_heads)) - set(kv_head_index.tolist()):  # kv heads no query head reads
         assert not grads[1][:, g].any() and not grads[2][:, g].any() and not grads[3][g].any(), f"kv head {g}"
 
 
-def test_missing_cp_async_wait_is_caught(tmp_path):
-    """The kernels built without their cp.async.wait_all: the copies land late, at random switches, so tiles are
-    read before they arrive and the results go wrong (or NaN). The emulator must see it."""
-    mutant = build_emulator(tmp_path, defines=("MEMTX_EMU_DROP_WAIT_ALL",))
+def test_missing_cp_async_wait_is_caught(emulator):
+    """The kernels without their cp.async.wait_all: the copies land late, at random switches, so tiles are read
+    before they arrive and the results go wrong (or NaN). The emulator must see it."""
     case = FEATURE_CASES[0]
-    inputs, grad_out, _, out, grads = run_case(mutant, case, False, torch.float16, 0)
-    ref_out, ref_grads = reference_float64(inputs, grad_out, case)
-    got = dict(zip(("out",) + GRAD_NAMES, (out,) + tuple(grads)))
-    want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + tuple(ref_grads)))
-    _, bad = reference_errors(got, want, torch.float16, units=attention_units(*inputs[:4], grad_out, case.scale))
+    inputs, grad_out, _, out, grads = run_case(emulator, case, False, torch.float16, 0, fault=DROP_WAIT_ALL)
+    _, bad = errors_against_reference(case, torch.float16, inputs, grad_out, out, grads)
     assert bad, "the kernels without cp.async.wait_all passed under the emulator"
+
+
+SMALL = Case(B=1, H=2, L=8, M=8, D=16)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_layouts_the_wrapper_converts(emulator, layout):
+    """Inputs the wrapper copies before the launches: u and vb with their rows apart (``.contiguous()``), grad_out
+    with a last dim that is not contiguous (``last_dim_contiguous``): a transposed copy, or one element expanded,
+    as ``out.sum().backward()`` gives it."""
+    case = Case(B=1, H=2, L=20, M=12, D=16)
+    inputs, (q, k, v, r, u, vb), _, _, options, seed = case_inputs(case, True, torch.float32)
+    u, vb = (guarded(torch.cat([t, t], -1)[:, :case.D]) for t in (u, vb))  # NaN between the rows
+    if layout == "transposed":
+        grad_out = torch.randn(case.B, case.H, case.D, case.L, generator=torch.Generator().manual_seed(seed))
+        grad_out = guarded(grad_out).transpose(-1, -2)
+    else:
+        grad_out = guarded(torch.full((), 0.5)).expand(case.B, case.H, case.L, case.D)
+    assert u.stride(0) == 2 * case.D and grad_out.stride(-1) != 1
+    with emulated_device(emulator):
+        out, lse = fwd(q, k, v, r, u, vb, *options)
+        grads = bwd(grad_out, q, k, v, r, u, vb, out, lse, *options)
+    errors, bad = errors_against_reference(case, torch.float32, inputs, grad_out.contiguous(), out, grads)
+    assert not bad, f"{bad} (all: {errors})"
+
+
+def test_failed_launch_raises_the_emulators_reason(emulator):
+    """A launch that fails (here by an injected fault) comes back through the launcher's cudaError_t and the
+    wrapper's check_launch as an error carrying the emulator's message."""
+    _, qkvruvb, _, _, options, _ = case_inputs(SMALL, False, torch.float32)
+    with pytest.raises(RuntimeError, match="forward kernel launch failed: unspecified launch failure") as info:
+        with emulated_device(emulator, FAIL_NEXT_LAUNCH):
+            fwd(*qkvruvb, *options)
+    reason = emulator.emu_message().decode()
+    assert reason.startswith("cuda emulator: block (0, 0, 0) thread ") and "fault injected" in reason, reason
+    assert reason in str(info.value)
+
+
+def test_unwritten_outputs_are_caught(emulator):
+    """The forward's launch skipped: the outputs the wrapper allocated keep the NaN the device memory starts as,
+    and the comparison with the reference fails."""
+    inputs, qkvruvb, grad_out, _, options, _ = case_inputs(SMALL, False, torch.float32)
+    with emulated_device(emulator, SKIP_NEXT_LAUNCH):
+        out, lse = fwd(*qkvruvb, *options)
+    assert out.isnan().all() and lse.isnan().all()
+    ref_out, _ = reference_float64(inputs, grad_out, SMALL)
+    _, bad = reference_errors({"out": out}, {"out": ref_out}, torch.float32)
+    assert list(bad) == ["out"], bad
+
+
+def test_device_memory_catches_a_write_outside_a_buffer(emulator):
+    """The emulator's device memory itself: a buffer starts as NaN; a byte changed just past its end is reported."""
+    with emulated_device(emulator):
+        t = torch.empty(10)  # from the device memory
+    assert t.isnan().all()
+    after = ctypes.c_ubyte.from_address(t.data_ptr() + t.nbytes)
+    after.value = 0
+    assert emulator.emu_device_memory_check() == b"cuda emulator: a write outside a buffer of 40 bytes of device " \
+                                                 b"memory, at byte 40 of it"
+    after.value = 0xFF
+    assert emulator.emu_device_memory_check() == b""
+
+
+def test_the_wrappers_checks_run(emulator):
+    """The wrapper's checks raise their messages: those of check_rel_attn_inputs (csrc/common) and its own, on the
+    inputs and on the device cudaDeviceGetAttribute describes."""
+    _, (q, k, v, r, u, vb), grad_out, kv_head_index, options, _ = case_inputs(SMALL, False, torch.float32)
+    rest = options[1:]
+
+    def raises(match, *args, device=None, op=fwd):
+        with pytest.raises(RuntimeError, match=match):
+            with emulated_device(emulator, device=device):
+                op(*args)
+
+    raises(r"kv_head_index values must lie in \[0, Hk\)", q, k, v, r, u, vb, kv_head_index + 2, *rest)
+    raises("inputs must share one dtype", q.half(), k, v, r, u, vb, *options)
+    raises("supports float16, bfloat16 and float32, got Double",
+           *(t.double() for t in (q, k, v, r, u, vb)), *options)
+    raises("expected CPU tensors, got meta", *(t.to("meta") for t in (q, k, v, r, u, vb)), *options)
+    wide = [torch.zeros(*t.shape[:-1], 160) for t in (q, k, v, r, u, vb)]
+    raises(r"head dim D=160 is not supported \(D <= 128\)", *wide, *options)
+    raises(r"needs compute capability 8.0 or newer .* got major 7", q, k, v, r, u, vb, *options, device=(7, 166912))
+    raises(r"needs \d+ bytes of shared memory per block for D=16, the device allows 1024", q, k, v, r, u, vb,
+           *options, device=(8, 1024))
+    out = torch.zeros_like(q)
+    raises("grad_out and out must have the shape of q", grad_out[:, :1], q, k, v, r, u, vb, out,
+           torch.zeros(1, 2, 8), *options, op=bwd)
+    raises(r"lse must be float32 \[B, H, L\]", grad_out, q, k, v, r, u, vb, out, torch.zeros(1, 2, 7), *options,
+           op=bwd)

@@ -4,6 +4,10 @@
 // The forward writes out and lse (float32). The backward writes dq, dk, dv directly; dr is accumulated in a
 // float32 buffer with atomics (so it is not bitwise deterministic), du and dvb from per-block partials
 // (deterministic). q, k, v, grad_out and out are read through their strides (last dim contiguous).
+//
+// tests/cuda_emulation compiles this file as it is, with MEMTX_HOST_EMULATION (its emulator runs the kernels on
+// the CPU): there the kernels' device is the CPU, and the two functions are registered in the emulator's own
+// operator namespace instead of memtx_C (runner.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,6 +39,13 @@ cuda::DType dtype_of(const at::Tensor& t) {
 
 cuda::Strided4 strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The device the kernels run on: CUDA, or the CPU under the host emulator (whose CPU tensors are its device memory).
+#if defined(MEMTX_HOST_EMULATION)
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#endif
+
 int to_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "rel_memory_attention (cuda backend): ", what, " = ",
               v, " does not fit in int32");
@@ -43,7 +54,8 @@ int to_int(int64_t v, const char* what) {
 
 // Device, dtype, head dim and shared memory of the device; returns the kernels' dtype.
 cuda::DType check_cuda(const at::Tensor& q, const RelAttnShape& s) {
-  TORCH_CHECK(q.is_cuda(), "rel_memory_attention_fwd_cuda: expected CUDA tensors, got ", q.device());
+  TORCH_CHECK(q.device().type() == kKernelDevice, "rel_memory_attention_fwd_cuda: expected ",
+              c10::DeviceTypeName(kKernelDevice), " tensors, got ", q.device());
   const cuda::DType dtype = dtype_of(q);
   TORCH_CHECK(s.D >= 1 && s.D <= cuda::max_head_dim(), "rel_memory_attention (cuda backend): head dim D=", s.D,
               " is not supported (D <= ", cuda::max_head_dim(), "); use backend='triton' or 'reference'");
@@ -165,9 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dr, du, dvb};
 }
 
+#if !defined(MEMTX_HOST_EMULATION)  // the emulator registers the two in a namespace of its own (runner.cpp)
 TORCH_LIBRARY_IMPL(memtx_C, CUDA, m) {
   m.impl("rel_memory_attention_fwd", &rel_memory_attention_fwd_cuda);
   m.impl("rel_memory_attention_bwd", &rel_memory_attention_bwd_cuda);
 }
+#endif
 
 }  // namespace memtx

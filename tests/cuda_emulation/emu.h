@@ -1,6 +1,8 @@
-// Host emulator of the CUDA features used by the memtx kernels (csrc/cuda), for testing their logic on a CPU.
-// Force-included (g++ -include emu.h) before the kernels and launchers: it defines MEMTX_HOST_EMULATION, which
-// turns the kernels into plain C++ functions, and supplies the built-ins they call. A launch (the test rewrites
+// Host emulator of the CUDA features used by the memtx kernels (csrc/cuda), for testing them and their ATen wrapper
+// on a CPU. Force-included (g++ -include emu.h) before every file of the emulator library (the kernels and
+// launchers, the wrapper rel_memory_attention_cuda.cpp, check_inputs.cpp, runner.cpp): it defines
+// MEMTX_HOST_EMULATION, which turns the kernels into plain C++ functions (and makes the wrapper take CPU tensors,
+// registered under torch.ops.memtx_cuda_emu), and supplies the built-ins they call. A launch (the test rewrites
 // `<<<...>>>` to emu::launch_kernel) runs the blocks one after another, each CUDA thread as a fiber (ucontext).
 //
 // Modelled, from the PTX ISA and the CUDA programming guide:
@@ -17,13 +19,19 @@
 //    __syncthreads does not wait for copies, as on the hardware: a read of a tile without the issuing threads'
 //    wait_all before the barrier sees the NaN bytes shared memory starts with, or a part of the tile.
 //  * Launch limits: 1-D blocks of at most 1024 threads, grid y, z <= 65535, dynamic shared memory above 48 KB
-//    only as far as cudaFuncSetAttribute raised it (at most sm_80's 163 KB).
+//    only as far as cudaFuncSetAttribute raised it (at most the device's opt-in limit, sm_80's 163 KB).
+//  * What the host code sees (runner.cpp, shim/): one device, an sm_80 by default, whose memory is the CPU's
+//    (cudaDeviceGetAttribute: compute capability, opt-in shared memory); cudaGetLastError, cudaFuncSetAttribute,
+//    cudaGetErrorString (with the emulator's message); c10/cuda's CUDAGuard, current stream and C10_CUDA_CHECK.
+//    Device memory: during the test's calls, torch's CPU allocator hands out buffers that start as NaN bytes
+//    between guard zones, checked when they are freed and at the end of the calls.
 // Not modelled: timing and performance; the memory model beyond barriers (writes are visible at once, and any
 // warp operation orders shared memory like __syncwarp, so a missing __syncwarp next to an mma or shuffle goes
-// unnoticed); cp.async groups (commit_group / wait_group: the kernels use wait_all only); concurrency between blocks (no cross-block races, e.g. on dr's atomics);
-// the tensor cores' accumulation rounding and fast-math intrinsics (libm's exp2f, log2f); streams; bounds of
-// global memory (the test surrounds its buffers with NaN). A failed check ends the launch with
-// cudaErrorLaunchFailure and a message (emu::message()) instead of crashing the process.
+// unnoticed); cp.async groups (commit_group / wait_group: the kernels use wait_all only); concurrency between
+// blocks (no cross-block races, e.g. on dr's atomics); the tensor cores' accumulation rounding and fast-math
+// intrinsics (libm's exp2f, log2f); streams; bounds of global memory other than by guard zones (the device
+// memory's around the wrapper's buffers, the test's NaN around its inputs). A failed check ends the launch with
+// cudaErrorLaunchFailure and a message (emu::message()) instead of crashing the process; the wrapper raises it.
 #pragma once
 #define MEMTX_HOST_EMULATION 1
 
@@ -61,6 +69,11 @@ constexpr int kMaxSmemOptin = 166912;          // sm_80: 163 KB per block
 
 enum class State { Ready, AtWarpOp, AtSyncthreads, Exited };
 enum class WarpOp { None, Syncwarp, Shfl, MmaF16, MmaBF16, MmaTF32, Ldsm, LdsmTrans };
+
+// Faults the tests inject (emu_set_fault, runner.cpp), to see that the test catches them. DropWaitAll: every
+// cp.async.wait_all does nothing (the kernels without their waits, a mutant that must fail). FailNextLaunch: the
+// next launch fails in its first thread, as at a failed check. SkipNextLaunch: the next launch runs no block.
+enum class Fault { None = 0, DropWaitAll = 1, FailNextLaunch = 2, SkipNextLaunch = 3 };
 
 struct Copy {
   void* dst;
@@ -107,6 +120,9 @@ struct Emulator {
   std::string message;
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> smem_optin;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  // The device cudaDeviceGetAttribute describes (an sm_80 by default; emu_set_device), and the injected fault.
+  int device_major = 8, device_smem_optin = kMaxSmemOptin;
+  Fault fault = Fault::None;
 };
 
 inline Emulator& E() {
@@ -211,11 +227,9 @@ inline void land_all_copies() {
   t.copies.clear();
 }
 
-// cp.async.wait_all. MEMTX_EMU_DROP_WAIT_ALL builds the tests' mutant, kernels without their waits, which must fail.
+// cp.async.wait_all (a no-op under Fault::DropWaitAll).
 inline void wait_copies() {
-#if !defined(MEMTX_EMU_DROP_WAIT_ALL)
-  land_all_copies();
-#endif
+  if (E().fault != Fault::DropWaitAll) land_all_copies();
 }
 
 // At a fiber switch: the copies in flight, of every thread, whose time has come land. A copy's time is drawn at
@@ -431,9 +445,12 @@ inline cudaError_t launch_error(cudaError_t err, const char* what) {
   return E().last_error = err;
 }
 
-// Runs body() as every thread of every block of the grid, block after block.
+// Runs body() as every thread of every block of the grid, block after block. The message of the previous launch
+// is cleared.
 inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
   Emulator& e = E();
+  e.failed = false;
+  e.message.clear();
   if (block.y != 1 || block.z != 1) return void(launch_error(cudaErrorInvalidConfiguration, "2-D or 3-D block"));
   if (block.x < 1 || block.x > 1024) return void(launch_error(cudaErrorInvalidConfiguration, "block size"));
   if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535)
@@ -441,6 +458,12 @@ inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
   const auto optin = e.smem_optin.find(kernel);
   if (smem_bytes > (optin == e.smem_optin.end() ? kDefaultSmemBytes : size_t(optin->second)))
     return void(launch_error(cudaErrorInvalidValue, "dynamic shared memory above the kernel's limit"));
+  if (e.fault == Fault::SkipNextLaunch || e.fault == Fault::FailNextLaunch) {
+    const bool skip = e.fault == Fault::SkipNextLaunch;
+    e.fault = Fault::None;
+    if (skip) return;
+    body = [] { fail("fault injected by the test (Fault::FailNextLaunch)"); };
+  }
 
   e.nthreads = int(block.x);
   e.threads.resize(e.nthreads);
