@@ -1,11 +1,12 @@
 // Fused relative-position memory attention on the CPU (SPEC §1), forward and backward.
 //
-// Flash-style: a query block of kBlockM rows streams over key blocks of at most kBlockN keys with an
-// online softmax; the backward recomputes the probabilities from the saved log-sum-exp. Within a tile the
-// distances form a band of bm + n - 1 consecutive values; clamped to [0, R - 1] they are `cols` consecutive rows
-// of r, which BLAS reads in place: the position term of a tile is one GEMM of the query block against those rows,
-// read back along each row's diagonal (the last column stands for every distance >= R - 1). The backward folds dS
-// onto the same band, so dq's position part and dr's rows are two more GEMMs against r and into dr in place.
+// Flash-style: a query block of kBlockM rows streams over key blocks (kBlockN keys in the backward; 1024 to 4096 in
+// the forward, the more the fewer its query rows) with an online softmax; the backward recomputes the probabilities
+// from the saved log-sum-exp. Within a tile the distances form a band of bm + n - 1 consecutive values; clamped to
+// [0, R - 1] they are `cols` consecutive rows of r, which BLAS reads in place: the position term of a tile is one
+// GEMM of the query block against those rows, read back along each row's diagonal (the last column stands for every
+// distance >= R - 1). The backward folds dS onto the same band, so dq's position part and dr's rows are two more
+// GEMMs against r and into dr in place.
 // With a memory offset, key blocks never straddle the memory/segment boundary (memory keys carry mem_offset);
 // blocks with no visible key are skipped.
 //
@@ -35,21 +36,30 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kBlockM = 64;                  // queries per tile
-constexpr int64_t kBlockN = 512;                 // keys per tile
+constexpr int64_t kBlockN = 512;                 // keys per tile of the backward and of split-K ranges
 constexpr int64_t kBand = kBlockM + kBlockN - 1;  // most r rows a tile reads
+// Keys per tile of the forward otherwise: kScoreTile scores a tile, between kForwardBlockN and kMaxBlockN keys, so
+// that a tile of few query rows (decoding, short segments) makes a few long BLAS calls per (batch, head) instead of
+// many short ones. Measured (bench/results/cpu-suites-14-16/short_query.md): at L = 1, 4096-key blocks take
+// 1.10-1.14x SDPA's time where 512-key ones took 1.16-1.23x; at L = 64 and L = 512, 1024 keys beat 512 by 3-5%.
+constexpr int64_t kForwardBlockN = 1024;
+constexpr int64_t kScoreTile = kBlockM * kForwardBlockN;
+constexpr int64_t kMaxBlockN = 4096;
 
 struct KeyBlock {
   int64_t j0, j1;  // keys [j0, j1)
   int64_t offset;  // mem_offset for memory keys, 0 for segment keys
 };
 
-// Key blocks of [memory ; segment]. With a memory offset none straddles j = M (memory keys carry it); without one
-// every key has the same distance formula and the blocks tile [0, K) evenly (no short block at the boundary).
-std::vector<KeyBlock> key_blocks(const RelAttnShape& s) {
+// Key blocks of [memory ; segment], of at most block_n keys. With a memory offset none straddles j = M (memory keys
+// carry it); without one every key has the same distance formula and the blocks tile [0, K) evenly (no short block at
+// the boundary).
+std::vector<KeyBlock> key_blocks(const RelAttnShape& s, int64_t block_n) {
   std::vector<KeyBlock> blocks;
   const int64_t split = s.mem_offset > 0 ? s.M : 0;
-  for (int64_t j0 = 0; j0 < split; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, split), s.mem_offset});
-  for (int64_t j0 = split; j0 < s.K; j0 += kBlockN) blocks.push_back({j0, std::min(j0 + kBlockN, s.K), 0});
+  for (int64_t j0 = 0; j0 < split; j0 += block_n)
+    blocks.push_back({j0, std::min(j0 + block_n, split), s.mem_offset});
+  for (int64_t j0 = split; j0 < s.K; j0 += block_n) blocks.push_back({j0, std::min(j0 + block_n, s.K), 0});
   return blocks;
 }
 
@@ -88,6 +98,9 @@ struct QueryTile {
   const RelAttnShape& s;
   int64_t i0, bm;  // queries [i0, i0 + bm)
   int64_t g;       // kv head
+  int64_t block_n;  // longest key block: row stride of the score tiles; band tiles have block_n + kBlockM - 1 columns
+
+  int64_t band_stride() const { return kBlockM + block_n - 1; }
 
   int64_t first_visible(int64_t i) const { return s.window > 0 ? std::max<int64_t>(0, s.M + i - s.window + 1) : 0; }
   bool sees(const KeyBlock& kb) const {
@@ -116,7 +129,7 @@ struct QueryTile {
   int64_t clamped_until(const KeyBlock& kb, int64_t ii) const { return row_top(kb, ii) - (s.R - 1); }
 
   // The position term of every (query row, band row): qv [rows, D] times the band's r rows (r_head: kv head g's
-  // rows, row stride r_stride), into pos (room for rows x kBand); rows = bm, or bm per batch of a group.
+  // rows, row stride r_stride), into pos (room for rows x band_stride()); rows = bm, or bm per batch of a group.
   PositionScores<T> position(const Band& band, const T* qv, int64_t rows, const T* r_head, int64_t r_stride,
                              T* pos) const {
     const T* r_rows = r_head + band.d0 * r_stride;
@@ -124,21 +137,21 @@ struct QueryTile {
       gemm<T>(false, true, band.cols, rows, s.D, T(1), r_rows, r_stride, qv, s.D, T(0), pos, rows);
       return {pos, 1, rows};
     }
-    gemm<T>(false, true, rows, band.cols, s.D, T(1), qv, s.D, r_rows, r_stride, T(0), pos, kBand);
-    return {pos, kBand, 1};
+    gemm<T>(false, true, rows, band.cols, s.D, T(1), qv, s.D, r_rows, r_stride, T(0), pos, band_stride());
+    return {pos, band_stride(), 1};
   }
 
-  // score [bm, kBlockN] = (q+u)'k^T, plus the position term pos (bm rows of this tile) read along each row's
+  // score [bm, block_n] = (q+u)'k^T, plus the position term pos (bm rows of this tile) read along each row's
   // diagonal, on the visible keys of each row. qu are the scaled biased queries [bm, D].
   void scores(const KeyBlock& kb, const Band& band, const T* qu, const T* k_rows, int64_t k_stride,
               const PositionScores<T>& pos, T* score) const {
     const int64_t n = kb.j1 - kb.j0;
-    gemm<T>(false, true, bm, n, s.D, T(1), qu, s.D, k_rows, k_stride, T(0), score, kBlockN);
+    gemm<T>(false, true, bm, n, s.D, T(1), qu, s.D, k_rows, k_stride, T(0), score, block_n);
     for (int64_t ii = 0; ii < bm; ++ii) {
       int64_t lo, hi;
       visible_range(kb, ii, lo, hi);
       if (lo > hi) continue;
-      T* row = score + ii * kBlockN;
+      T* row = score + ii * block_n;
       const int64_t split = std::min(hi, clamped_until(kb, ii));
       const T clamped = pos.at(ii, s.R - 1 - band.d0 < band.cols ? s.R - 1 - band.d0 : 0);
       for (int64_t jj = lo; jj <= split; ++jj) row[jj] += clamped;
@@ -153,15 +166,15 @@ struct QueryTile {
     }
   }
 
-  // band_rows [bm, kBand] (first cols columns) = dS [bm, kBlockN] folded onto the band: column c sums dS over the
-  // keys that read r row d0 + c (one key each, but the last column takes every clamped key).
+  // band_rows [bm, band_stride()] (first cols columns) = dS [bm, block_n] folded onto the band: column c sums dS over
+  // the keys that read r row d0 + c (one key each, but the last column takes every clamped key).
   void fold_band(const KeyBlock& kb, const Band& band, const T* ds, const int64_t* lo, const int64_t* hi,
                  T* band_rows) const {
     for (int64_t ii = 0; ii < bm; ++ii) {
-      T* brow = band_rows + ii * kBand;
+      T* brow = band_rows + ii * band_stride();
       std::fill(brow, brow + band.cols, T(0));
       if (lo[ii] > hi[ii]) continue;
-      const T* row = ds + ii * kBlockN;
+      const T* row = ds + ii * block_n;
       const int64_t split = std::min(hi[ii], clamped_until(kb, ii));
       T clamped = 0;
       for (int64_t jj = lo[ii]; jj <= split; ++jj) clamped += row[jj];
@@ -201,20 +214,25 @@ struct OnlineSoftmax {
 
 // How the forward cuts its work: a task is one query block of one head, for a group of `group` batches (they
 // share one GEMM against the band's r rows, so r is read once per group), over one of `splits` ranges of key
-// blocks. Whole batches first; smaller groups, then split-K ranges, only when the tasks would not give every
-// thread four.
+// blocks of at most block_n keys. Whole batches first; smaller groups, then split-K ranges (of kBlockN-key blocks),
+// only when the tasks would not give every thread four. Without split-K, key blocks hold kScoreTile scores of a
+// tile (kForwardBlockN to kMaxBlockN keys).
 struct ForwardPlan {
-  int64_t group, groups, splits;
+  int64_t group, groups, splits, block_n;
 };
 
-ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, int64_t n_blocks) {
+ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks) {
   const int64_t tiles = s.H * n_qblocks, wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  if (tiles >= wanted) return {s.B, 1, 1};
+  const int64_t long_block_n = std::clamp<int64_t>(kScoreTile / std::min(kBlockM, s.L) / kForwardBlockN *
+                                                       kForwardBlockN, kForwardBlockN, kMaxBlockN);
+  if (tiles >= wanted) return {s.B, 1, 1, long_block_n};
   if (tiles * s.B >= wanted) {
     const int64_t groups = std::min(s.B, (wanted + tiles - 1) / tiles), group = (s.B + groups - 1) / groups;
-    return {group, (s.B + group - 1) / group, 1};
+    return {group, (s.B + group - 1) / group, 1, long_block_n};
   }
-  return {1, s.B, std::clamp<int64_t>((wanted + tiles * s.B - 1) / (tiles * s.B), 1, n_blocks)};
+  const int64_t n_blocks = static_cast<int64_t>(key_blocks(s, kBlockN).size());
+  const int64_t splits = std::clamp<int64_t>((wanted + tiles * s.B - 1) / (tiles * s.B), 1, n_blocks);
+  return {1, s.B, splits, splits > 1 ? kBlockN : long_block_n};
 }
 
 template <typename T>
@@ -227,10 +245,11 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   const T* vb_data = vb.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
   T* lse_data = lse.data_ptr<T>();
-  const auto blocks = key_blocks(s);
-  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t n_qblocks = (s.L + kBlockM - 1) / kBlockM;
-  const ForwardPlan plan = forward_plan(s, n_qblocks, n_blocks);
+  const ForwardPlan plan = forward_plan(s, n_qblocks);
+  const int64_t block_n = plan.block_n;
+  const auto blocks = key_blocks(s, block_n);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t splits = plan.splits;
   // split-K partials, per (batch, head, query block, range): kBlockM rows of D (out) and of 1 (max, sum)
   const int64_t n_parts = splits > 1 ? s.B * s.H * n_qblocks * splits : 0;
@@ -243,13 +262,14 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     // query rows of a task: bm <= min(kBlockM, L) per batch of the group (sized to L, so that a decoding step
     // does not allocate and clear tiles of kBlockM rows)
     const int64_t tile_rows = std::min(kBlockM, s.L), rows = plan.group * tile_rows;
-    std::vector<T> qu(rows * s.D), qv(rows * s.D), pos(rows * kBand), score(tile_rows * kBlockN);
+    std::vector<T> qu(rows * s.D), qv(rows * s.D), score(tile_rows * block_n);
+    std::vector<T> pos(rows * (kBlockM + block_n - 1));
     std::vector<T> m_own(rows), l_own(rows);
     std::vector<OnlineSoftmax<T>> acc(plan.group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, group = (task / splits) % plan.groups;
       const int64_t qb = (task / (splits * plan.groups)) % n_qblocks, h = task / (splits * plan.groups * n_qblocks);
-      const QueryTile<T> tile{s, qb * kBlockM, std::min(kBlockM, s.L - qb * kBlockM), kv_head[h]};
+      const QueryTile<T> tile{s, qb * kBlockM, std::min(kBlockM, s.L - qb * kBlockM), kv_head[h], block_n};
       const int64_t bm = tile.bm, b0 = group * plan.group, nb = std::min(plan.group, s.B - b0);
       for (int64_t gb = 0; gb < nb; ++gb) {
         const int64_t b = b0 + gb;
@@ -279,7 +299,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
           tile.scores(kb, band, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2,
                       group_pos.rows_from(gb * bm), score.data());
           for (int64_t ii = 0; ii < bm; ++ii) {
-            T* row = score.data() + ii * kBlockN;
+            T* row = score.data() + ii * block_n;
             int64_t lo, hi;
             tile.visible_range(kb, ii, lo, hi);
             if (lo > hi) {
@@ -294,7 +314,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
             a.m[ii] = m_new;
             if (alpha != T(1)) scale_inplace(a.out + ii * s.D, alpha, s.D);
           }
-          gemm<T>(false, false, bm, s.D, n, T(1), score.data(), kBlockN, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
+          gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
                   s.D);
         }
       }
@@ -353,7 +373,7 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
   T* dq_data = dq.data_ptr<T>();
   T* dk_data = dk.data_ptr<T>();
   T* dv_data = dv.data_ptr<T>();
-  const auto blocks = key_blocks(s);
+  const auto blocks = key_blocks(s, kBlockN);
   const int64_t n_qblocks = (s.L + kBlockM - 1) / kBlockM;
   const int64_t n_chunks = dr_partial.size(0);
 
@@ -376,7 +396,7 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
           T* du_h = du_partial.data_ptr<T>() + (chunk * s.H + h) * s.D;
           T* dvb_h = dvb_partial.data_ptr<T>() + (chunk * s.H + h) * s.D;
           for (int64_t qb = 0; qb < n_qblocks; ++qb) {
-            const QueryTile<T> tile{s, qb * kBlockM, std::min(kBlockM, s.L - qb * kBlockM), g};
+            const QueryTile<T> tile{s, qb * kBlockM, std::min(kBlockM, s.L - qb * kBlockM), g, kBlockN};
             const int64_t bm = tile.bm, row0 = (b * s.H + h) * s.L + tile.i0;
             const T* dout = dout_data + row0 * s.D;
             const T* lse_rows = lse_data + row0;
