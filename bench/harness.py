@@ -75,6 +75,10 @@ class Timing:
     def of(cls, seconds: List[float]) -> "Timing":
         return cls(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
+    def per_call(self, calls: int) -> "Timing":
+        """The timing of one of ``calls`` calls timed together (:func:`burst`)."""
+        return Timing(self.median / calls, self.low / calls, self.high / calls, self.rounds)
+
     def fields(self, name: str) -> Dict[str, object]:
         """Row fields ``<name>`` (median, ms) and ``<name>_range`` ([min, max], ms)."""
         return {name: 1e3 * self.median, f"{name}_range": [1e3 * self.low, 1e3 * self.high]}
@@ -118,6 +122,26 @@ def time_interleaved(candidates: Dict[str, Dict[str, Measure]], device: torch.de
     timings = {label: {name: Timing.of(ts) for name, ts in by_name.items()}
                for label, by_name in seconds.items() if label not in failed}
     return timings, failed
+
+
+def burst(fn: Callable[[], object], device: torch.device, seconds: float = 0.025, most: int = 200
+          ) -> Tuple[Callable[[], None], int]:
+    """A measure of a call far shorter than a round: ``fn`` back to back, as many times as fill about ``seconds``
+    (from one probe call after one untimed call) -> (the measure, its number of calls; ``Timing.per_call`` of its
+    timing is one call's). A single millisecond call, timed alone after another candidate ran, is dominated by waking
+    the threads and refilling the caches; a burst times the steady state a decoding loop runs in, the same way for
+    every candidate. Raises what ``fn`` raises."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    calls = max(1, min(most, round(seconds / max(time.perf_counter() - start, 1e-6))))
+
+    def measure():
+        for _ in range(calls):
+            fn()
+    return measure, calls
 
 
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> Timing:
