@@ -108,7 +108,8 @@ def test_torch_compile_fullgraph():
     Case(B=1, H=1, L=1, M=3000, D=16),  # one tile: split-K over the key blocks, merged by log-sum-exp
     Case(B=1, H=2, Hk=1, L=16, M=2100, D=24, window=1500, R=1800),  # split-K with ranges that see no key
     Case(B=2, H=2, L=3, M=4500, D=16, window=4200, R=3000),  # long key blocks (4096) unless split-K: two of them
-    Case(B=4, H=2, L=16, M=2500, D=16, mem_offset=7),  # long key blocks of 2048 for 16 query rows
+    Case(B=4, H=2, L=16, M=2500, D=16, mem_offset=7),  # long key blocks of 4096 for 16 query rows
+    Case(B=5, H=2, L=64, M=300, D=16, window=200),  # groups of 128 query rows (2 batches), the last one short
 ], ids=str)
 def test_short_queries_every_work_split(case, threads):
     """The forward's plan (whole batch groups, smaller groups, split-K) depends on the thread count; every plan
