@@ -66,11 +66,14 @@ def test_float32_groups_that_did_not_fit_now_fit(table, kernel, mode, D, arch, p
 
 
 def test_no_16bit_config_spills(table):
-    """Every fp16/bf16 config (the review found all of them at 255 registers with spills), but the listed known
-    ones; that list is exactly what spills, so it can only shrink."""
+    """No fp16/bf16 config spills (the review found all of them at 255 registers with spills; the deterministic dr
+    kernel at D = 256 spilled at every tile until it took its columns in blocks, the dk/dv kernel on sm_80 until it
+    summed its scores a column block at a time)."""
     spilled = [r for r in table["rows"] if r["dtype"] != "float32" and r.get("ok")
                and (r["spill_stores"] or r["spill_loads"])]
-    assert {(r["kernel"], r["D"]) for r in spilled} == set(aot_triton.KNOWN_SPILLS), spilled[:5]
+    assert not spilled, spilled[:5]
+    assert rows_of(table, kernel="_bwd_dr_kernel", dtype="bfloat16", D=256, arch=80)
+    assert rows_of(table, kernel="_bwd_dkdv_kernel", dtype="float16", D=256, arch=80)
     assert all(r.get("registers") for r in table["rows"] if r.get("ok")), "a row without its ptxas registers"
 
 

@@ -40,7 +40,7 @@ DKDV_CONFIGS = {
     "16bit": {
         64: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
         128: [(32, 32, 8, 1), (16, 32, 8, 2), (16, 16, 8, 2)],
-        256: [(16, 16, 8, 1)],
+        256: [(16, 16, 8, 2)],  # scores summed a column block at a time (_scores_by_columns)
     },
     "fp32": {
         64: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2)],
@@ -136,6 +136,46 @@ def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, 
     return qu, qv, do, lse2, delta
 
 
+# Columns a backward kernel handles at a time where a full-width tile would spill: the dr kernel's programs own this
+# many columns of dr, and both it and the dk/dv kernel (for BLOCK_D above it) sum scores over D in such blocks.
+COLUMN_BLOCK = 128
+
+
+def column_block(block_d: int) -> int:
+    """``BLOCK_DC`` of the dk/dv and dr kernels for ``BLOCK_D``."""
+    return min(block_d, COLUMN_BLOCK)
+
+
+@triton.jit
+def _scores_by_columns(q_base, u_row, vb_row, do_base, k_base, v_base, r_base, stride_qm, stride_dom, stride_kn,
+                       stride_vn, stride_rn, offs_i, i0, j0, j_lo, j_hi, offset, L, M, R, WINDOW, qk_scale,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr):
+    """What ``tile_scores`` and ``dO v^T`` give for queries ``[i0, i0 + BLOCK_M)`` of one head against the keys
+    ``j0 + arange(BLOCK_N)`` (in ``[j_lo, j_hi)``, distances plus ``offset``), summed over D ``BLOCK_DC`` columns at
+    a time, so that no full-width tile of q, dO, k, v or the r window is ever live (at D = 256 those spill) -> (scores
+    in log2 units, ``-inf`` where not visible; dP), float32 ``[BLOCK_M, BLOCK_N]``."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    band = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+    dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dmax = M + i0 + BLOCK_M - 1 - j0 + offset  # the tile's largest distance: window row 0
+    for c0 in range(0, BLOCK_D, BLOCK_DC):
+        offs_d = c0 + tl.arange(0, BLOCK_DC)
+        mask_d = offs_d < D
+        qu, qv = _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_d, mask_d, BLOCK_M)
+        do = load_rows(do_base, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
+        k = load_rows(k_base, j0, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
+        v = load_rows(v_base, j0, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
+        rwin = load_r_window(r_base, stride_rn, dmax, R, offs_d, mask_d, BLOCK_W)
+        s += tl.dot(qu, tl.trans(k), input_precision=PRECISION)
+        band += tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
+        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    s = tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), (s + shift_band(band, BLOCK_M, BLOCK_N)) * qk_scale,
+                 float("-inf"))
+    return s, dp
+
+
 @autotune_tiles(DKDV_CONFIGS, key=("D", "BLOCK_D", "PRECISION"))
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -145,9 +185,12 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, HK, L, M, R, WINDOW, MEM_OFFSET, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid ``(B * Hk, cdiv(M, BLOCK_N) + cdiv(L, BLOCK_N))``: memory key blocks, then segment key blocks."""
+    """Grid ``(B * Hk, cdiv(M, BLOCK_N) + cdiv(L, BLOCK_N))``: memory key blocks, then segment key blocks. Up to
+    ``BLOCK_DC`` columns (``BLOCK_D == BLOCK_DC``) the block's k and v stay in registers; wider, the scores are
+    summed over D a column block at a time from cached loads (:func:`_scores_by_columns`), as full-width k, v and
+    r window tiles next to the dk and dv accumulators spill."""
     pid_bg = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = (pid_bg // HK).to(tl.int64)
@@ -161,8 +204,11 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
 
-    k = load_rows(K + b * stride_kb + g * stride_kh, j0, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
-    v = load_rows(V + b * stride_vb + g * stride_vh, j0, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    if BLOCK_D == BLOCK_DC:
+        k = load_rows(k_base, j0, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
+        v = load_rows(v_base, j0, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
     r_base = R_ + g * stride_rh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -176,11 +222,21 @@ def _bwd_dkdv_kernel(
                     Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, stride_qm, stride_uh, stride_vbh,
                     stride_dob, stride_doh, stride_dom, H, L, offs_d, mask_d, BLOCK_M)
                 offs_i = i0 + tl.arange(0, BLOCK_M)
-                s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j_lo, j_hi, offset,
-                                   L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
-                p = tl.math.exp2(s - lse2[:, None])
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                if BLOCK_D == BLOCK_DC:
+                    s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j_lo, j_hi,
+                                       offset, L, M, R, WINDOW, qk_scale, BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
+                    p = tl.math.exp2(s - lse2[:, None])
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                else:
+                    hh = tl.cast(h, tl.int64)
+                    s, dp = _scores_by_columns(
+                        Q + b * stride_qb + hh * stride_qh, U + hh * stride_uh, VB + hh * stride_vbh,
+                        DO + b * stride_dob + hh * stride_doh, k_base, v_base, r_base, stride_qm, stride_dom,
+                        stride_kn, stride_vn, stride_rn, offs_i, i0, j0, j_lo, j_hi, offset, L, M, R, WINDOW,
+                        qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, BLOCK_DC, PRECISION)
+                    p = tl.math.exp2(s - lse2[:, None])
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 ds = p * (dp - delta[:, None]) * scale
                 dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=PRECISION)
     store_rows(DK + b * stride_dkb + g * stride_dkh, j0, j_hi, stride_dkn, offs_d, mask_d, dk, BLOCK_N)
@@ -302,27 +358,11 @@ def _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r
     (those below ``R - 1``) from queries ``[i0, i0 + BLOCK_M)`` and the keys in ``[j_lo, j_hi)`` at those distances.
 
     Query ``ii`` meets distance ``d0 + dd`` at key ``j_first + ii + BLOCK_R - 1 - dd``: the tile of keys
-    ``j_first + arange(BLOCK_T)`` covers them all, read back along its diagonals with ``tl.gather``. The scores and
-    dP are sums over all of D: they are accumulated ``BLOCK_DC`` columns at a time, so that no full-width tile of
-    k, v or the r window is ever live (at D = 256 those spill)."""
-    s = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-    band = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
-    dp = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-    dmax = M + i0 + BLOCK_M - 1 - j_first + offset  # the tile's largest distance: window row 0
-    for c0 in range(0, BLOCK_D, BLOCK_DC):
-        offs_d = c0 + tl.arange(0, BLOCK_DC)
-        mask_d = offs_d < D
-        qu, qv = _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_d, mask_d, BLOCK_M)
-        do = load_rows(do_base, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
-        k = load_rows(k_base, j_first, j_lo, j_hi, stride_kn, offs_d, mask_d, BLOCK_T)
-        v = load_rows(v_base, j_first, j_lo, j_hi, stride_vn, offs_d, mask_d, BLOCK_T)
-        rwin = load_r_window(r_base, stride_rn, dmax, R, offs_d, mask_d, BLOCK_W)
-        s += tl.dot(qu, tl.trans(k), input_precision=PRECISION)
-        band += tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
-        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    offs_j = j_first + tl.arange(0, BLOCK_T)
-    s = tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), (s + shift_band(band, BLOCK_M, BLOCK_T)) * qk_scale,
-                 float("-inf"))
+    ``j_first + arange(BLOCK_T)`` covers them all, read back along its diagonals with ``tl.gather``; its scores and
+    dP are sums over all of D (:func:`_scores_by_columns`)."""
+    s, dp = _scores_by_columns(q_base, u_row, vb_row, do_base, k_base, v_base, r_base, stride_qm, stride_dom,
+                               stride_kn, stride_vn, stride_rn, offs_i, i0, j_first, j_lo, j_hi, offset, L, M, R,
+                               WINDOW, qk_scale, D, BLOCK_M, BLOCK_T, BLOCK_W, BLOCK_D, BLOCK_DC, PRECISION)
     p = tl.math.exp2(s - lse2[:, None])
     ds = p * (dp - delta[:, None]) * scale
     dist = d0 + BLOCK_R - 1 + tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_T)[None, :]
@@ -331,16 +371,6 @@ def _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r
     by_distance = tl.gather(ds, index, axis=1)  # [BLOCK_M, BLOCK_R]
     _, qv = _biased_queries(q_base, u_row, vb_row, i0, L, stride_qm, offs_c, mask_c, BLOCK_M)
     return acc + tl.dot(tl.trans(by_distance.to(qv.dtype)), qv, input_precision=PRECISION)
-
-
-# Columns of dr one program of the dr kernel accumulates (grid axis 2 splits wider head dims): with all 256 columns
-# of D = 256 in one program, its tiles spill at every tile size.
-DR_COLUMNS = 128
-
-
-def dr_column_block(block_d: int) -> int:
-    """``BLOCK_DC`` of :func:`_bwd_dr_kernel` for ``BLOCK_D``: the columns of dr one program owns."""
-    return min(block_d, DR_COLUMNS)
 
 
 @autotune_tiles(DR_CONFIGS, make_config=band_config, key=("D", "BLOCK_D", "PRECISION"))
@@ -444,7 +474,8 @@ def _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_
     _bwd_dkdv_kernel[grid](
         q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, dk, dv, *common_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, Hk, L, M, R, window, mem_offset, scale, scale * LOG2E, D=D, BLOCK_D=block_d, PRECISION=precision,
+        H, Hk, L, M, R, window, mem_offset, scale, scale * LOG2E, D=D, BLOCK_D=block_d,
+        BLOCK_DC=column_block(block_d), PRECISION=precision,
     )
 
     is_deterministic = deterministic()
@@ -462,7 +493,7 @@ def _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_
 
     if is_deterministic:
         dr = torch.empty(Hk, R, D, dtype=r.dtype, device=r.device)
-        block_dc = dr_column_block(block_d)
+        block_dc = column_block(block_d)
         grid = lambda meta: (Hk, triton.cdiv(R, meta["BLOCK_R"]), block_d // block_dc)  # noqa: E731
         _bwd_dr_kernel[grid](
             q, k, v, r, u, vb, kv_head_index, grad_out, lse, delta, cq_part, dr, *common_strides,
