@@ -1,4 +1,5 @@
 // Launcher of the dk/dv kernel of the rel_memory_attention backward (one block per key block, kv head, batch).
+#include "rel_memory_attention_bwd_dkv.cuh"
 #include "rel_memory_attention_dispatch.cuh"
 
 namespace memtx {

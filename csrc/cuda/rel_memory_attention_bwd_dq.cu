@@ -1,4 +1,5 @@
 // Backward launcher of rel_memory_attention (SPEC §1): delta, then dq/du/dvb/dr, then dk/dv (launch_dkv).
+#include "rel_memory_attention_bwd_dq.cuh"
 #include "rel_memory_attention_dispatch.cuh"
 
 namespace memtx {

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "rel_memory_attention_kernels.cuh"
+#include "rel_memory_attention_common.cuh"
 
 namespace memtx {
 namespace cuda {

@@ -1,5 +1,6 @@
 // Forward launcher of rel_memory_attention (SPEC §1) and the size queries of the CUDA backend.
 #include "rel_memory_attention_dispatch.cuh"
+#include "rel_memory_attention_fwd.cuh"
 
 namespace memtx {
 namespace cuda {
