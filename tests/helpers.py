@@ -327,3 +327,20 @@ def bptt_like_replay(model, xs, ys):
                 model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv, top_layer=False)
         memory = next_memory
     return losses, memory
+
+
+def assert_replay_equals_bptt(model, xs, ys):
+    """``model.replay_segments`` over the segments ``xs``/``ys`` gives the losses and every parameter gradient of
+    :func:`bptt_like_replay`, from the same random streams (torch's, and each cross-head layer's generator)."""
+    grads = []
+    for run in (bptt_like_replay, lambda m, a, b: m.replay_segments(a, b)):
+        torch.manual_seed(7)
+        for layer in model.layers:
+            if layer.cross_head is not None:
+                layer.cross_head.generator = torch.Generator().manual_seed(3)
+        model.zero_grad()
+        losses, _ = run(model, xs, ys)
+        (sum(losses) / len(losses)).backward()
+        grads.append([torch.stack([loss.detach() for loss in losses])] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

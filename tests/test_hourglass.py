@@ -7,7 +7,7 @@ import torch
 
 import memtx_ops
 import memtx_ops.nn.hourglass as hourglass
-from helpers import bptt_like_replay
+from helpers import assert_replay_equals_bptt
 from memtx_ops.nn import HourglassTransformerXL, LayerMemory, TransformerXL
 from memtx_ops.nn.hourglass import parse_layout
 
@@ -211,18 +211,7 @@ def test_replay_segments_equal_bptt(options):
     """Memory replay carries every level's memory and the resampling states: its gradients are those of BPTT."""
     model = randomise_resampling(small_hourglass("1@1 2@3 1@1", mem_len=6, dropout=0.2, **options))
     xs, ys = segments(5, L=6)
-    grads = []
-    for run in (bptt_like_replay, lambda m, a, b: m.replay_segments(a, b)):
-        torch.manual_seed(7)
-        for layer in model.layers:
-            if layer.cross_head is not None:
-                layer.cross_head.generator = torch.Generator().manual_seed(3)
-        model.zero_grad()
-        losses, memory = run(model, xs, ys)
-        (sum(losses) / len(losses)).backward()
-        grads.append([torch.stack([l.detach() for l in losses])] + [p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_replay_equals_bptt(model, xs, ys)
 
 
 def test_skip_retain_ages_memories_in_each_levels_units():

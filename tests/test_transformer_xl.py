@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import assert_replay_equals_bptt
 from memtx_ops.nn import Dropout, TransformerXL
 from memtx_ops.nn.transformer_xl import PositionwiseFF
 
@@ -102,42 +103,11 @@ def test_skip_retain_ages_memory_and_finetune_never_skips():
     assert [m.age for m in memory] == [1, 1, 1]
 
 
-def bptt_like_replay(model, xs, ys):
-    """Full back-propagation through time over the segments, with the random-number stream memory replay
-    uses: plain segments until the memory is full, then before each step the state the forward pass of
-    memory replay (memory path only) leaves."""
-    memory, losses = model.empty_memory(xs[0].shape[0]), []
-    for x, y in zip(xs, ys):
-        full = all(m.hidden.shape[1] >= model.mem_len for m in memory)
-        perms = model._draw_permutations(x.device) if full else ()
-        state = torch.get_rng_state()
-        kv = [None if row[0] < 0 else row for row in perms[0]] if perms else None
-        hidden, next_memory = model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv)
-        losses.append(model._loss(hidden, y))
-        if full:
-            torch.set_rng_state(state)
-            with torch.no_grad():
-                model.hidden_states(x, memory, detach_memory=False, kv_head_index=kv, top_layer=False)
-        memory = next_memory
-    return losses, memory
-
-
 @pytest.mark.parametrize("cross_head_p", [0.0, 0.5])
 def test_replay_segments_equal_bptt_with_dropout(cross_head_p):
     model = small_model(dropout=0.2, cross_head_p=cross_head_p)
     xs, ys = segments(6)
-    grads = []
-    for run in (bptt_like_replay, lambda m, a, b: m.replay_segments(a, b)):
-        torch.manual_seed(7)
-        for layer in model.layers:
-            if layer.cross_head is not None:
-                layer.cross_head.generator = torch.Generator().manual_seed(3)
-        model.zero_grad()
-        losses, memory = run(model, xs, ys)
-        (sum(losses) / len(losses)).backward()
-        grads.append([torch.stack([l.detach() for l in losses])] + [p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_replay_equals_bptt(model, xs, ys)
 
 
 def test_replay_segments_rejects_skip_retain_pretraining():
