@@ -3,7 +3,6 @@
 //   dkv_kernel   grid (key blocks, Hk, B): loops over the query heads mapped to its kv head (any
 //                kv_head_index) and the query blocks that see its keys; dk, dv accumulate in registers
 //                (deterministic, no atomics; kv heads no query head reads get zeros).
-//
 #pragma once
 
 #include "rel_memory_attention_bwd.cuh"

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import load_rows, load_shifted_rows, store_rows, tile_sizes
+from .rows import load_rows, load_shifted_rows, program_tile, store_rows, tile_sizes
 
 
 @triton.jit
@@ -21,11 +21,7 @@ def _downsample_fwd_kernel(X, PREV, W, Y, stride_xb, stride_xl, stride_pb, strid
                            L_SHORT, D, FACTOR, HAS_PREV: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid ``(cdiv(L / k, BLOCK_M), B, cdiv(D, BLOCK_D))``."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = offs_m < L_SHORT
-    mask_d = offs_d < D
+    b, offs_m, offs_d, mask_m, mask_d = program_tile(0, L_SHORT, D, BLOCK_M, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for r in range(0, FACTOR):
         rows = load_shifted_rows(X, PREV, b, offs_m * FACTOR + r, mask_m, FACTOR - 1, stride_xb, stride_xl,
@@ -43,11 +39,7 @@ def _downsample_fwd_kernel(X, PREV, W, Y, stride_xb, stride_xl, stride_pb, strid
 def _downsample_bwd_kernel(G, W, DX, DPREV, stride_gb, stride_gl, stride_xb, stride_xl, stride_pb, stride_pl,
                            L, D, FACTOR, HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid ``(cdiv(L + k - 1, BLOCK_M), B, cdiv(D, BLOCK_D))`` over the rows u of ``[dprev ; dx]``."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_u = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_u = offs_u < L + FACTOR - 1
-    mask_d = offs_d < D
+    b, offs_u, offs_d, mask_u, mask_d = program_tile(0, L + FACTOR - 1, D, BLOCK_M, BLOCK_D)
     in_s = mask_u & (offs_u < L)  # rows of the shifted sequence; the rest are the dead rows of dx
     ds = load_rows(G, b, stride_gb, stride_gl, offs_u // FACTOR, in_s, offs_d, mask_d)
     if HAS_WEIGHTS:

@@ -26,6 +26,16 @@ def tile_sizes(D: int, interpreted: Optional[bool] = None):
 
 
 @triton.jit
+def program_tile(first_row, n_rows, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of a grid ``(cdiv(rows, BLOCK_M), B, cdiv(D, BLOCK_D))`` over rows ``[first_row, n_rows)``
+    -> (batch as int64, row indices, column indices, row mask, column mask)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M) + first_row
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, offs_m, offs_d, offs_m < n_rows, offs_d < D
+
+
+@triton.jit
 def load_rows(base, b, stride_b, stride_l, rows, ok, offs_d, mask_d):
     """Rows ``rows`` (where ``ok``) of batch entry ``b``, columns ``offs_d`` -> float32 ``[BLOCK, BLOCK_D]``, 0
     elsewhere."""

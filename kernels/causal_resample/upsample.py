@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import load_rows, store_rows, tile_sizes
+from .rows import load_rows, program_tile, store_rows, tile_sizes
 
 
 @triton.jit
@@ -21,11 +21,7 @@ def _upsample_fwd_kernel(XS, RES, PREV, OUT, stride_sb, stride_sl, stride_rb, st
                          stride_ol, L, D, FACTOR, LINEAR: tl.constexpr, HAS_PREV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid ``(cdiv(L, BLOCK_M), B, cdiv(D, BLOCK_D))``."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_i = offs_i < L
-    mask_d = offs_d < D
+    b, offs_i, offs_d, mask_i, mask_d = program_tile(0, L, D, BLOCK_M, BLOCK_D)
     m = offs_i // FACTOR
     out = load_rows(RES, b, stride_rb, stride_rl, offs_i, mask_i, offs_d, mask_d)
     current = load_rows(XS, b, stride_sb, stride_sl, m, mask_i, offs_d, mask_d)
@@ -47,11 +43,7 @@ def _upsample_bwd_kernel(G, DXS, DPREV, stride_gb, stride_gl, stride_sb, stride_
                          BLOCK_D: tl.constexpr):
     """Grid ``(cdiv(rows, BLOCK_M), B, cdiv(D, BLOCK_D))`` over the coarse rows j of ``cat(prev, x_short)`` from
     ``FIRST_ROW`` (0 for linear, where j = 0 is prev; 1 for repeat) to L / k."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M) + FIRST_ROW
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_j = offs_j < L_SHORT + 1
-    mask_d = offs_d < D
+    b, offs_j, offs_d, mask_j, mask_d = program_tile(FIRST_ROW, L_SHORT + 1, D, BLOCK_M, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for r in range(0, FACTOR):
         current = load_rows(G, b, stride_gb, stride_gl, (offs_j - 1) * FACTOR + r, mask_j & (offs_j >= 1), offs_d,
