@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 
 from . import cpu, cuda, triton
-from .base import Backend
+from .base import Backend, check_usable
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (cpu.BACKEND, triton.BACKEND, cuda.BACKEND)}
 BACKEND_NAMES = ("auto", "reference") + tuple(BACKENDS)
@@ -41,14 +41,7 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
     """The backend called ``name``, checked to run on ``device``, ``dtype`` and ``head_dim``; raises a clear
     error if not."""
     backend = BACKENDS[name]
-    reason = backend.unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"rel_memory_attention: backend {name!r} is not available: {reason}")
-    if dtype not in backend.dtypes:
-        supported = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
-        raise TypeError(
-            f"rel_memory_attention: backend {name!r} supports dtypes {supported}; got {str(dtype).replace('torch.', '')}"
-        )
+    check_usable(backend, "rel_memory_attention", device, dtype)
     if head_dim > backend.max_head_dim:
         raise ValueError(
             f"rel_memory_attention: backend {name!r} supports head dims D <= {backend.max_head_dim}; got D={head_dim}"

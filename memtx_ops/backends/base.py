@@ -9,6 +9,20 @@ import torch
 Tensor = torch.Tensor
 
 
+def check_usable(backend, op: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises a clear error naming ``op`` unless ``backend`` (anything with ``name``, ``dtypes`` and
+    ``unavailable_reason``) runs on ``device`` and ``dtype``: RuntimeError (not available here, with the reason) or
+    TypeError (dtype)."""
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {backend.name!r} is not available: {reason}")
+    if dtype not in backend.dtypes:
+        supported = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+        raise TypeError(
+            f"{op}: backend {backend.name!r} supports dtypes {supported}; got {str(dtype).replace('torch.', '')}"
+        )
+
+
 class Backend:
     """A fused implementation of ``rel_memory_attention``.
 

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import cpu, triton
+from .base import check_usable
 
 Tensor = torch.Tensor
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,12 +110,7 @@ RESAMPLE_BACKEND_NAMES = ("auto", "reference") + tuple(RESAMPLE_BACKENDS)
 def get_resample_backend(name: str, device: torch.device, dtype: torch.dtype, op: str) -> ResampleBackend:
     """The backend called ``name``, checked to run on ``device`` and ``dtype``; raises a clear error naming ``op``."""
     backend = RESAMPLE_BACKENDS[name]
-    reason = backend.unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"{op}: backend {name!r} is not available: {reason}")
-    if dtype not in backend.dtypes:
-        supported = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
-        raise TypeError(f"{op}: backend {name!r} supports dtypes {supported}; got {str(dtype).replace('torch.', '')}")
+    check_usable(backend, op, device, dtype)
     return backend
 
 
