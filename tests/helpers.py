@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import socket
 from typing import Optional, Sequence
 
@@ -276,6 +278,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int, timeout_s: float = 60.0):
+    """One rank's membership of a gloo group on 127.0.0.1:``port`` for the body of the ``with``. On success the ranks
+    meet at a barrier before the group is torn down: a rank that destroys it while a peer's gloo pair is still
+    sending aborts the peer ("terminate called without an active exception", seen in CI under FSDP2). On an error
+    the group is torn down at once (``mp.spawn`` then stops the other ranks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def saved_by_autograd(fn):

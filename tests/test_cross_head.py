@@ -4,17 +4,15 @@ identical on every rank of a process group)."""
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import memtx_ops
 from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_units, free_port,
-                     make_inputs)
+                     gloo_group, make_inputs)
 from memtx_ops import reference
 from memtx_ops.backends import BACKENDS
 from memtx_ops.nn import CrossHeadPermutation, SkipRetainSchedule
@@ -191,12 +189,8 @@ def rank_draws(rank):
 
 
 def _rank_main(rank, world_size, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         torch.save(rank_draws(rank), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_draws_identical_on_every_rank(tmp_path):

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import assert_close_to_reference, free_port
+from helpers import assert_close_to_reference, free_port, gloo_group
 from memtx_ops.nn import SegmentRollout, TransformerXL
 
 B, L, STEPS, SEGMENTS = 4, 6, 3, 3
@@ -61,8 +60,7 @@ def train(model, step_fn, path, rows):
 
 
 def _rank_main(rank, world, port, out_dir, wrapper, path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port, timeout_s=300):
         model = make_model(path)
         rows = slice(rank * B // world, (rank + 1) * B // world)
         unit = SegmentRollout(model) if path == "replay" else model
@@ -81,8 +79,6 @@ def _rank_main(rank, world, port, out_dir, wrapper, path):
         else:
             params = {name: p.detach().clone() for name, p in model.named_parameters()}
         torch.save((params, draws), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("path", ["forward", "replay"])

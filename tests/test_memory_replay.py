@@ -10,13 +10,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import memtx_ops
-from helpers import assert_close_to_reference, free_port, rel_error
+from helpers import assert_close_to_reference, free_port, gloo_group, rel_error
 
 DTYPE = torch.float64
 B, L, M, D, HEADS, VOCAB, T = 2, 4, 4, 16, 2, 11, 5
@@ -460,8 +459,7 @@ def test_error_when_the_memory_changes_later_or_is_modified_in_place():
 
 
 def _ddp_rank(rank, world_size, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         model = make_model(SlotMemory)
         rollout = nn.parallel.DistributedDataParallel(Rollout(model))
         counts = {name: 0 for name, _ in model.named_parameters()}
@@ -473,8 +471,6 @@ def _ddp_rank(rank, world_size, port, out_dir):
         torch.stack([y.square().mean() for y in ys]).sum().backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
         torch.save((grads, counts), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 class Rollout(nn.Module):
