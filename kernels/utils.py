@@ -166,11 +166,26 @@ def tile_scores(qu, qv, k, r_base, stride_r, offs_d, mask_d, offs_i, i0, j0, j_l
     ``[j_lo, j_hi)`` and their distances carry ``offset``. -> (``qk_scale * ((q+u) k^T + (q+vb) r_dist^T)``,
     float32 ``[BLOCK_M, BLOCK_N]``, ``-inf`` where not visible; the r window ``[BLOCK_W, BLOCK_D]``).
     """
-    rwin = load_r_window(r_base, stride_r, M + i0 + BLOCK_M - 1 - j0 + offset, R, offs_d, mask_d, BLOCK_W)
+    rwin = load_r_window(r_base, stride_r, tile_top_distance(M, i0, j0, offset, BLOCK_M), R, offs_d, mask_d, BLOCK_W)
     band = tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
-    s = tl.dot(qu, tl.trans(k), input_precision=PRECISION) + shift_band(band, BLOCK_M, BLOCK_N)
+    content = tl.dot(qu, tl.trans(k), input_precision=PRECISION)
+    return masked_scores(content, band, offs_i, j0, j_lo, j_hi, L, M, WINDOW, qk_scale, BLOCK_M, BLOCK_N), rwin
+
+
+@triton.jit
+def tile_top_distance(M, i0, j0, offset, BLOCK_M: tl.constexpr):
+    """The largest distance of the tile of queries ``[i0, i0 + BLOCK_M)`` and keys from ``j0`` (window row 0)."""
+    return M + i0 + BLOCK_M - 1 - j0 + offset
+
+
+@triton.jit
+def masked_scores(content, band, offs_i, j0, j_lo, j_hi, L, M, WINDOW, qk_scale, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A tile's scores from its content part ``content`` ``[BLOCK_M, BLOCK_N]`` and its position band ``band``
+    ``[BLOCK_M, BLOCK_W]`` (float32): ``qk_scale * (content + shift_band(band))``, ``-inf`` where not visible."""
+    s = content + shift_band(band, BLOCK_M, BLOCK_N)
     offs_j = j0 + tl.arange(0, BLOCK_N)
-    return tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), s * qk_scale, float("-inf")), rwin
+    return tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), s * qk_scale, float("-inf"))
 
 
 @triton.jit

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import (aligned_rows, autotune_tiles, dot_precision, load_r_window, load_rows, on_device, shift_band,
-                     smallest_block, store_rows, tile_scores, unshift_band, visible)
+from ..utils import (aligned_rows, autotune_tiles, dot_precision, load_r_window, load_rows, masked_scores, on_device,
+                     smallest_block, store_rows, tile_scores, tile_top_distance, unshift_band)
 
 LOG2E = math.log2(math.e)
 
@@ -61,8 +61,7 @@ DQ_CONFIGS = {
     },
 }
 # {dtype kind: {largest BLOCK_D: [(BLOCK_M, BLOCK_R, num_warps, num_stages), ...]}} of the deterministic dr pass.
-# For D in (128, 256] every tile spills (16 x 16 with 8 warps the least, ~400 B a thread): the check lists it as a
-# known spill (bench/aot_triton.py KNOWN_SPILLS) until the accumulator is split over D.
+# For D in (128, 256] a program owns 128 columns of dr (COLUMN_BLOCK): with all 256, every tile spilled.
 DR_CONFIGS = {
     "16bit": {
         64: [(16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
@@ -129,11 +128,17 @@ def _load_query_block(Q, U, VB, DO, LSE, DELTA, b, h, i0, stride_qb, stride_qh, 
     qu, qv = _biased_queries(Q + b * stride_qb + h * stride_qh, U + h * stride_uh, VB + h * stride_vbh, i0, L,
                              stride_qm, offs_d, mask_d, BLOCK_M)
     do = load_rows(DO + b * stride_dob + h * stride_doh, i0, 0, L, stride_dom, offs_d, mask_d, BLOCK_M)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    rows = (b * H + h) * L + offs_i
+    lse2, delta = _row_stats(LSE, DELTA, (b * H + h) * L, i0 + tl.arange(0, BLOCK_M), L)
+    return qu, qv, do, lse2, delta
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row0, offs_i, L):
+    """lse (in log2 units) and delta of query rows ``offs_i`` of the (batch, head) whose rows start at ``row0``."""
+    rows = row0 + offs_i
     lse2 = tl.load(LSE + rows, mask=offs_i < L, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + rows, mask=offs_i < L, other=0.0)
-    return qu, qv, do, lse2, delta
+    return lse2, delta
 
 
 # Columns a backward kernel handles at a time where a full-width tile would spill: the dr kernel's programs own this
@@ -158,7 +163,7 @@ def _scores_by_columns(q_base, u_row, vb_row, do_base, k_base, v_base, r_base, s
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     band = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
     dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    dmax = M + i0 + BLOCK_M - 1 - j0 + offset  # the tile's largest distance: window row 0
+    dmax = tile_top_distance(M, i0, j0, offset, BLOCK_M)
     for c0 in range(0, BLOCK_D, BLOCK_DC):
         offs_d = c0 + tl.arange(0, BLOCK_DC)
         mask_d = offs_d < D
@@ -170,10 +175,7 @@ def _scores_by_columns(q_base, u_row, vb_row, do_base, k_base, v_base, r_base, s
         s += tl.dot(qu, tl.trans(k), input_precision=PRECISION)
         band += tl.dot(qv, tl.trans(rwin), input_precision=PRECISION)
         dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    offs_j = j0 + tl.arange(0, BLOCK_N)
-    s = tl.where(visible(offs_i, offs_j, L, M, j_lo, j_hi, WINDOW), (s + shift_band(band, BLOCK_M, BLOCK_N)) * qk_scale,
-                 float("-inf"))
-    return s, dp
+    return masked_scores(s, band, offs_i, j0, j_lo, j_hi, L, M, WINDOW, qk_scale, BLOCK_M, BLOCK_N), dp
 
 
 @autotune_tiles(DKDV_CONFIGS, key=("D", "BLOCK_D", "PRECISION"))
@@ -262,7 +264,7 @@ def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_bas
     dq_c += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     band = unshift_band(ds, BLOCK_M, BLOCK_N, BLOCK_W)
     dq_p += tl.dot(band.to(rwin.dtype), rwin, input_precision=PRECISION)
-    dmax = M + i0 + BLOCK_M - 1 - j0 + offset
+    dmax = tile_top_distance(M, i0, j0, offset, BLOCK_M)
     dist = dmax - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] - tl.arange(0, BLOCK_N)[None, :]
     clamped += tl.sum(tl.where(dist >= R - 1, ds, 0.0), 1)
     if not DETERMINISTIC:
@@ -414,9 +416,7 @@ def _bwd_dr_kernel(
                     need_memory = (d0 < R - 1) & _band_needed(j_memory, 0, M, i0, L, M, WINDOW, BLOCK_M, BLOCK_R)
                     if need_segment | need_memory:
                         offs_i = i0 + tl.arange(0, BLOCK_M)
-                        rows = (b * H + h) * L + offs_i
-                        lse2 = tl.load(LSE + rows, mask=offs_i < L, other=0.0) * 1.4426950408889634
-                        delta = tl.load(DELTA + rows, mask=offs_i < L, other=0.0)
+                        lse2, delta = _row_stats(LSE, DELTA, (b * H + h) * L, offs_i, L)
                         if need_segment:
                             acc = _dr_band(acc, q_base, u_row, vb_row, do_base, lse2, delta, k_base, v_base, r_base,
                                            stride_qm, stride_dom, stride_kn, stride_vn, stride_rn, offs_i, offs_c,
