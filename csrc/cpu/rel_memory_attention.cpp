@@ -37,14 +37,16 @@ namespace {
 
 constexpr int64_t kBlockM = 64;                  // queries per tile
 constexpr int64_t kBlockN = 512;                 // keys per tile of the backward and of split-K ranges
-constexpr int64_t kBand = kBlockM + kBlockN - 1;  // most r rows a tile reads
 // Keys per tile of the forward otherwise: kScoreTile scores a tile, between kForwardBlockN and kMaxBlockN keys, so
 // that a tile of few query rows (decoding, short segments) makes a few long BLAS calls per (batch, head) instead of
-// many short ones. Measured (bench/results/cpu-suites-14-16/short_query.md): at L = 1, 4096-key blocks take
-// 1.10-1.14x SDPA's time where 512-key ones took 1.16-1.23x; at L = 64 and L = 512, 1024 keys beat 512 by 3-5%.
+// many short ones. Measured side by side in one process (B=8 H=8 D=64): at L = 1, 4096-key blocks took 1.10-1.14x
+// SDPA's time where 512-key ones took 1.16-1.23x; at L = 64 and L = 512, 1024 keys beat 512 by 3-5%.
 constexpr int64_t kForwardBlockN = 1024;
 constexpr int64_t kScoreTile = kBlockM * kForwardBlockN;
 constexpr int64_t kMaxBlockN = 4096;
+
+// Most r rows a tile with key blocks of block_n keys reads (bm + n - 1): the row stride of its band tiles.
+constexpr int64_t band_columns(int64_t block_n) { return kBlockM + block_n - 1; }
 
 struct KeyBlock {
   int64_t j0, j1;  // keys [j0, j1)
@@ -98,9 +100,9 @@ struct QueryTile {
   const RelAttnShape& s;
   int64_t i0, bm;  // queries [i0, i0 + bm)
   int64_t g;       // kv head
-  int64_t block_n;  // longest key block: row stride of the score tiles; band tiles have block_n + kBlockM - 1 columns
+  int64_t block_n;  // longest key block: row stride of the score tiles; band tiles have band_columns(block_n)
 
-  int64_t band_stride() const { return kBlockM + block_n - 1; }
+  int64_t band_stride() const { return band_columns(block_n); }
 
   int64_t first_visible(int64_t i) const { return s.window > 0 ? std::max<int64_t>(0, s.M + i - s.window + 1) : 0; }
   bool sees(const KeyBlock& kb) const {
@@ -271,7 +273,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     // does not allocate and clear tiles of kBlockM rows)
     const int64_t tile_rows = std::min(kBlockM, s.L), rows = plan.group * tile_rows;
     std::vector<T> qu(rows * s.D), qv(rows * s.D), score(tile_rows * block_n);
-    std::vector<T> pos(rows * (kBlockM + block_n - 1));
+    std::vector<T> pos(rows * band_columns(block_n));
     std::vector<T> m_own(rows), l_own(rows);
     std::vector<OnlineSoftmax<T>> acc(plan.group);
     for (int64_t task = begin; task < end; ++task) {
@@ -392,7 +394,7 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
   at::parallel_for(0, s.Hk * n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qu(kBlockM * s.D), qv(kBlockM * s.D);
     std::vector<T> dq_content(kBlockM * s.D), dq_position(kBlockM * s.D), delta(kBlockM);
-    std::vector<T> score(kBlockM * kBlockN), dprob(kBlockM * kBlockN), band_rows(kBlockM * kBand);
+    std::vector<T> score(kBlockM * kBlockN), dprob(kBlockM * kBlockN), band_rows(kBlockM * band_columns(kBlockN));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / n_chunks, chunk = task % n_chunks;
       T* dr_g = dr_partial.data_ptr<T>() + (chunk * s.Hk + g) * s.R * s.D;
@@ -445,9 +447,9 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
               // position term through the band, r and dr rows in place: dq_p += band r_rows;  dr_rows += band^T (q+vb)'
               tile.fold_band(kb, band, score.data(), lo, hi, band_rows.data());
               const int64_t rs = r.stride(1);
-              gemm<T>(false, false, bm, s.D, band.cols, T(1), band_rows.data(), kBand, r_head + band.d0 * rs, rs, T(1),
-                      dq_position.data(), s.D);
-              gemm<T>(true, false, band.cols, s.D, bm, T(1), band_rows.data(), kBand, qv.data(), s.D, T(1),
+              gemm<T>(false, false, bm, s.D, band.cols, T(1), band_rows.data(), tile.band_stride(),
+                      r_head + band.d0 * rs, rs, T(1), dq_position.data(), s.D);
+              gemm<T>(true, false, band.cols, s.D, bm, T(1), band_rows.data(), tile.band_stride(), qv.data(), s.D, T(1),
                       dr_g + band.d0 * s.D, s.D);
             }
             // dq = scale (dq_c + dq_p); du += scale colsum(dq_c); dvb += scale colsum(dq_p)
