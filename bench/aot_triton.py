@@ -19,7 +19,8 @@ Speed: ptxas dominates. Compiles run in a process pool; their result rows are ca
 (default ``~/.cache/memtx-aot``), keyed by the job (kernel, dtype, precision, mode, D, target, config) and a hash of
 the sources it compiles from (its package under ``kernels/`` and ``kernels/*.py``): an unchanged kernel costs a
 lookup, an edit recompiles that package's kernels. The committed table records those hashes, so a test sees when it
-is stale. A full run takes about 4 minutes on 2 cores (CI runs it). ``--sample`` (a quicker look) compiles every
+is stale. A full run from scratch takes about 7 minutes on 2 cores (607 compiles; CI runs it, mostly from the
+cache). ``--sample`` (a quicker look) compiles every
 16-bit config but, of the float32 configs of a group, only the first that fits (the rest are listed as not
 compiled). ``--explore KERNEL`` prints a grid of candidate tiles for choosing a table.
 """
@@ -43,7 +44,7 @@ from typing import Dict, List, Optional, Tuple
 from bench.report import write_gate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_LIMIT = {90: 232448, 80: 166912}  # dynamic shared memory a block may use, bytes
+SHARED_LIMIT = {90: 232448, 80: 166912}  # shared memory a block may use (the opt-in maximum), bytes
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIMS = (64, 128, 256)  # one per class of the config tables (their bounds)
 # A head dim that is not a multiple of 16 (masked columns of BLOCK_D = 128), compiled as the launcher hands it over
@@ -389,8 +390,8 @@ def explore(modules, kernel: str, head_dims, workers: int, dtype: str, blocks=(1
     print("D arch config registers spill_stores shared", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
         for r in pool.map(compile_job, grid):
-            print(r["D"], r["arch"], r["config"], r.get("registers"), r.get("spill_stores"), r.get("shared"), r.get("error", ""),
-                  flush=True)
+            print(r["D"], r["arch"], r["config"], r.get("registers"), r.get("spill_stores"), r.get("shared"),
+                  r.get("error", ""), flush=True)
 
 
 def main(argv=None) -> int:

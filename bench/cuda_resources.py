@@ -24,11 +24,11 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
+from bench.aot_triton import SHARED_LIMIT  # shared memory a block may use (static + dynamic), bytes
 from bench.report import write_gate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-SHARED_LIMIT = {90: 232448, 80: 166912}  # shared memory a block may use (static + dynamic), bytes
 REGISTERS_PER_BLOCK = 65536
 NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", f"-I{CUDA_DIR}"]  # as setup.py (less -lineinfo)
 

@@ -72,13 +72,13 @@ def run(opts):
             return call
 
         bursts = {}
-        for name, fn in fns.items():
+        for name, fn in ((n, f) for n, f in fns.items() if f is not None):
             try:
-                bursts[name] = burst(forward(fn), device) if fn is not None else None
+                bursts[name] = burst(forward(fn), device)
             except BENCH_ERRORS as exc:
                 reasons[name] = describe_error(exc)
-        timings, failed = time_interleaved({n: {"fwd_ms": b[0]} for n, b in bursts.items() if b is not None},
-                                           device, opts.repeats)
+        timings, failed = time_interleaved({n: {"fwd_ms": measure} for n, (measure, _) in bursts.items()}, device,
+                                           opts.repeats)
         reasons.update(failed)
         for name in fns:
             if name not in timings:
