@@ -101,6 +101,24 @@ def test_torch_compile_fullgraph():
                                   compile_backend="aot_eager")
 
 
+# Decoding shapes (L <= 2) take the forward's fused key-by-key pass: keys in groups of 16 with a tail, head dims
+# with a partial vector or under one, every mask feature, time-major views (strided) and plain tensors.
+FUSED_DECODE_CASES = [
+    Case(B=3, H=4, L=1, M=200, D=64),
+    Case(B=2, H=2, L=2, M=150, D=41, window=100, R=120),
+    Case(B=2, H=4, Hk=2, L=1, M=77, D=100, mem_offset=30, kv_head_index=(1, 0, 0, 1)),
+    Case(B=1, H=2, L=2, M=13, D=8, window=3),
+    Case(B=2, H=2, L=1, M=4200, D=32, R=3000),  # two key blocks of 4096 and the clamp
+]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "time-major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FUSED_DECODE_CASES, ids=str)
+def test_decoding_fused_pass_matches_reference(case, dtype, strided):
+    assert_matches_reference(cpu_attention, case, dtype, strided=strided)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", [
     Case(B=8, H=8, L=1, M=700, D=32),  # decoding: one task per head, all batches share the r rows

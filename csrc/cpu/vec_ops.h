@@ -7,6 +7,7 @@
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 #define CPU_CAPABILITY_AVX2
 #endif
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -21,20 +22,12 @@ using at::vec::Vectorized;
 // Horizontal sum / max of one vector register.
 template <typename T>
 inline T hsum(const Vectorized<T>& x) {
-  T lanes[Vectorized<T>::size()];
-  x.store(lanes);
-  T sum = 0;
-  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) sum += lanes[i];
-  return sum;
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, x);
 }
 
 template <typename T>
 inline T hmax(const Vectorized<T>& x) {
-  T lanes[Vectorized<T>::size()];
-  x.store(lanes);
-  T m = lanes[0];
-  for (int64_t i = 1; i < Vectorized<T>::size(); ++i) m = std::max(m, lanes[i]);
-  return m;
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }, x);
 }
 
 // y[i] += x[i]
@@ -136,6 +129,96 @@ inline T dot(const T* a, const T* b, int64_t n) {
   T sum = hsum(acc);
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// sum of a[i] * x[i] + b[i] * y[i]: a query row's content and position terms against one key (one reduction).
+template <typename T>
+inline T dot2(const T* a, const T* x, const T* b, const T* y, int64_t n) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    acc = at::vec::fmadd(V::loadu(a + i), V::loadu(x + i), acc);
+    acc = at::vec::fmadd(V::loadu(b + i), V::loadu(y + i), acc);
+  }
+  T sum = hsum(acc);
+  for (; i < n; ++i) sum += a[i] * x[i] + b[i] * y[i];
+  return sum;
+}
+
+// out[t] = sum_i a[i] x[t][i] + b[i] y[t][i] for t in [0, 16): dot2 for 16 rows (keys) at once. Under AVX-512
+// float the 16 accumulators are summed by a transposing tree (4 levels of lane shuffles, about 3 instructions per
+// row instead of one full reduction each).
+template <typename T>
+inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* const* y, int64_t n, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 va = _mm512_loadu_ps(a + i), vb = _mm512_loadu_ps(b + i);
+      for (int t = 0; t < 16; ++t) {
+        acc[t] = _mm512_fmadd_ps(va, _mm512_loadu_ps(x[t] + i), acc[t]);
+        acc[t] = _mm512_fmadd_ps(vb, _mm512_loadu_ps(y[t] + i), acc[t]);
+      }
+    }
+    if (i < n) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 va = _mm512_maskz_loadu_ps(tail, a + i), vb = _mm512_maskz_loadu_ps(tail, b + i);
+      for (int t = 0; t < 16; ++t) {
+        acc[t] = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(tail, x[t] + i), acc[t]);
+        acc[t] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(tail, y[t] + i), acc[t]);
+      }
+    }
+    // 16 -> 8: row pairs, each row's 256-bit halves added (row 2p in the low half, 2p + 1 in the high one)
+    __m512 pairs[8];
+    for (int t = 0; t < 8; ++t)
+      pairs[t] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * t], acc[2 * t + 1], 0x44),
+                               _mm512_shuffle_f32x4(acc[2 * t], acc[2 * t + 1], 0xEE));
+    // 8 -> 4: 128-bit block c of quads[t] holds row 4t + c
+    __m512 quads[4];
+    for (int t = 0; t < 4; ++t)
+      quads[t] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * t], pairs[2 * t + 1], 0x88),
+                               _mm512_shuffle_f32x4(pairs[2 * t], pairs[2 * t + 1], 0xDD));
+    // 4 -> 2 -> 1, inside each 128-bit block c: element c * 4 + t ends as row c + 4t
+    __m512 halves[2];
+    for (int t = 0; t < 2; ++t)
+      halves[t] = _mm512_add_ps(_mm512_shuffle_ps(quads[2 * t], quads[2 * t + 1], 0x44),
+                                _mm512_shuffle_ps(quads[2 * t], quads[2 * t + 1], 0xEE));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(halves[0], halves[1], 0x88),
+                                      _mm512_shuffle_ps(halves[0], halves[1], 0xDD));
+    const __m512i row_order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(row_order, sums));
+    return;
+  }
+#endif
+  for (int t = 0; t < 16; ++t) out[t] = dot2(a, x[t], b, y[t], n);
+}
+
+// y[i] += p[0] x0[i] + p[1] x1[i] + p[2] x2[i] + p[3] x3[i]: four rows of values into one output row.
+template <typename T>
+inline void axpy4_into(T* y, const T* p, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
+  using V = Vectorized<T>;
+  const V p0(p[0]), p1(p[1]), p2(p[2]), p3(p[3]);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V acc = at::vec::fmadd(p0, V::loadu(x0 + i), V::loadu(y + i));
+    acc = at::vec::fmadd(p1, V::loadu(x1 + i), acc);
+    acc = at::vec::fmadd(p2, V::loadu(x2 + i), acc);
+    at::vec::fmadd(p3, V::loadu(x3 + i), acc).store(y + i);
+  }
+  for (; i < n; ++i) y[i] += p[0] * x0[i] + p[1] * x1[i] + p[2] * x2[i] + p[3] * x3[i];
+}
+
+// y[i] += p x[i]
+template <typename T>
+inline void axpy_into(T* y, T p, const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  const V vp(p);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) at::vec::fmadd(vp, V::loadu(x + i), V::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += p * x[i];
 }
 
 // p[i] = p[i] * (dp[i] - delta): the softmax backward, in place on p.
