@@ -124,19 +124,23 @@ def time_interleaved(candidates: Dict[str, Dict[str, Measure]], device: torch.de
     return timings, failed
 
 
-def burst(fn: Callable[[], object], device: torch.device, seconds: float = 0.025, most: int = 200
+def burst(fn: Callable[[], object], device: torch.device, seconds: float = 0.05, most: int = 400, probes: int = 3
           ) -> Tuple[Callable[[], None], int]:
     """A measure of a call far shorter than a round: ``fn`` back to back, as many times as fill about ``seconds``
-    (from one probe call after one untimed call) -> (the measure, its number of calls; ``Timing.per_call`` of its
-    timing is one call's). A single millisecond call, timed alone after another candidate ran, is dominated by waking
-    the threads and refilling the caches; a burst times the steady state a decoding loop runs in, the same way for
-    every candidate. Raises what ``fn`` raises."""
+    (from ``probes`` timed calls after one untimed call) -> (the measure, its number of calls; ``Timing.per_call`` of
+    its timing is one call's). A single millisecond call, timed alone after another candidate ran, is dominated by
+    waking the threads and refilling the caches; a burst times the steady state a decoding loop runs in, the same way
+    for every candidate. The probe times several calls because the first one after another candidate is the slowest
+    (at 1.6 ms, up to 3x): probed on it alone, a burst held a handful of calls and its first one still weighed in the
+    per-call time. Raises what ``fn`` raises."""
     fn()
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(probes):
+        fn()
     synchronize(device)
-    calls = max(1, min(most, round(seconds / max(time.perf_counter() - start, 1e-6))))
+    per_call = max((time.perf_counter() - start) / probes, 1e-6)
+    calls = max(1, min(most, round(seconds / per_call)))
 
     def measure():
         for _ in range(calls):

@@ -101,21 +101,29 @@ def test_torch_compile_fullgraph():
                                   compile_backend="aot_eager")
 
 
-# Decoding shapes (L <= 2) take the forward's fused key-by-key pass: keys in groups of 16 with a tail, head dims
-# with a partial vector or under one, every mask feature, time-major views (strided) and plain tensors.
-FUSED_DECODE_CASES = [
+# Short queries take the forward's own tiles instead of BLAS: L <= 4 the key-by-key pass, 4 < L <= 16 the lane tiles
+# (float32; float64 takes BLAS). Keys in groups of 16 and chunks of 64 with tails, head dims with a partial vector or
+# under one, partial lanes, every mask feature, two key blocks, time-major views (strided) and plain tensors.
+SHORT_QUERY_CASES = [
     Case(B=3, H=4, L=1, M=200, D=64),
     Case(B=2, H=2, L=2, M=150, D=41, window=100, R=120),
     Case(B=2, H=4, Hk=2, L=1, M=77, D=100, mem_offset=30, kv_head_index=(1, 0, 0, 1)),
-    Case(B=1, H=2, L=2, M=13, D=8, window=3),
+    Case(B=1, H=2, L=4, M=13, D=8, window=3),
     Case(B=2, H=2, L=1, M=4200, D=32, R=3000),  # two key blocks of 4096 and the clamp
+    Case(B=2, H=4, L=16, M=300, D=64),
+    Case(B=3, H=2, L=11, M=150, D=41, window=100, R=120),
+    Case(B=2, H=4, Hk=2, L=7, M=77, D=100, mem_offset=30, kv_head_index=(1, 0, 0, 1)),
+    Case(B=2, H=2, L=13, M=0, D=16),
+    Case(B=1, H=2, L=16, M=4200, D=32, window=4150, mem_offset=5),  # two key blocks, the first one half seen
+    Case(B=1, H=2, L=5, M=40, D=128, window=2, R=30),
+    Case(B=2, H=2, L=12, M=90, D=24, R=40),  # the clamp under the lane tiles: distances >= 39 read row 39
 ]
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "time-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", FUSED_DECODE_CASES, ids=str)
-def test_decoding_fused_pass_matches_reference(case, dtype, strided):
+@pytest.mark.parametrize("case", SHORT_QUERY_CASES, ids=str)
+def test_short_query_tiles_match_reference(case, dtype, strided):
     assert_matches_reference(cpu_attention, case, dtype, strided=strided)
 
 

@@ -13,8 +13,10 @@
 // Short queries (decoding, evaluation with a long memory): when the (batch, head, query block) tasks cannot
 // occupy the threads, the forward also splits each tile's key blocks into contiguous ranges (split-K); every
 // range keeps its own running max, sum and unnormalised output, merged by their log-sum-exp at the end. Each
-// key, value and r row is then read once per (batch, head). Tiles of one or two query rows (decoding) skip BLAS and
-// the score tile: fused_key_block scores, exponentiates and accumulates key by key, in chunks that stay in L1.
+// key, value and r row is then read once per (batch, head). Tiles of few query rows skip BLAS for the content and
+// value products, whose setup and packing cost as much as the work there: up to 4 rows (decoding), fused_key_block
+// scores, exponentiates and accumulates key by key; up to 16 (short segments, float32 under AVX-512),
+// lane_rows_block holds a key's scores for every row in one vector and streams k and v with software prefetch.
 //
 // Scratch is a few tiles per thread (and, with split-K, one [bm, D] partial per range), plus one [Hk, R, D] partial
 // of dr per batch chunk in the backward: nothing L x K.
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -215,11 +218,11 @@ struct OnlineSoftmax {
   T* l;    // [bm]
 };
 
-// Query rows of a tile, at most, that the forward streams key by key (fused_key_block) instead of through BLAS.
-// Measured side by side (B=8 H=8 M=1600 D=64, time over SDPA's): L = 1 fused 1.00-1.07x, BLAS tiles 1.16x; L = 2
-// both 1.38x; L = 4 fused 1.45x, BLAS 1.42x; L = 8 fused 1.64x, BLAS 1.37x (more rows make it compute bound, where
-// BLAS's register blocking wins).
-constexpr int64_t kFusedRows = 2;
+// Query rows of a tile, at most, that the forward streams key by key (fused_key_block); more rows, up to kLaneRows,
+// take lane tiles (float32, AVX-512), then BLAS tiles. Measured side by side (B=8 H=8 M=1600 D=64, time over SDPA's,
+// key by key / lane tiles / BLAS): L = 1 0.96x / 2.2x / 1.16x; L = 2 1.39x / 2.4x / 1.38x; L = 4 1.35x / 1.72x /
+// 1.53x; L = 8 1.68x / 1.40x / 1.41x; L = 16 1.88x / 1.03x / 1.34x; L = 64 BLAS 1.13x, lane tiles 1.19x.
+constexpr int64_t kFusedRows = 4;
 // Keys per chunk of fused_key_block: its probabilities (a stack row) stay in L1 from the scoring to the
 // accumulation; its k rows (32 KB at D = 64) stay in L2 for a tile's second row, its r rows for every batch.
 constexpr int64_t kFusedChunk = 128;
@@ -270,6 +273,9 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
         if (alpha != T(1)) scale_inplace(out_row, alpha, D);
         for (jj = lo; jj + 4 <= hi + 1; jj += 4) {
           const T* v0 = v_rows + jj * V.s2;
+          if (c0 + kFusedChunk < kb.j1 && ii + 1 == bm) {  // the next chunk's k rows, while v streams
+            for (int t = 0; t < 4; ++t) prefetch_row(k_rows + (kFusedChunk + jj + t) * K.s2, D);
+          }
           axpy4_into(out_row, p + jj, v0, v0 + V.s2, v0 + 2 * V.s2, v0 + 3 * V.s2, D);
         }
         for (; jj <= hi; ++jj) axpy_into(out_row, p[jj], v_rows + jj * V.s2, D);
@@ -277,6 +283,113 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Tiles of kFusedRows + 1 to kLaneRows query rows (short segments), float32 under AVX-512: the tile's rows are the
+// 16 lanes of a register, so a key's scores for every row are one vector. Per key block and batch: q' is transposed
+// once to [D, 16]; each 16 keys' scores are 16 accumulators, summed over d as broadcast(k[t][d]) * q'[d] (one load
+// per FMA, no reduction); the position term is gathered from the group's band GEMM (lane ii reads its own diagonal
+// column); the online softmax runs lane-wise over chunks of kLaneChunk keys; the output, transposed to [D, 16],
+// gains broadcast(v[t][d]) * p[t]. MKL's GEMMs for 16-row tiles ran at about 37% (q k^T) and 60% (p v) of the
+// FMA peak. Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and
+// v rows are prefetched a group of 16 keys at a time (all at once, the prefetches filled the line buffers and
+// stalled): side by side at L = 16, M = 1600 that took the tiles from 1.52x SDPA's time to 1.05x.
+constexpr int64_t kLaneRows = 16;
+constexpr int64_t kLaneChunk = 64;  // keys per softmax update: their scores, [kLaneChunk, 16], stay in L1
+
+// Scratch of lane_rows_block: q' and the output transposed ([D, 16] each), the chunk's scores [kLaneChunk, 16].
+inline int64_t lane_scratch_floats(int64_t D) { return 2 * D * 16 + kLaneChunk * 16; }
+
+// One key block of a tile of at most 16 rows for one batch: a.out, a.m, a.l updated as the BLAS path does.
+// pos holds the tile's rows of the group's position GEMM against band; k_rows, v_rows are the rows of key kb.j0.
+inline void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
+                            const PositionScores<float>& pos, const float* k_rows, int64_t k_stride,
+                            const float* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
+  const RelAttnShape& s = tile.s;
+  const int64_t D = s.D, bm = tile.bm, n = kb.j1 - kb.j0;
+  float* q_cols = scratch;            // [D, 16]
+  float* out_cols = q_cols + D * 16;  // [D, 16]
+  float* chunk = out_cols + D * 16;   // [kLaneChunk, 16]
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t ii = 0; ii < 16; ++ii) {
+      q_cols[d * 16 + ii] = ii < bm ? qu[ii * D + d] : 0.f;
+      out_cols[d * 16 + ii] = ii < bm ? a.out[ii * D + d] : 0.f;
+    }
+  }
+  const __mmask16 row_lanes = static_cast<__mmask16>((1u << bm) - 1);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = _mm512_mask_loadu_ps(minus_inf, row_lanes, a.m);
+  __m512 l = _mm512_maskz_loadu_ps(row_lanes, a.l);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // gather offsets: lane ii reads pos row ii, column min(top0 + ii - jj, R - 1) - d0
+  const __m512i lane_rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(pos.row_stride)));
+  const __m512i col_stride = _mm512_set1_epi32(static_cast<int>(pos.col_stride));
+  const __m512i last_col = _mm512_set1_epi32(static_cast<int>(s.R - 1 - band.d0));
+  const int64_t top0 = tile.row_top(kb, 0) - band.d0;
+  // key j is visible to lane ii when j - (M + i0) <= ii (causal) and ii <= j - (M + i0) + window - 1 (window)
+  const int64_t diag0 = kb.j0 - (s.M + tile.i0);
+  const int64_t window = s.window > 0 ? s.window : std::numeric_limits<int32_t>::max() / 2;
+
+  for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
+    const int64_t cn = std::min(kLaneChunk, n - c0);
+    for (int64_t t0 = 0; t0 < cn; t0 += 16) {
+      const int64_t tn = std::min<int64_t>(16, cn - t0);
+      // the next chunk's k and v rows, a group at a time between the FMAs (all at once, they filled the line
+      // buffers and stalled)
+      for (int64_t t = c0 + kLaneChunk + t0; t < std::min(n, c0 + kLaneChunk + t0 + 16); ++t) {
+        prefetch_row(k_rows + t * k_stride, D);
+        prefetch_row(v_rows + t * v_stride, D);
+      }
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      const float* k0 = k_rows + (c0 + t0) * k_stride;
+      if (tn == 16) {
+        lanes_dot<8>(q_cols, k0, k_stride, D, acc);
+        lanes_dot<8>(q_cols, k0 + 8 * k_stride, k_stride, D, acc + 8);
+      } else {
+        for (int64_t t = 0; t < tn; ++t) lanes_dot<1>(q_cols, k0 + t * k_stride, k_stride, D, acc + t);
+      }
+      for (int64_t t = 0; t < tn; ++t) {
+        const int64_t jj = c0 + t0 + t;
+        const __m512i diag = _mm512_set1_epi32(static_cast<int>(diag0 + jj));
+        const __mmask16 visible = row_lanes & _mm512_cmp_epi32_mask(diag, lane, _MM_CMPINT_LE) &
+                                  _mm512_cmp_epi32_mask(lane, _mm512_add_epi32(diag, _mm512_set1_epi32(
+                                                                  static_cast<int>(window - 1))), _MM_CMPINT_LE);
+        const __m512i col = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(top0 - jj)), lane),
+                                             last_col);
+        const __m512i offset = _mm512_add_epi32(lane_rows, _mm512_mullo_epi32(col, col_stride));
+        const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), visible, offset, pos.data, 4);
+        _mm512_store_ps(chunk + (t0 + t) * 16, _mm512_mask_add_ps(minus_inf, visible, acc[t], p));
+      }
+    }
+    // lane-wise online softmax over the chunk (a lane that has seen no key keeps m = -inf: its exponent base is 0)
+    __m512 m_new = m;
+    for (int64_t t = 0; t < cn; ++t) m_new = _mm512_max_ps(m_new, _mm512_load_ps(chunk + t * 16));
+    const __mmask16 seen = _mm512_cmp_ps_mask(m_new, minus_inf, _CMP_NEQ_OQ);
+    const __m512 base = _mm512_maskz_mov_ps(seen, m_new);
+    const __m512 alpha = _mm512_maskz_mov_ps(
+        _mm512_cmp_ps_mask(m, minus_inf, _CMP_NEQ_OQ),
+        static_cast<__m512>(Vectorized<float>(_mm512_sub_ps(m, base)).exp_u20()));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < cn; ++t) {
+      const __m512 e = Vectorized<float>(_mm512_sub_ps(_mm512_load_ps(chunk + t * 16), base)).exp_u20();
+      _mm512_store_ps(chunk + t * 16, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l = _mm512_fmadd_ps(l, alpha, sum);
+    m = m_new;
+    for (int64_t d = 0; d < D; ++d) _mm512_store_ps(out_cols + d * 16, _mm512_mul_ps(_mm512_load_ps(out_cols + d * 16), alpha));
+    const float* v0 = v_rows + c0 * v_stride;
+    int64_t t = 0;
+    for (; t + 8 <= cn; t += 8) lanes_axpy<8>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D);
+    for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D);
+  }
+  _mm512_mask_storeu_ps(a.m, row_lanes, m);
+  _mm512_mask_storeu_ps(a.l, row_lanes, l);
+  for (int64_t ii = 0; ii < bm; ++ii)
+    for (int64_t d = 0; d < D; ++d) a.out[ii * D + d] = out_cols[d * 16 + ii];
+}
+#endif
 
 // How the forward cuts its work: a task is one query block of one head, for a group of `group` batches (they
 // share one GEMM against the band's r rows, so r is read once per group), over one of `splits` ranges of key
@@ -321,7 +434,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   T* lse_data = lse.data_ptr<T>();
   const int64_t n_qblocks = (s.L + kBlockM - 1) / kBlockM;
   const ForwardPlan plan = forward_plan(s, n_qblocks);
-  const int64_t block_n = plan.block_n;
+  const int64_t block_n = std::min(plan.block_n, std::max<int64_t>(s.K, 1));  // no block is longer than K: tiles sized to it
   const auto blocks = key_blocks(s, block_n);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t splits = plan.splits;
@@ -337,7 +450,18 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     // does not allocate and clear tiles of kBlockM rows)
     const int64_t tile_rows = std::min(kBlockM, s.L), rows = plan.group * tile_rows;
     const bool fused = tile_rows <= kFusedRows;
-    std::vector<T> qu(rows * s.D), qv(rows * s.D), score(fused ? 0 : tile_rows * block_n);
+    // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
+    bool lanes = false;
+    std::vector<float> lane_scratch;
+    float* lane_buffer = nullptr;
+#if defined(CPU_CAPABILITY_AVX512)
+    lanes = std::is_same_v<T, float> && !fused && tile_rows <= kLaneRows;
+    if (lanes) {
+      lane_scratch.resize(lane_scratch_floats(s.D) + 16);
+      lane_buffer = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(lane_scratch.data()) + 63) & ~uintptr_t(63));
+    }
+#endif
+    std::vector<T> qu(rows * s.D), qv(rows * s.D), score(fused || lanes ? 0 : tile_rows * block_n);
     std::vector<T> pos(fused ? 0 : rows * band_columns(block_n));
     std::vector<T> m_own(rows), l_own(rows);
     std::vector<OnlineSoftmax<T>> acc(plan.group);
@@ -375,6 +499,15 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
         for (int64_t gb = 0; gb < nb; ++gb) {
           const int64_t b = b0 + gb;
           const OnlineSoftmax<T>& a = acc[gb];
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<T, float>) {
+            if (lanes) {
+              lane_rows_block(tile, kb, band, qu.data() + gb * bm * s.D, group_pos.rows_from(gb * bm),
+                              Kt.row(b, tile.g, kb.j0), Kt.s2, V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
+              continue;
+            }
+          }
+#endif
           tile.scores(kb, band, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2,
                       group_pos.rows_from(gb * bm), score.data());
           for (int64_t ii = 0; ii < bm; ++ii) {

@@ -196,6 +196,12 @@ inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* cons
   for (int t = 0; t < 16; ++t) out[t] = dot2(a, x[t], b, y[t], n);
 }
 
+// Asks for the cache lines of x[0, n) ahead of their use.
+template <typename T>
+inline void prefetch_row(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(x + i, 0, 2);
+}
+
 // y[i] += p[0] x0[i] + p[1] x1[i] + p[2] x2[i] + p[3] x3[i]: four rows of values into one output row.
 template <typename T>
 inline void axpy4_into(T* y, const T* p, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
@@ -220,6 +226,45 @@ inline void axpy_into(T* y, T p, const T* x, int64_t n) {
   for (; i + V::size() <= n; i += V::size()) at::vec::fmadd(vp, V::loadu(x + i), V::loadu(y + i)).store(y + i);
   for (; i < n; ++i) y[i] += p * x[i];
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane tiles: 16 query rows in the 16 lanes of a register (see lane_rows_block).
+// acc[t] = sum_d broadcast(rows[t][d]) * cols[d] for N rows at rows0 + t * stride (cols: [D, 16]).
+template <int N>
+inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int64_t D, __m512* acc) {
+  __m512 even[N], odd[N];
+  for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 2 <= D; d += 2) {
+    const __m512 c0 = _mm512_load_ps(cols + d * 16), c1 = _mm512_load_ps(cols + d * 16 + 16);
+    for (int t = 0; t < N; ++t) {
+      even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
+      odd[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d + 1]), c1, odd[t]);
+    }
+  }
+  if (d < D) {
+    const __m512 c0 = _mm512_load_ps(cols + d * 16);
+    for (int t = 0; t < N; ++t) even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
+  }
+  for (int t = 0; t < N; ++t) acc[t] = _mm512_add_ps(even[t], odd[t]);
+}
+
+// out[d] += sum_t p[t] * broadcast(rows[t][d]) for N rows at rows0 + t * stride (out: [D, 16]); two partial sums
+// per d halve the FMA chain.
+template <int N>
+inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t stride, int64_t D) {
+  __m512 pt[N];
+  for (int t = 0; t < N; ++t) pt[t] = _mm512_load_ps(p + t * 16);
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 even = _mm512_load_ps(out + d * 16), odd = _mm512_setzero_ps();
+    for (int t = 0; t < N; t += 2) {
+      even = _mm512_fmadd_ps(pt[t], _mm512_set1_ps(rows0[t * stride + d]), even);
+      if (t + 1 < N) odd = _mm512_fmadd_ps(pt[t + 1], _mm512_set1_ps(rows0[(t + 1) * stride + d]), odd);
+    }
+    _mm512_store_ps(out + d * 16, _mm512_add_ps(even, odd));
+  }
+}
+#endif
 
 // p[i] = p[i] * (dp[i] - delta): the softmax backward, in place on p.
 template <typename T>
