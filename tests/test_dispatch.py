@@ -1,4 +1,5 @@
-"""backend='auto': the CUDA choice recorded by the bench is what auto resolves to."""
+"""Dispatch: the CUDA choice recorded by the bench is what backend="auto" resolves to; inference calls skip the
+custom op."""
 
 import json
 
@@ -35,3 +36,32 @@ def test_cuda_backend_head_dim_limit_is_checked_before_launch(monkeypatch):
     monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: "no triton here")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     assert backends.resolve_backend("auto", torch.device("cuda"), torch.float16, 192) == "reference"
+
+
+def test_inference_calls_the_kernel_directly_and_training_the_custom_op(monkeypatch):
+    """Under no_grad (or with no input that requires grad) the public op calls the backend's kernel without the
+    custom op's dispatch; with grad it goes through the custom op, so autograd and torch.compile see one op."""
+    import importlib
+
+    import pytest
+
+    import memtx_ops
+    from helpers import Case, make_inputs
+
+    op_module = importlib.import_module("memtx_ops.ops.rel_memory_attention")
+
+    inputs = [t.detach() for t in make_inputs(Case(B=2, H=2, L=3, M=20, D=16), torch.float32)]
+    with_grad = [t.clone().requires_grad_() for t in inputs]
+    trained = memtx_ops.rel_memory_attention(*with_grad, backend="cpu")
+    assert trained.grad_fn is not None
+
+    def custom_op_called(*args):
+        raise AssertionError("the custom op ran for an inference call")
+
+    monkeypatch.setattr(op_module, "_rel_memory_attention_op", custom_op_called)
+    with torch.no_grad():
+        inferred = memtx_ops.rel_memory_attention(*with_grad, backend="cpu")
+    plain = memtx_ops.rel_memory_attention(*inputs, backend="cpu")  # grad enabled, nothing requires it
+    assert torch.equal(inferred, trained.detach()) and torch.equal(plain, inferred)
+    with pytest.raises(AssertionError, match="custom op ran"):
+        memtx_ops.rel_memory_attention(*with_grad, backend="cpu")

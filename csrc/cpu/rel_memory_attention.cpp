@@ -224,7 +224,7 @@ struct OnlineSoftmax {
 // 1.53x; L = 8 1.68x / 1.40x / 1.41x; L = 16 1.88x / 1.03x / 1.34x; L = 64 BLAS 1.13x, lane tiles 1.19x.
 constexpr int64_t kFusedRows = 4;
 // Keys per chunk of fused_key_block: its probabilities (a stack row) stay in L1 from the scoring to the
-// accumulation; its k rows (32 KB at D = 64) stay in L2 for a tile's second row, its r rows for every batch.
+// accumulation; its k rows (32 KB at D = 64) stay in L2 for the tile's other rows, its r rows for every batch.
 constexpr int64_t kFusedChunk = 128;
 
 // One key block of a tile of few query rows (decoding), fused in one pass over the keys: for each chunk of keys,
