@@ -137,12 +137,14 @@ def test_short_query_tiles_match_reference(case, dtype, strided):
     Case(B=4, H=2, L=16, M=2500, D=16, mem_offset=7),  # long key blocks of 4096 for 16 query rows
     Case(B=5, H=2, L=64, M=300, D=16, window=200),  # groups of 128 query rows (2 batches), the last one short
 ], ids=str)
-def test_short_queries_every_work_split(case, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_short_queries_every_work_split(case, threads, dtype):
     """The forward's plan (whole batch groups, smaller groups, split-K) depends on the thread count; every plan
-    gives the float64 reference, and the backward (from the forward's lse) too."""
+    gives the float64 reference, and the backward (from the forward's lse) too, with each kind of tile (float32
+    takes the lane tiles at 5 to 16 rows)."""
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        assert_matches_reference(cpu_attention, case, torch.float64)
+        assert_matches_reference(cpu_attention, case, dtype)
     finally:
         torch.set_num_threads(previous)

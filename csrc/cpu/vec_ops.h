@@ -196,7 +196,7 @@ inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* cons
   for (int t = 0; t < 16; ++t) out[t] = dot2(a, x[t], b, y[t], n);
 }
 
-// Asks for the cache lines of x[0, n) ahead of their use, into L2 (prefetcht1: into L1, they stalled more often).
+// Asks for the cache lines of x[0, n) ahead of their use, into L2 (prefetcht1; prefetcht0, into L1, measured slower).
 template <typename T>
 inline void prefetch_row(const T* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(x + i, 0, 2);
