@@ -141,7 +141,9 @@ def rel_memory_attention(
     the ``window`` most recent keys, ``mem_offset`` adds distance to memory keys. -> ``[B, H, L, D]``.
 
     ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
-    "triton" or "cuda". Differentiable in every tensor argument but ``kv_head_index``.
+    "triton" or "cuda". Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
+    gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` runs the backend's
+    kernel directly, without the custom op's dispatch (decoding, evaluation).
     """
     check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend)
     backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
