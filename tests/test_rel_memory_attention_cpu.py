@@ -117,6 +117,8 @@ SHORT_QUERY_CASES = [
     Case(B=1, H=2, L=16, M=4200, D=32, window=4150, mem_offset=5),  # two key blocks, the first one half seen
     Case(B=1, H=2, L=5, M=40, D=128, window=2, R=30),
     Case(B=2, H=2, L=12, M=90, D=24, R=40),  # the clamp under the lane tiles: distances >= 39 read row 39
+    Case(B=2, H=2, L=8, M=100, D=256),  # the largest head dim
+    Case(B=1, H=2, L=12, M=50, D=1),
 ]
 
 
