@@ -216,6 +216,17 @@ struct OnlineSoftmax {
   T* out;  // [bm, D]
   T* m;    // [bm]
   T* l;    // [bm]
+
+  // Row ii takes the scores x[0, n) of its visible keys: x becomes exp(x - new max), their sum joins l and the
+  // output row out[ii] (D wide) is rescaled to the new max.
+  void absorb(int64_t ii, T* x, int64_t n, int64_t D) const {
+    const T m_new = std::max(m[ii], row_max(x, n));
+    const T sum = exp_sub_sum(x, m_new, n);
+    const T alpha = std::exp(m[ii] - m_new);
+    l[ii] = l[ii] * alpha + sum;
+    m[ii] = m_new;
+    if (alpha != T(1)) scale_inplace(out + ii * D, alpha, D);
+  }
 };
 
 // Query rows of a tile, at most, that the forward streams key by key (fused_key_block); more rows, up to kLaneRows,
@@ -263,14 +274,8 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
           dot2_rows16(qu_row, k16, qv_row, r16, D, p + jj);
         }
         for (; jj <= hi; ++jj) p[jj] = dot2(qu_row, k_rows + jj * K.s2, qv_row, r_row(jj), D);
-        const int64_t n = hi - lo + 1;
-        const T m_new = std::max(a.m[ii], row_max(p + lo, n));
-        const T sum = exp_sub_sum(p + lo, m_new, n);
-        const T alpha = std::exp(a.m[ii] - m_new);
-        a.l[ii] = a.l[ii] * alpha + sum;
-        a.m[ii] = m_new;
+        a.absorb(ii, p + lo, hi - lo + 1, D);
         T* out_row = a.out + ii * D;
-        if (alpha != T(1)) scale_inplace(out_row, alpha, D);
         for (jj = lo; jj + 4 <= hi + 1; jj += 4) {
           const T* v0 = v_rows + jj * V.s2;
           if (c0 + kFusedChunk < kb.j1 && ii + 1 == bm) {  // the next chunk's k rows, while v streams
@@ -297,7 +302,11 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
 constexpr int64_t kLaneRows = 16;
 constexpr int64_t kLaneChunk = 64;  // keys per softmax update: their scores, [kLaneChunk, 16], stay in L1
 
-// Scratch of lane_rows_block: q' and the output transposed ([D, 16] each), the chunk's scores [kLaneChunk, 16].
+// Scratch of lane_rows_block, in 64-byte aligned rows of 16 floats (its aligned loads and stores): q' and the output
+// transposed ([D, 16] each), the chunk's scores [kLaneChunk, 16].
+struct alignas(64) LaneRow {
+  float v[16];
+};
 inline int64_t lane_scratch_floats(int64_t D) { return 2 * D * 16 + kLaneChunk * 16; }
 
 // One key block of a tile of at most 16 rows for one batch: a.out, a.m, a.l updated as the BLAS path does.
@@ -450,16 +459,11 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     // does not allocate and clear tiles of kBlockM rows)
     const int64_t tile_rows = std::min(kBlockM, s.L), rows = plan.group * tile_rows;
     const bool fused = tile_rows <= kFusedRows;
-    // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
-    bool lanes = false;
-    std::vector<float> lane_scratch;
-    float* lane_buffer = nullptr;
+    bool lanes = false;  // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
 #if defined(CPU_CAPABILITY_AVX512)
     lanes = std::is_same_v<T, float> && !fused && tile_rows <= kLaneRows;
-    if (lanes) {
-      lane_scratch.resize(lane_scratch_floats(s.D) + 16);
-      lane_buffer = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(lane_scratch.data()) + 63) & ~uintptr_t(63));
-    }
+    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_floats(s.D) / 16 : 0);
+    float* lane_buffer = lane_scratch.empty() ? nullptr : lane_scratch.front().v;
 #endif
     std::vector<T> qu(rows * s.D), qv(rows * s.D), score(fused || lanes ? 0 : tile_rows * block_n);
     std::vector<T> pos(fused ? 0 : rows * band_columns(block_n));
@@ -518,13 +522,8 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
               std::fill(row, row + n, T(0));
               continue;
             }
-            const T m_new = std::max(a.m[ii], row_max(row + lo, hi - lo + 1));
-            const T sum = exp_sub_sum(row + lo, m_new, hi - lo + 1);
+            a.absorb(ii, row + lo, hi - lo + 1, s.D);
             zero_outside(row, lo, hi, n);
-            const T alpha = std::exp(a.m[ii] - m_new);
-            a.l[ii] = a.l[ii] * alpha + sum;
-            a.m[ii] = m_new;
-            if (alpha != T(1)) scale_inplace(a.out + ii * s.D, alpha, s.D);
           }
           gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
                   s.D);

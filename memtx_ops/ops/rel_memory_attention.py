@@ -154,13 +154,14 @@ def rel_memory_attention(
             q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
         )
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
+    compiling = torch.compiler.is_compiling()
     if kv_head_index is None:
         kv_head_index = (reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
-                         if torch.compiler.is_compiling() else _default_kv_heads(q.shape[1], k.shape[1], q.device))
+                         if compiling else _default_kv_heads(q.shape[1], k.shape[1], q.device))
     q, k, v, r = (unit_last_stride(t) for t in (q, k, v, r))
     args = (q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous(),
             window or 0, mem_offset, float(scale))
-    if not torch.compiler.is_compiling() and not (
+    if not compiling and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r, u, vb))):
         # Inference (decoding, evaluation): nothing to differentiate or trace, so the backend's kernel is called
         # directly. The custom op's dispatch costs about 0.1 ms a call here, 15% of a decoding step at M = 640.
