@@ -297,8 +297,10 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
 // column); the online softmax runs lane-wise over chunks of kLaneChunk keys; the output, transposed to [D, 16],
 // gains broadcast(v[t][d]) * p[t]. MKL's GEMMs for 16-row tiles ran at about 37% (q k^T) and 60% (p v) of the
 // FMA peak. Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and
-// v rows are prefetched a group of 16 keys at a time (all at once, the prefetches filled the line buffers and
-// stalled): side by side at L = 16, M = 1600 that took the tiles from 1.52x SDPA's time to 1.05x.
+// v rows are prefetched, one line per pair of d between the FMAs that use the matching rows of this chunk
+// (LinePrefetcher): side by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16
+// keys 1.05x (the samples sat on the prefetches: they filled the line fill buffers), spread ones 0.88x; at M = 640,
+// 1.26x and 1.12x for the last two.
 constexpr int64_t kLaneRows = 16;
 constexpr int64_t kLaneChunk = 64;  // keys per softmax update: their scores, [kLaneChunk, 16], stay in L1
 
@@ -339,24 +341,28 @@ inline void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, co
   const int64_t diag0 = kb.j0 - (s.M + tile.i0);
   const int64_t window = s.window > 0 ? s.window : std::numeric_limits<int32_t>::max() / 2;
 
+  // The 8 rows of the next chunk that match rows [row, row + 8) of this one, prefetched while these are used.
+  const auto next_chunk_rows = [&](const float* rows, int64_t stride, int64_t row) {
+    const int64_t next = row + kLaneChunk;
+    if (next >= n) return LinePrefetcher();
+    return LinePrefetcher(rows + next * stride, stride * static_cast<int64_t>(sizeof(float)),
+                          D * static_cast<int64_t>(sizeof(float)), std::min<int64_t>(n - next, 8));
+  };
   for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
     const int64_t cn = std::min(kLaneChunk, n - c0);
     for (int64_t t0 = 0; t0 < cn; t0 += 16) {
       const int64_t tn = std::min<int64_t>(16, cn - t0);
-      // the next chunk's k and v rows, a group at a time between the FMAs (all at once, they filled the line
-      // buffers and stalled)
-      for (int64_t t = c0 + kLaneChunk + t0; t < std::min(n, c0 + kLaneChunk + t0 + 16); ++t) {
-        prefetch_row(k_rows + t * k_stride, D);
-        prefetch_row(v_rows + t * v_stride, D);
-      }
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
       const float* k0 = k_rows + (c0 + t0) * k_stride;
       if (tn == 16) {
-        lanes_dot<8>(q_cols, k0, k_stride, D, acc);
-        lanes_dot<8>(q_cols, k0 + 8 * k_stride, k_stride, D, acc + 8);
+        for (int half = 0; half < 2; ++half) {
+          LinePrefetcher next_k = next_chunk_rows(k_rows, k_stride, c0 + t0 + 8 * half);
+          lanes_dot<8>(q_cols, k0 + 8 * half * k_stride, k_stride, D, acc + 8 * half, next_k);
+        }
       } else {
-        for (int64_t t = 0; t < tn; ++t) lanes_dot<1>(q_cols, k0 + t * k_stride, k_stride, D, acc + t);
+        LinePrefetcher none;
+        for (int64_t t = 0; t < tn; ++t) lanes_dot<1>(q_cols, k0 + t * k_stride, k_stride, D, acc + t, none);
       }
       for (int64_t t = 0; t < tn; ++t) {
         const int64_t jj = c0 + t0 + t;
@@ -390,8 +396,12 @@ inline void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, co
     for (int64_t d = 0; d < D; ++d) _mm512_store_ps(out_cols + d * 16, _mm512_mul_ps(_mm512_load_ps(out_cols + d * 16), alpha));
     const float* v0 = v_rows + c0 * v_stride;
     int64_t t = 0;
-    for (; t + 8 <= cn; t += 8) lanes_axpy<8>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D);
-    for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D);
+    for (; t + 8 <= cn; t += 8) {
+      LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0 + t);
+      lanes_axpy<8>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D, next_v);
+    }
+    LinePrefetcher none;
+    for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D, none);
   }
   _mm512_mask_storeu_ps(a.m, row_lanes, m);
   _mm512_mask_storeu_ps(a.l, row_lanes, l);

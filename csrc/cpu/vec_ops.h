@@ -229,13 +229,43 @@ inline void axpy_into(T* y, T p, const T* x, int64_t n) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Lane tiles: 16 query rows in the 16 lanes of a register (see lane_rows_block).
-// acc[t] = sum_d broadcast(rows[t][d]) * cols[d] for N rows at rows0 + t * stride (cols: [D, 16]).
+// The cache lines of `rows` rows (`row_bytes` each, `stride_bytes` apart), asked for one line per step() into L2
+// (prefetcht1): the lane tiles spread the next chunk's prefetches between their FMAs. Issued in bursts, software
+// prefetches fill the line fill buffers and stall the FMAs behind them.
+class LinePrefetcher {
+ public:
+  LinePrefetcher() = default;
+  LinePrefetcher(const void* row, int64_t stride_bytes, int64_t row_bytes, int64_t rows)
+      : row_(static_cast<const char*>(row)), stride_(stride_bytes), lines_per_row_((row_bytes + 63) / 64),
+        rows_left_(rows) {}
+  void step() {
+    if (rows_left_ <= 0) return;
+    __builtin_prefetch(row_ + 64 * line_, 0, 2);
+    if (++line_ == lines_per_row_) {
+      line_ = 0;
+      row_ += stride_;
+      --rows_left_;
+    }
+  }
+  void finish() {
+    while (rows_left_ > 0) step();
+  }
+
+ private:
+  const char* row_ = nullptr;
+  int64_t stride_ = 0, lines_per_row_ = 1, line_ = 0, rows_left_ = 0;
+};
+
+// acc[t] = sum_d broadcast(rows[t][d]) * cols[d] for N rows at rows0 + t * stride (cols: [D, 16]); one line of pf
+// per pair of d.
 template <int N>
-inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int64_t D, __m512* acc) {
+inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int64_t D, __m512* acc,
+                      LinePrefetcher& pf) {
   __m512 even[N], odd[N];
   for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 2 <= D; d += 2) {
+    pf.step();
     const __m512 c0 = _mm512_load_ps(cols + d * 16), c1 = _mm512_load_ps(cols + d * 16 + 16);
     for (int t = 0; t < N; ++t) {
       even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
@@ -246,16 +276,18 @@ inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int
     const __m512 c0 = _mm512_load_ps(cols + d * 16);
     for (int t = 0; t < N; ++t) even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
   }
+  pf.finish();
   for (int t = 0; t < N; ++t) acc[t] = _mm512_add_ps(even[t], odd[t]);
 }
 
 // out[d] += sum_t p[t] * broadcast(rows[t][d]) for N rows at rows0 + t * stride (out: [D, 16]); two partial sums
-// per d halve the FMA chain.
+// per d halve the FMA chain; one line of pf per pair of d.
 template <int N>
-inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t stride, int64_t D) {
+inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t stride, int64_t D, LinePrefetcher& pf) {
   __m512 pt[N];
   for (int t = 0; t < N; ++t) pt[t] = _mm512_load_ps(p + t * 16);
   for (int64_t d = 0; d < D; ++d) {
+    if (d & 1) pf.step();
     __m512 even = _mm512_load_ps(out + d * 16), odd = _mm512_setzero_ps();
     for (int t = 0; t < N; t += 2) {
       even = _mm512_fmadd_ps(pt[t], _mm512_set1_ps(rows0[t * stride + d]), even);
@@ -263,6 +295,7 @@ inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t s
     }
     _mm512_store_ps(out + d * 16, _mm512_add_ps(even, odd));
   }
+  pf.finish();
 }
 #endif
 
