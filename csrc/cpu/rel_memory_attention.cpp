@@ -147,28 +147,26 @@ struct QueryTile {
     return {pos, band_stride(), 1};
   }
 
-  // score [bm, block_n] = (q+u)'k^T, plus the position term pos (bm rows of this tile) read along each row's
-  // diagonal, on the visible keys of each row. qu are the scaled biased queries [bm, D].
-  void scores(const KeyBlock& kb, const Band& band, const T* qu, const T* k_rows, int64_t k_stride,
-              const PositionScores<T>& pos, T* score) const {
-    const int64_t n = kb.j1 - kb.j0;
-    gemm<T>(false, true, bm, n, s.D, T(1), qu, s.D, k_rows, k_stride, T(0), score, block_n);
-    for (int64_t ii = 0; ii < bm; ++ii) {
-      int64_t lo, hi;
-      visible_range(kb, ii, lo, hi);
-      if (lo > hi) continue;
-      T* row = score + ii * block_n;
-      const int64_t split = std::min(hi, clamped_until(kb, ii));
-      const T clamped = pos.at(ii, s.R - 1 - band.d0 < band.cols ? s.R - 1 - band.d0 : 0);
-      for (int64_t jj = lo; jj <= split; ++jj) row[jj] += clamped;
-      const int64_t top = row_top(kb, ii) - band.d0;  // column of key jj: top - jj
-      const T* p = pos.data + ii * pos.row_stride;
-      const int64_t first = std::max(lo, split + 1);
-      if (pos.col_stride == 1) {
-        if (first <= hi) add_reversed_into(row + first, p + top - first, hi - first + 1);
-      } else {
-        for (int64_t jj = first; jj <= hi; ++jj) row[jj] += p[(top - jj) * pos.col_stride];
-      }
+  // score [bm, block_n] = (q+u)'k^T on every key of kb; qu are the scaled biased queries [bm, D]. Each row then
+  // gains its position term (add_position) just before its softmax, while it is in L1.
+  void content_scores(const KeyBlock& kb, const T* qu, const T* k_rows, int64_t k_stride, T* score) const {
+    gemm<T>(false, true, bm, kb.j1 - kb.j0, s.D, T(1), qu, s.D, k_rows, k_stride, T(0), score, block_n);
+  }
+
+  // Score row ii gains the position term pos (the tile's rows) read along its diagonal, on its visible keys [lo, hi]
+  // (visible_range; lo <= hi).
+  void add_position(const KeyBlock& kb, const Band& band, const PositionScores<T>& pos, int64_t ii, int64_t lo,
+                    int64_t hi, T* row) const {
+    const int64_t split = std::min(hi, clamped_until(kb, ii));
+    const T clamped = pos.at(ii, s.R - 1 - band.d0 < band.cols ? s.R - 1 - band.d0 : 0);
+    for (int64_t jj = lo; jj <= split; ++jj) row[jj] += clamped;
+    const int64_t top = row_top(kb, ii) - band.d0;  // column of key jj: top - jj
+    const T* p = pos.data + ii * pos.row_stride;
+    const int64_t first = std::max(lo, split + 1);
+    if (pos.col_stride == 1) {
+      if (first <= hi) add_reversed_into(row + first, p + top - first, hi - first + 1);
+    } else {
+      for (int64_t jj = first; jj <= hi; ++jj) row[jj] += p[(top - jj) * pos.col_stride];
     }
   }
 
@@ -522,8 +520,8 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
             }
           }
 #endif
-          tile.scores(kb, band, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2,
-                      group_pos.rows_from(gb * bm), score.data());
+          tile.content_scores(kb, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2, score.data());
+          const PositionScores<T> batch_pos = group_pos.rows_from(gb * bm);
           for (int64_t ii = 0; ii < bm; ++ii) {
             T* row = score.data() + ii * block_n;
             int64_t lo, hi;
@@ -532,6 +530,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
               std::fill(row, row + n, T(0));
               continue;
             }
+            tile.add_position(kb, band, batch_pos, ii, lo, hi, row);
             a.absorb(ii, row + lo, hi - lo + 1, s.D);
             zero_outside(row, lo, hi, n);
           }
@@ -635,13 +634,16 @@ void backward_impl(const RelAttnShape& s, const at::Tensor& grad_out, const at::
               const Band band = tile.band(kb);
               // band_rows holds the position term here, then the folded dS below
               const PositionScores<T> pos = tile.position(band, qv.data(), bm, r_head, r.stride(1), band_rows.data());
-              tile.scores(kb, band, qu.data(), k_rows, Kt.s2, pos, score.data());
+              tile.content_scores(kb, qu.data(), k_rows, Kt.s2, score.data());
               // score <- probabilities (zero where masked)
               int64_t lo[kBlockM], hi[kBlockM];
               for (int64_t ii = 0; ii < bm; ++ii) {
                 T* row = score.data() + ii * kBlockN;
                 tile.visible_range(kb, ii, lo[ii], hi[ii]);
-                if (lo[ii] <= hi[ii]) exp_sub_sum(row + lo[ii], lse_rows[ii], hi[ii] - lo[ii] + 1);
+                if (lo[ii] <= hi[ii]) {
+                  tile.add_position(kb, band, pos, ii, lo[ii], hi[ii], row);
+                  exp_sub_sum(row + lo[ii], lse_rows[ii], hi[ii] - lo[ii] + 1);
+                }
                 zero_outside(row, lo[ii], hi[ii], n);
               }
               // dv += P^T dO;  dP = dO v^T;  score <- dS = P * (dP - delta)
