@@ -119,6 +119,13 @@ SHORT_QUERY_CASES = [
     Case(B=2, H=2, L=12, M=90, D=24, R=40),  # the clamp under the lane tiles: distances >= 39 read row 39
     Case(B=2, H=2, L=8, M=100, D=256),  # the largest head dim
     Case(B=1, H=2, L=12, M=50, D=1),
+    # lane tiles of two to four registers (17 to 64 rows; longer segments in tiles of 64)
+    Case(B=2, H=2, L=17, M=120, D=64),  # two registers, the second one holds one row
+    Case(B=2, H=4, Hk=2, L=40, M=77, D=41, window=60, mem_offset=30, kv_head_index=(1, 0, 0, 1), R=90),
+    Case(B=1, H=2, L=100, M=70, D=24, R=50),  # a tile of 64 rows, then one of 36 in four registers; the clamp
+    Case(B=2, H=2, L=64, M=300, D=128),
+    Case(B=1, H=2, L=33, M=10, D=1),  # fewer dims than a block of output columns
+    Case(B=2, H=2, L=48, M=0, D=7, window=20),  # three registers, blocks of 5 dims and a tail of 2
 ]
 
 

@@ -15,8 +15,9 @@
 // range keeps its own running max, sum and unnormalised output, merged by their log-sum-exp at the end. Each
 // key, value and r row is then read once per (batch, head). Tiles of few query rows skip BLAS for the content and
 // value products, whose setup and packing cost as much as the work there: up to 4 rows (decoding), fused_key_block
-// scores, exponentiates and accumulates key by key; up to 16 (short segments, float32 under AVX-512),
-// lane_rows_block holds a key's scores for every row in one vector and streams k and v with software prefetch.
+// scores, exponentiates and accumulates key by key. Float32 tiles of more rows, under AVX-512, run as lane tiles
+// (lane_rows_block): a key's scores for the tile's up to 64 rows are up to four vectors, and k and v stream with
+// software prefetch. The BLAS tiles serve float64 and builds without AVX-512.
 //
 // Scratch is a few tiles per thread (and, with split-K, one [bm, D] partial per range), plus one [Hk, R, D] partial
 // of dr per batch chunk in the backward: nothing L x K.
@@ -227,10 +228,12 @@ struct OnlineSoftmax {
   }
 };
 
-// Query rows of a tile, at most, that the forward streams key by key (fused_key_block); more rows, up to kLaneRows,
-// take lane tiles (float32, AVX-512), then BLAS tiles. Measured side by side (B=8 H=8 M=1600 D=64, time over SDPA's,
-// key by key / lane tiles / BLAS): L = 1 0.96x / 2.2x / 1.16x; L = 2 1.39x / 2.4x / 1.38x; L = 4 1.35x / 1.72x /
-// 1.53x; L = 8 1.68x / 1.40x / 1.41x; L = 16 1.88x / 1.03x / 1.34x; L = 64 BLAS 1.13x, lane tiles 1.19x.
+// Query rows of a tile, at most, that the forward streams key by key (fused_key_block); more rows take lane tiles
+// (float32, AVX-512), else BLAS tiles. Measured side by side (B=8 H=8 M=1600 D=64, time over SDPA's, key by key /
+// lane tiles / BLAS): L = 1 0.96x / 2.2x / 1.16x; L = 2 1.39x / 2.4x / 1.38x; L = 4 1.35x / 1.72x / 1.53x; L = 8
+// 1.68x / 1.40x / 1.41x; L = 16 1.88x / 1.03x / 1.34x. Lane tiles of several registers against BLAS tiles (bench
+// harness, one process each): L = 24 1.04x / 1.23x, L = 32 0.95x / 1.23x, L = 48 1.01x / 1.15x, L = 64 M = 640 1.19x /
+// 1.23x, L = 64 M = 3800 0.93x / 1.09x, L = 128 1.10x / 1.27x, L = 512 M = 512 1.07x / 1.15x.
 constexpr int64_t kFusedRows = 4;
 // Keys per chunk of fused_key_block: its probabilities (a stack row) stay in L1 from the scoring to the
 // accumulation; its k rows (32 KB at D = 64) stay in L2 for the tile's other rows, its r rows for every batch.
@@ -288,123 +291,166 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Tiles of kFusedRows + 1 to kLaneRows query rows (short segments), float32 under AVX-512: the tile's rows are the
-// 16 lanes of a register, so a key's scores for every row are one vector. Per key block and batch: q' is transposed
-// once to [D, 16]; each 16 keys' scores are 16 accumulators, summed over d as broadcast(k[t][d]) * q'[d] (one load
-// per FMA, no reduction); the position term is gathered from the group's band GEMM (lane ii reads its own diagonal
-// column); the online softmax runs lane-wise over chunks of kLaneChunk keys; the output, transposed to [D, 16],
-// gains broadcast(v[t][d]) * p[t]. MKL's GEMMs for 16-row tiles ran at about 37% (q k^T) and 60% (p v) of the
-// FMA peak. Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and
-// v rows are prefetched, one line per pair of d between the FMAs that use the matching rows of this chunk
-// (LinePrefetcher): side by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16
-// keys 1.05x (the samples sat on the prefetches: they filled the line fill buffers), spread ones 0.88x; at M = 640,
-// 1.26x and 1.12x for the last two.
-constexpr int64_t kLaneRows = 16;
-constexpr int64_t kLaneChunk = 64;  // keys per softmax update: their scores, [kLaneChunk, 16], stay in L1
+// Tiles of more than kFusedRows query rows, float32 under AVX-512: the tile's rows are the lanes of R registers (R =
+// 1 to 4, 16 rows each), so a key's scores for every row are R vectors. Per key block and batch: q' is transposed
+// once to [D, 16 R]; the scores of a group of keys are 16 accumulators, summed over d as broadcast(k[t][d]) * q'[d]
+// (no reduction, no packing of k; with R registers one broadcast feeds R FMAs); the position term is gathered from
+// the group's band GEMM (lane ii reads its own diagonal column); the online softmax runs lane-wise over chunks of
+// kLaneChunk keys; the output, transposed to [D, 16 R], gains broadcast(v[t][d]) * p[t] (with R > 1, a block of
+// 16 / R output columns held in registers over the chunk's keys). MKL's GEMMs for 16-row tiles ran at about 37%
+// (q k^T) and 60% (p v) of the FMA peak, and packed k on every 64-row tile (a tenth of the time at L = 64).
+// Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and v rows
+// are prefetched a line at a time between the FMAs that use the matching rows of this chunk (LinePrefetcher): side
+// by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16 keys 1.05x (the
+// samples sat on the prefetches: they filled the line fill buffers), spread ones 0.88x; at M = 640, 1.26x and 1.12x
+// for the last two.
+constexpr int64_t kLaneMaxRows = 64;  // rows of a lane tile, at most: four registers
+constexpr int64_t kLaneChunk = 64;    // keys per softmax update: their scores, [kLaneChunk, 16 R], stay in L1
 
 // Scratch of lane_rows_block, in 64-byte aligned rows of 16 floats (its aligned loads and stores): q' and the output
-// transposed ([D, 16] each), the chunk's scores [kLaneChunk, 16].
+// transposed ([D, 16 R] each), the chunk's scores [kLaneChunk, 16 R].
 struct alignas(64) LaneRow {
   float v[16];
 };
-inline int64_t lane_scratch_floats(int64_t D) { return 2 * D * 16 + kLaneChunk * 16; }
+inline int64_t lane_scratch_rows(int64_t D, int64_t R) { return (2 * D + kLaneChunk) * R; }
 
-// One key block of a tile of at most 16 rows for one batch: a.out, a.m, a.l updated as the BLAS path does.
-// pos holds the tile's rows of the group's position GEMM against band; k_rows, v_rows are the rows of key kb.j0.
-inline void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
-                            const PositionScores<float>& pos, const float* k_rows, int64_t k_stride,
-                            const float* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
+// One key block of a tile of at most 16 R rows (R registers of lanes) for one batch: a.out, a.m, a.l updated as the
+// BLAS path does. pos holds the tile's rows of the group's position GEMM against band; k_rows, v_rows are the rows of
+// key kb.j0.
+template <int R>
+void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
+                     const PositionScores<float>& pos, const float* k_rows, int64_t k_stride, const float* v_rows,
+                     int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
+  constexpr int W = 16 * R;                    // lanes: the tile's rows
+  constexpr int kCallKeys = R == 1 ? 8 : 16 / R;  // keys per lanes_dot / lanes_axpy call: at most 16 accumulators
+  constexpr int kGroupKeys = R == 1 ? 16 : kCallKeys;  // keys scored between two gathers
   const RelAttnShape& s = tile.s;
   const int64_t D = s.D, bm = tile.bm, n = kb.j1 - kb.j0;
-  float* q_cols = scratch;            // [D, 16]
-  float* out_cols = q_cols + D * 16;  // [D, 16]
-  float* chunk = out_cols + D * 16;   // [kLaneChunk, 16]
+  float* q_cols = scratch;           // [D, W]
+  float* out_cols = q_cols + D * W;  // [D, W]
+  float* chunk = out_cols + D * W;   // [kLaneChunk, W]
   for (int64_t d = 0; d < D; ++d) {
-    for (int64_t ii = 0; ii < 16; ++ii) {
-      q_cols[d * 16 + ii] = ii < bm ? qu[ii * D + d] : 0.f;
-      out_cols[d * 16 + ii] = ii < bm ? a.out[ii * D + d] : 0.f;
+    for (int64_t ii = 0; ii < W; ++ii) {
+      q_cols[d * W + ii] = ii < bm ? qu[ii * D + d] : 0.f;
+      out_cols[d * W + ii] = ii < bm ? a.out[ii * D + d] : 0.f;
     }
   }
-  const __mmask16 row_lanes = static_cast<__mmask16>((1u << bm) - 1);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m = _mm512_mask_loadu_ps(minus_inf, row_lanes, a.m);
-  __m512 l = _mm512_maskz_loadu_ps(row_lanes, a.l);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  // gather offsets: lane ii reads pos row ii, column min(top0 + ii - jj, R - 1) - d0
-  const __m512i lane_rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(pos.row_stride)));
-  const __m512i col_stride = _mm512_set1_epi32(static_cast<int>(pos.col_stride));
-  const __m512i last_col = _mm512_set1_epi32(static_cast<int>(s.R - 1 - band.d0));
   const int64_t top0 = tile.row_top(kb, 0) - band.d0;
-  // key j is visible to lane ii when j - (M + i0) <= ii (causal) and ii <= j - (M + i0) + window - 1 (window)
+  // key j is visible to row ii when j - (M + i0) <= ii (causal) and ii <= j - (M + i0) + window - 1 (window)
   const int64_t diag0 = kb.j0 - (s.M + tile.i0);
   const int64_t window = s.window > 0 ? s.window : std::numeric_limits<int32_t>::max() / 2;
+  // per register r: its rows 16 r + lane, which of them the tile holds, their running max and sum, and the gather
+  // offsets of their pos rows (row ii reads column min(top0 + ii - jj, R - 1) - d0)
+  __m512i rows[R], pos_rows[R];
+  __mmask16 row_lanes[R];
+  __m512 m[R], l[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * r));
+    row_lanes[r] = _mm512_cmp_epi32_mask(rows[r], _mm512_set1_epi32(static_cast<int>(bm)), _MM_CMPINT_LT);
+    pos_rows[r] = _mm512_mullo_epi32(rows[r], _mm512_set1_epi32(static_cast<int>(pos.row_stride)));
+    m[r] = _mm512_mask_loadu_ps(minus_inf, row_lanes[r], a.m + 16 * r);
+    l[r] = _mm512_maskz_loadu_ps(row_lanes[r], a.l + 16 * r);
+  }
+  const __m512i col_stride = _mm512_set1_epi32(static_cast<int>(pos.col_stride));
+  const __m512i last_col = _mm512_set1_epi32(static_cast<int>(s.R - 1 - band.d0));
 
-  // The 8 rows of the next chunk that match rows [row, row + 8) of this one, prefetched while these are used.
-  const auto next_chunk_rows = [&](const float* rows, int64_t stride, int64_t row) {
+  // The kCallKeys rows of the next chunk that match rows [row, row + kCallKeys) of this one, prefetched while these
+  // are used.
+  const auto next_chunk_rows = [&](const float* base, int64_t stride, int64_t row, int64_t count) {
     const int64_t next = row + kLaneChunk;
     if (next >= n) return LinePrefetcher();
-    return LinePrefetcher(rows + next * stride, stride * static_cast<int64_t>(sizeof(float)),
-                          D * static_cast<int64_t>(sizeof(float)), std::min<int64_t>(n - next, 8));
+    return LinePrefetcher(base + next * stride, stride * static_cast<int64_t>(sizeof(float)),
+                          D * static_cast<int64_t>(sizeof(float)), std::min(n - next, count));
   };
+  LinePrefetcher none;
   for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
     const int64_t cn = std::min(kLaneChunk, n - c0);
-    for (int64_t t0 = 0; t0 < cn; t0 += 16) {
-      const int64_t tn = std::min<int64_t>(16, cn - t0);
-      __m512 acc[16];
-      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < cn; t0 += kGroupKeys) {
+      const int64_t tn = std::min<int64_t>(kGroupKeys, cn - t0);
+      __m512 acc[kGroupKeys * R];
       const float* k0 = k_rows + (c0 + t0) * k_stride;
-      if (tn == 16) {
-        for (int half = 0; half < 2; ++half) {
-          LinePrefetcher next_k = next_chunk_rows(k_rows, k_stride, c0 + t0 + 8 * half);
-          lanes_dot<8>(q_cols, k0 + 8 * half * k_stride, k_stride, D, acc + 8 * half, next_k);
+      if (tn == kGroupKeys) {
+        for (int part = 0; part < kGroupKeys / kCallKeys; ++part) {
+          LinePrefetcher next_k = next_chunk_rows(k_rows, k_stride, c0 + t0 + part * kCallKeys, kCallKeys);
+          lanes_dot<kCallKeys, R>(q_cols, k0 + part * kCallKeys * k_stride, k_stride, D, acc + part * kCallKeys * R,
+                                  next_k);
         }
       } else {
-        LinePrefetcher none;
-        for (int64_t t = 0; t < tn; ++t) lanes_dot<1>(q_cols, k0 + t * k_stride, k_stride, D, acc + t, none);
+        for (int64_t t = 0; t < tn; ++t) lanes_dot<1, R>(q_cols, k0 + t * k_stride, k_stride, D, acc + t * R, none);
       }
       for (int64_t t = 0; t < tn; ++t) {
         const int64_t jj = c0 + t0 + t;
         const __m512i diag = _mm512_set1_epi32(static_cast<int>(diag0 + jj));
-        const __mmask16 visible = row_lanes & _mm512_cmp_epi32_mask(diag, lane, _MM_CMPINT_LE) &
-                                  _mm512_cmp_epi32_mask(lane, _mm512_add_epi32(diag, _mm512_set1_epi32(
-                                                                  static_cast<int>(window - 1))), _MM_CMPINT_LE);
-        const __m512i col = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(top0 - jj)), lane),
-                                             last_col);
-        const __m512i offset = _mm512_add_epi32(lane_rows, _mm512_mullo_epi32(col, col_stride));
-        const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), visible, offset, pos.data, 4);
-        _mm512_store_ps(chunk + (t0 + t) * 16, _mm512_mask_add_ps(minus_inf, visible, acc[t], p));
+        const __m512i diag_end = _mm512_set1_epi32(static_cast<int>(diag0 + jj + window - 1));
+        const __m512i top = _mm512_set1_epi32(static_cast<int>(top0 - jj));
+        for (int r = 0; r < R; ++r) {
+          const __mmask16 visible = row_lanes[r] & _mm512_cmp_epi32_mask(diag, rows[r], _MM_CMPINT_LE) &
+                                    _mm512_cmp_epi32_mask(rows[r], diag_end, _MM_CMPINT_LE);
+          const __m512i col = _mm512_min_epi32(_mm512_add_epi32(top, rows[r]), last_col);
+          const __m512i offset = _mm512_add_epi32(pos_rows[r], _mm512_mullo_epi32(col, col_stride));
+          const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), visible, offset, pos.data, 4);
+          _mm512_store_ps(chunk + (t0 + t) * W + 16 * r, _mm512_mask_add_ps(minus_inf, visible, acc[t * R + r], p));
+        }
       }
     }
     // lane-wise online softmax over the chunk (a lane that has seen no key keeps m = -inf: its exponent base is 0)
-    __m512 m_new = m;
-    for (int64_t t = 0; t < cn; ++t) m_new = _mm512_max_ps(m_new, _mm512_load_ps(chunk + t * 16));
-    const __mmask16 seen = _mm512_cmp_ps_mask(m_new, minus_inf, _CMP_NEQ_OQ);
-    const __m512 base = _mm512_maskz_mov_ps(seen, m_new);
-    const __m512 alpha = _mm512_maskz_mov_ps(
-        _mm512_cmp_ps_mask(m, minus_inf, _CMP_NEQ_OQ),
-        static_cast<__m512>(Vectorized<float>(_mm512_sub_ps(m, base)).exp_u20()));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < cn; ++t) {
-      const __m512 e = Vectorized<float>(_mm512_sub_ps(_mm512_load_ps(chunk + t * 16), base)).exp_u20();
-      _mm512_store_ps(chunk + t * 16, e);
-      sum = _mm512_add_ps(sum, e);
+    __m512 alpha[R];
+    for (int r = 0; r < R; ++r) {
+      __m512 m_new = m[r];
+      for (int64_t t = 0; t < cn; ++t) m_new = _mm512_max_ps(m_new, _mm512_load_ps(chunk + t * W + 16 * r));
+      const __m512 base = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, minus_inf, _CMP_NEQ_OQ), m_new);
+      alpha[r] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m[r], minus_inf, _CMP_NEQ_OQ),
+                                     static_cast<__m512>(Vectorized<float>(_mm512_sub_ps(m[r], base)).exp_u20()));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t t = 0; t < cn; ++t) {
+        float* e_row = chunk + t * W + 16 * r;
+        const __m512 e = Vectorized<float>(_mm512_sub_ps(_mm512_load_ps(e_row), base)).exp_u20();
+        _mm512_store_ps(e_row, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      l[r] = _mm512_fmadd_ps(l[r], alpha[r], sum);
+      m[r] = m_new;
     }
-    l = _mm512_fmadd_ps(l, alpha, sum);
-    m = m_new;
-    for (int64_t d = 0; d < D; ++d) _mm512_store_ps(out_cols + d * 16, _mm512_mul_ps(_mm512_load_ps(out_cols + d * 16), alpha));
+    for (int64_t d = 0; d < D; ++d) {
+      for (int r = 0; r < R; ++r) {
+        float* o = out_cols + d * W + 16 * r;
+        _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha[r]));
+      }
+    }
     const float* v0 = v_rows + c0 * v_stride;
-    int64_t t = 0;
-    for (; t + 8 <= cn; t += 8) {
-      LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0 + t);
-      lanes_axpy<8>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D, next_v);
+    if constexpr (R == 1) {
+      int64_t t = 0;
+      for (; t + kCallKeys <= cn; t += kCallKeys) {
+        LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0 + t, kCallKeys);
+        lanes_axpy<kCallKeys>(out_cols, chunk + t * W, v0 + t * v_stride, v_stride, D, next_v);
+      }
+      for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * W, v0 + t * v_stride, v_stride, D, none);
+    } else {
+      LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0, kLaneChunk);
+      lanes_pv<R>(out_cols, chunk, v0, v_stride, cn, D, next_v);
     }
-    LinePrefetcher none;
-    for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * 16, v0 + t * v_stride, v_stride, D, none);
   }
-  _mm512_mask_storeu_ps(a.m, row_lanes, m);
-  _mm512_mask_storeu_ps(a.l, row_lanes, l);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(a.m + 16 * r, row_lanes[r], m[r]);
+    _mm512_mask_storeu_ps(a.l + 16 * r, row_lanes[r], l[r]);
+  }
   for (int64_t ii = 0; ii < bm; ++ii)
-    for (int64_t d = 0; d < D; ++d) a.out[ii * D + d] = out_cols[d * 16 + ii];
+    for (int64_t d = 0; d < D; ++d) a.out[ii * D + d] = out_cols[d * W + ii];
+}
+
+// lane_rows_block for tiles of rows <= kLaneMaxRows: the fewest registers that hold them.
+inline void lane_rows_block_for(int64_t rows, const QueryTile<float>& tile, const KeyBlock& kb, const Band& band,
+                                const float* qu, const PositionScores<float>& pos, const float* k_rows,
+                                int64_t k_stride, const float* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a,
+                                float* scratch) {
+  switch ((rows + 15) / 16) {
+    case 1: return lane_rows_block<1>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    case 2: return lane_rows_block<2>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    case 3: return lane_rows_block<3>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    default: return lane_rows_block<4>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+  }
 }
 #endif
 
@@ -469,8 +515,8 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     const bool fused = tile_rows <= kFusedRows;
     bool lanes = false;  // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
 #if defined(CPU_CAPABILITY_AVX512)
-    lanes = std::is_same_v<T, float> && !fused && tile_rows <= kLaneRows;
-    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_floats(s.D) / 16 : 0);
+    lanes = std::is_same_v<T, float> && !fused && tile_rows <= kLaneMaxRows;
+    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, (tile_rows + 15) / 16) : 0);
     float* lane_buffer = lane_scratch.empty() ? nullptr : lane_scratch.front().v;
 #endif
     std::vector<T> qu(rows * s.D), qv(rows * s.D), score(fused || lanes ? 0 : tile_rows * block_n);
@@ -514,8 +560,8 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<T, float>) {
             if (lanes) {
-              lane_rows_block(tile, kb, band, qu.data() + gb * bm * s.D, group_pos.rows_from(gb * bm),
-                              Kt.row(b, tile.g, kb.j0), Kt.s2, V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
+              lane_rows_block_for(tile_rows, tile, kb, band, qu.data() + gb * bm * s.D, group_pos.rows_from(gb * bm),
+                                  Kt.row(b, tile.g, kb.j0), Kt.s2, V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
               continue;
             }
           }

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace memtx::cpu {
 
@@ -232,7 +233,7 @@ inline void axpy_into(T* y, T p, const T* x, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Lane tiles: 16 query rows in the 16 lanes of a register (see lane_rows_block).
+// Lane tiles: query rows in the lanes of R registers, 16 rows each (see lane_rows_block).
 // The cache lines of `rows` rows (`row_bytes` each, `stride_bytes` apart), asked for one line per step() into L2
 // (prefetcht1): the lane tiles spread the next chunk's prefetches between their FMAs. Issued in bursts, software
 // prefetches fill the line fill buffers and stall the FMAs behind them.
@@ -260,38 +261,44 @@ class LinePrefetcher {
   int64_t stride_ = 0, lines_per_row_ = 1, line_ = 0, rows_left_ = 0;
 };
 
-// acc[t] = sum_d broadcast(rows[t][d]) * cols[d] for N rows at rows0 + t * stride (cols: [D, 16]); one line of pf
-// per pair of d.
-template <int N>
+// acc[t * R + r] = sum_d broadcast(rows[t][d]) * cols[d][r] for N rows at rows0 + t * stride (cols: [D, 16 R], R
+// registers of lanes per d). With one register, two partial sums per row (even and odd d) keep 2N FMA chains in
+// flight. pf asks for N rows' lines over the d loop.
+template <int N, int R>
 inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int64_t D, __m512* acc,
                       LinePrefetcher& pf) {
-  __m512 even[N], odd[N];
-  for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 2 <= D; d += 2) {
-    pf.step();
-    const __m512 c0 = _mm512_load_ps(cols + d * 16), c1 = _mm512_load_ps(cols + d * 16 + 16);
+  constexpr int kSplit = R == 1 ? 2 : 1;
+  constexpr int kEvery = std::max(1, 16 / (N * kSplit));  // iterations per prefetched line
+  __m512 part[kSplit][N * R];
+  for (int h = 0; h < kSplit; ++h)
+    for (int i = 0; i < N * R; ++i) part[h][i] = _mm512_setzero_ps();
+  const auto step = [&](int h, int64_t d) {
+    __m512 c[R];
+    for (int r = 0; r < R; ++r) c[r] = _mm512_load_ps(cols + (d * R + r) * 16);
     for (int t = 0; t < N; ++t) {
-      even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
-      odd[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d + 1]), c1, odd[t]);
+      const __m512 k = _mm512_set1_ps(rows0[t * stride + d]);
+      for (int r = 0; r < R; ++r) part[h][t * R + r] = _mm512_fmadd_ps(k, c[r], part[h][t * R + r]);
     }
+  };
+  int64_t d = 0;
+  for (int64_t it = 0; d + kSplit <= D; d += kSplit, ++it) {
+    if (it % kEvery == 0) pf.step();
+    for (int h = 0; h < kSplit; ++h) step(h, d + h);
   }
-  if (d < D) {
-    const __m512 c0 = _mm512_load_ps(cols + d * 16);
-    for (int t = 0; t < N; ++t) even[t] = _mm512_fmadd_ps(_mm512_set1_ps(rows0[t * stride + d]), c0, even[t]);
-  }
+  if (d < D) step(0, d);
   pf.finish();
-  for (int t = 0; t < N; ++t) acc[t] = _mm512_add_ps(even[t], odd[t]);
+  for (int i = 0; i < N * R; ++i) acc[i] = kSplit == 2 ? _mm512_add_ps(part[0][i], part[kSplit - 1][i]) : part[0][i];
 }
 
-// out[d] += sum_t p[t] * broadcast(rows[t][d]) for N rows at rows0 + t * stride (out: [D, 16]); two partial sums
-// per d halve the FMA chain; one line of pf per pair of d.
+// out[d] += sum_t p[t] * broadcast(rows[t][d]) for N rows at rows0 + t * stride (out: [D, 16], p: [N, 16]); two
+// partial sums per d halve the FMA chain. pf asks for N rows' lines over the d loop.
 template <int N>
 inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t stride, int64_t D, LinePrefetcher& pf) {
+  constexpr int kEvery = std::max(1, 16 / N);  // d per prefetched line
   __m512 pt[N];
   for (int t = 0; t < N; ++t) pt[t] = _mm512_load_ps(p + t * 16);
   for (int64_t d = 0; d < D; ++d) {
-    if (d & 1) pf.step();
+    if (d % kEvery == kEvery - 1) pf.step();
     __m512 even = _mm512_load_ps(out + d * 16), odd = _mm512_setzero_ps();
     for (int t = 0; t < N; t += 2) {
       even = _mm512_fmadd_ps(pt[t], _mm512_set1_ps(rows0[t * stride + d]), even);
@@ -299,6 +306,39 @@ inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t s
     }
     _mm512_store_ps(out + d * 16, _mm512_add_ps(even, odd));
   }
+  pf.finish();
+}
+
+// out[d][r] += sum_t p[t][r] * broadcast(rows[t][d]) for the n rows at rows0 + t * stride (out: [D, 16 R], p: [n,
+// 16 R], R > 1). Each block of 16 / R columns of out stays in registers over the n rows, so out is loaded and stored
+// once (lanes_axpy, a row at a time, reads and writes all of out per few rows). pf: one line per R rows of a block.
+template <int R>
+inline void lanes_pv(float* out, const float* p, const float* rows0, int64_t stride, int64_t n, int64_t D,
+                     LinePrefetcher& pf) {
+  static_assert(R > 1, "one register: lanes_axpy");
+  constexpr int W = 16 * R;
+  const auto block = [&](auto dims_tag, int64_t d0, int64_t& it) {
+    constexpr int kDims = decltype(dims_tag)::value;
+    __m512 acc[kDims * R];
+    for (int dd = 0; dd < kDims; ++dd)
+      for (int r = 0; r < R; ++r) acc[dd * R + r] = _mm512_load_ps(out + (d0 + dd) * W + 16 * r);
+    for (int64_t t = 0; t < n; ++t, ++it) {
+      if (it % R == 0) pf.step();
+      __m512 pr[R];
+      for (int r = 0; r < R; ++r) pr[r] = _mm512_load_ps(p + t * W + 16 * r);
+      const float* row = rows0 + t * stride + d0;
+      for (int dd = 0; dd < kDims; ++dd) {
+        const __m512 x = _mm512_set1_ps(row[dd]);
+        for (int r = 0; r < R; ++r) acc[dd * R + r] = _mm512_fmadd_ps(pr[r], x, acc[dd * R + r]);
+      }
+    }
+    for (int dd = 0; dd < kDims; ++dd)
+      for (int r = 0; r < R; ++r) _mm512_store_ps(out + (d0 + dd) * W + 16 * r, acc[dd * R + r]);
+  };
+  constexpr int kDims = 16 / R;
+  int64_t d0 = 0, it = 0;
+  for (; d0 + kDims <= D; d0 += kDims) block(std::integral_constant<int, kDims>{}, d0, it);
+  for (; d0 < D; ++d0) block(std::integral_constant<int, 1>{}, d0, it);
   pf.finish();
 }
 #endif
