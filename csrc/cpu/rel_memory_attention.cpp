@@ -296,8 +296,8 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
 // once to [D, 16 R]; the scores of a group of keys are 16 accumulators, summed over d as broadcast(k[t][d]) * q'[d]
 // (no reduction, no packing of k; with R registers one broadcast feeds R FMAs); the position term is gathered from
 // the group's band GEMM (lane ii reads its own diagonal column); the online softmax runs lane-wise over chunks of
-// kLaneChunk keys; the output, transposed to [D, 16 R], gains broadcast(v[t][d]) * p[t] (with R > 1, a block of
-// 16 / R output columns held in registers over the chunk's keys). MKL's GEMMs for 16-row tiles ran at about 37%
+// kLaneChunk keys; the output, transposed to [D, 16 R], gains broadcast(v[t][d]) * p[t] (a block of 16 / R
+// output columns held in registers over the chunk's keys). MKL's GEMMs for 16-row tiles ran at about 37%
 // (q k^T) and 60% (p v) of the FMA peak, and packed k on every 64-row tile (a tenth of the time at L = 64).
 // Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and v rows
 // are prefetched a line at a time between the FMAs that use the matching rows of this chunk (LinePrefetcher): side
@@ -322,7 +322,7 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
                      const PositionScores<float>& pos, const float* k_rows, int64_t k_stride, const float* v_rows,
                      int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
   constexpr int W = 16 * R;                    // lanes: the tile's rows
-  constexpr int kCallKeys = R == 1 ? 8 : 16 / R;  // keys per lanes_dot / lanes_axpy call: at most 16 accumulators
+  constexpr int kCallKeys = R == 1 ? 8 : 16 / R;  // keys per lanes_dot call: at most 16 accumulators
   constexpr int kGroupKeys = R == 1 ? 16 : kCallKeys;  // keys scored between two gathers
   const RelAttnShape& s = tile.s;
   const int64_t D = s.D, bm = tile.bm, n = kb.j1 - kb.j0;
@@ -356,8 +356,8 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
   const __m512i col_stride = _mm512_set1_epi32(static_cast<int>(pos.col_stride));
   const __m512i last_col = _mm512_set1_epi32(static_cast<int>(s.R - 1 - band.d0));
 
-  // The kCallKeys rows of the next chunk that match rows [row, row + kCallKeys) of this one, prefetched while these
-  // are used.
+  // The `count` rows of the next chunk that match rows [row, row + count) of this one, prefetched while these are
+  // used.
   const auto next_chunk_rows = [&](const float* base, int64_t stride, int64_t row, int64_t count) {
     const int64_t next = row + kLaneChunk;
     if (next >= n) return LinePrefetcher();
@@ -420,17 +420,8 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
       }
     }
     const float* v0 = v_rows + c0 * v_stride;
-    if constexpr (R == 1) {
-      int64_t t = 0;
-      for (; t + kCallKeys <= cn; t += kCallKeys) {
-        LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0 + t, kCallKeys);
-        lanes_axpy<kCallKeys>(out_cols, chunk + t * W, v0 + t * v_stride, v_stride, D, next_v);
-      }
-      for (; t < cn; ++t) lanes_axpy<1>(out_cols, chunk + t * W, v0 + t * v_stride, v_stride, D, none);
-    } else {
-      LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0, kLaneChunk);
-      lanes_pv<R>(out_cols, chunk, v0, v_stride, cn, D, next_v);
-    }
+    LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0, kLaneChunk);
+    lanes_pv<R>(out_cols, chunk, v0, v_stride, cn, D, next_v);
   }
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(a.m + 16 * r, row_lanes[r], m[r]);

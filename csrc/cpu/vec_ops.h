@@ -290,32 +290,13 @@ inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int
   for (int i = 0; i < N * R; ++i) acc[i] = kSplit == 2 ? _mm512_add_ps(part[0][i], part[kSplit - 1][i]) : part[0][i];
 }
 
-// out[d] += sum_t p[t] * broadcast(rows[t][d]) for N rows at rows0 + t * stride (out: [D, 16], p: [N, 16]); two
-// partial sums per d halve the FMA chain. pf asks for N rows' lines over the d loop.
-template <int N>
-inline void lanes_axpy(float* out, const float* p, const float* rows0, int64_t stride, int64_t D, LinePrefetcher& pf) {
-  constexpr int kEvery = std::max(1, 16 / N);  // d per prefetched line
-  __m512 pt[N];
-  for (int t = 0; t < N; ++t) pt[t] = _mm512_load_ps(p + t * 16);
-  for (int64_t d = 0; d < D; ++d) {
-    if (d % kEvery == kEvery - 1) pf.step();
-    __m512 even = _mm512_load_ps(out + d * 16), odd = _mm512_setzero_ps();
-    for (int t = 0; t < N; t += 2) {
-      even = _mm512_fmadd_ps(pt[t], _mm512_set1_ps(rows0[t * stride + d]), even);
-      if (t + 1 < N) odd = _mm512_fmadd_ps(pt[t + 1], _mm512_set1_ps(rows0[(t + 1) * stride + d]), odd);
-    }
-    _mm512_store_ps(out + d * 16, _mm512_add_ps(even, odd));
-  }
-  pf.finish();
-}
-
 // out[d][r] += sum_t p[t][r] * broadcast(rows[t][d]) for the n rows at rows0 + t * stride (out: [D, 16 R], p: [n,
-// 16 R], R > 1). Each block of 16 / R columns of out stays in registers over the n rows, so out is loaded and stored
-// once (lanes_axpy, a row at a time, reads and writes all of out per few rows). pf: one line per R rows of a block.
+// 16 R]). Each block of 16 / R columns of out stays in 16 registers over the n rows, so out is loaded and stored
+// once: a few rows at a time over all of out, its loads and stores cost 3.5% of a 16-row tile at L = 16, M = 640.
+// pf: one line per R rows of a block.
 template <int R>
 inline void lanes_pv(float* out, const float* p, const float* rows0, int64_t stride, int64_t n, int64_t D,
                      LinePrefetcher& pf) {
-  static_assert(R > 1, "one register: lanes_axpy");
   constexpr int W = 16 * R;
   const auto block = [&](auto dims_tag, int64_t d0, int64_t& it) {
     constexpr int kDims = decltype(dims_tag)::value;
