@@ -43,6 +43,20 @@ def test_cpu_kernel_is_bit_exact_with_reference(shape, dtype):
         assert torch.equal(_dropout_op(x, p, _seed(seed)), reference.dropout(x, p, seed))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_inputs_follow_the_reference(dtype):
+    """A dropped inf or NaN gives 0 and a kept one stays non-finite, as the reference's select does (a multiply by
+    the 0/1 mask would give NaN), in the full batches of 64 and in the tail."""
+    x = torch.randn(64 * 5 + 9).to(dtype)
+    x[::3] = float("inf")
+    x[1::5] = float("nan")
+    x[2::7] = -float("inf")
+    for p in (0.3, 0.7):
+        out = _dropout_op(x, p, _seed(11))
+        torch.testing.assert_close(out, reference.dropout(x, p, 11), rtol=0, atol=0, equal_nan=True)
+        assert (out == 0).any() and out.isnan().any() and out.isinf().any()
+
+
 def test_strided_input_uses_logical_element_order():
     base = torch.randn(40, 30)
     x = base.t()  # not contiguous

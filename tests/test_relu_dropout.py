@@ -30,6 +30,19 @@ def test_cpu_kernel_is_bit_exact_with_reference_dropout_of_relu(shape, dtype):
         assert (y >= 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_inputs_follow_the_reference(dtype):
+    """relu keeps NaN and +inf and zeroes -inf; a dropped element is 0 whatever its value (full batches and tail)."""
+    x = torch.randn(64 * 5 + 9).to(dtype)
+    x[::3] = float("inf")
+    x[1::5] = float("nan")
+    x[2::7] = -float("inf")
+    for p in (0.3, 0.7):
+        out = _relu_dropout_op(x, p, _seed(11))
+        torch.testing.assert_close(out, reference.dropout(F.relu(x), p, 11), rtol=0, atol=0, equal_nan=True)
+        assert out.isnan().any() and out.isinf().any()
+
+
 def test_gradient_is_the_output_sign_and_equals_unfused_autograd():
     x = torch.randn(7, 300, dtype=torch.float64, requires_grad=True)
     g = torch.randn(7, 300, dtype=torch.float64)
@@ -43,6 +56,14 @@ def test_gradient_is_the_output_sign_and_equals_unfused_autograd():
     memtx_ops.dropout(F.relu(x), 0.4).backward(g)  # the same seed: the same mask
     assert torch.equal(fused, x.grad)
     assert (fused == 0).any() and (fused != 0).any()
+
+
+def test_non_finite_gradient_is_zero_where_nothing_passed():
+    y = torch.tensor([0.0, 1.5, 0.0, 2.0, 0.0]).repeat(7)  # two vectors of 16 and a tail
+    g = torch.tensor([float("inf"), float("inf"), float("nan"), float("nan"), -float("inf")]).repeat(7)
+    dx = _relu_dropout_backward_op(g, y, 0.5)
+    expected = torch.tensor([0.0, float("inf"), 0.0, float("nan"), 0.0]).repeat(7)
+    torch.testing.assert_close(dx, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_gradcheck_and_gradgradcheck():

@@ -1,12 +1,7 @@
 // Vectorised row primitives of the fused CPU attention (AVX-512 / AVX2 through at::vec, scalar tails).
 #pragma once
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
-    !defined(CPU_CAPABILITY_AVX512)
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "capability.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
