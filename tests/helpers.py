@@ -310,6 +310,16 @@ def saved_by_autograd(fn):
     return result, saved
 
 
+def non_finite_activation(dtype) -> torch.Tensor:
+    """A [329] activation (five batches of 64 dropout elements and a tail of 9) with +inf, NaN and -inf spread over
+    kept and dropped positions."""
+    x = torch.randn(64 * 5 + 9).to(dtype)
+    x[::3] = float("inf")
+    x[1::5] = float("nan")
+    x[2::7] = -float("inf")
+    return x
+
+
 def assert_compiled_dropout_matches_eager(op, p=0.3):
     """``op(x, p)`` (a memtx dropout) under ``torch.compile(fullgraph=True)`` draws the masks eager does from the
     same generator state: equal gradients, some of them dropped."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import assert_compiled_dropout_matches_eager, saved_by_autograd
+from helpers import assert_compiled_dropout_matches_eager, non_finite_activation, saved_by_autograd
 from memtx_ops import reference
 from memtx_ops.ops.dropout import _dropout_op
 from memtx_ops.nn import Dropout
@@ -47,10 +47,7 @@ def test_cpu_kernel_is_bit_exact_with_reference(shape, dtype):
 def test_non_finite_inputs_follow_the_reference(dtype):
     """A dropped inf or NaN gives 0 and a kept one stays non-finite, as the reference's select does (a multiply by
     the 0/1 mask would give NaN), in the full batches of 64 and in the tail."""
-    x = torch.randn(64 * 5 + 9).to(dtype)
-    x[::3] = float("inf")
-    x[1::5] = float("nan")
-    x[2::7] = -float("inf")
+    x = non_finite_activation(dtype)
     for p in (0.3, 0.7):
         out = _dropout_op(x, p, _seed(11))
         torch.testing.assert_close(out, reference.dropout(x, p, 11), rtol=0, atol=0, equal_nan=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import memtx_ops
-from helpers import assert_compiled_dropout_matches_eager, saved_by_autograd
+from helpers import assert_compiled_dropout_matches_eager, non_finite_activation, saved_by_autograd
 from memtx_ops import reference
 from memtx_ops.ops.dropout import _relu_dropout_backward_op, _relu_dropout_op
 
@@ -33,10 +33,7 @@ def test_cpu_kernel_is_bit_exact_with_reference_dropout_of_relu(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_finite_inputs_follow_the_reference(dtype):
     """relu keeps NaN and +inf and zeroes -inf; a dropped element is 0 whatever its value (full batches and tail)."""
-    x = torch.randn(64 * 5 + 9).to(dtype)
-    x[::3] = float("inf")
-    x[1::5] = float("nan")
-    x[2::7] = -float("inf")
+    x = non_finite_activation(dtype)
     for p in (0.3, 0.7):
         out = _relu_dropout_op(x, p, _seed(11))
         torch.testing.assert_close(out, reference.dropout(F.relu(x), p, 11), rtol=0, atol=0, equal_nan=True)
