@@ -229,6 +229,7 @@ inline void axpy_into(T* y, T p, const T* x, int64_t n) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Lane tiles: query rows in the lanes of R registers, 16 rows each (see lane_rows_block).
+
 // The cache lines of `rows` rows (`row_bytes` each, `stride_bytes` apart), asked for one line per step() into L2
 // (prefetcht1): the lane tiles spread the next chunk's prefetches between their FMAs. Issued in bursts, software
 // prefetches fill the line fill buffers and stall the FMAs behind them.
@@ -286,7 +287,7 @@ inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int
 }
 
 // out[d][r] += sum_t p[t][r] * broadcast(rows[t][d]) for the n rows at rows0 + t * stride (out: [D, 16 R], p: [n,
-// 16 R]). Each block of 16 / R columns of out stays in 16 registers over the n rows, so out is loaded and stored
+// 16 R]). Each block of 16 / R columns of out stays in (at most 16) registers over the n rows, so out is loaded and stored
 // once: a few rows at a time over all of out, its loads and stores cost 3.5% of a 16-row tile at L = 16, M = 640.
 // pf: one line per R rows of a block.
 template <int R>
