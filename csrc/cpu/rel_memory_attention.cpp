@@ -323,7 +323,7 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
                      int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
   constexpr int W = 16 * R;                    // lanes: the tile's rows
   constexpr int kCallKeys = R == 1 ? 8 : 16 / R;  // keys per lanes_dot call: at most 16 accumulators
-  constexpr int kGroupKeys = R == 1 ? 16 : kCallKeys;  // keys scored between two gathers
+  constexpr int kGroupKeys = R == 1 ? 16 : kCallKeys;  // keys scored before their position terms are gathered
   const RelAttnShape& s = tile.s;
   const int64_t D = s.D, bm = tile.bm, n = kb.j1 - kb.j0;
   float* q_cols = scratch;           // [D, W]
