@@ -101,8 +101,8 @@ def test_torch_compile_fullgraph():
                                   compile_backend="aot_eager")
 
 
-# Short queries take the forward's own tiles instead of BLAS: L <= 4 the key-by-key pass, 4 < L <= 16 the lane tiles
-# (float32; float64 takes BLAS). Keys in groups of 16 and chunks of 64 with tails, head dims with a partial vector or
+# Short queries take the forward's own tiles instead of BLAS: L <= 4 the key-by-key pass, longer segments the lane
+# tiles of one to four registers (float32; float64 takes BLAS). Keys in groups of 16 and chunks of 64 with tails, head dims with a partial vector or
 # under one, partial lanes, every mask feature, two key blocks, time-major views (strided) and plain tensors.
 SHORT_QUERY_CASES = [
     Case(B=3, H=4, L=1, M=200, D=64),
@@ -150,7 +150,7 @@ def test_short_query_tiles_match_reference(case, dtype, strided):
 def test_short_queries_every_work_split(case, threads, dtype):
     """The forward's plan (whole batch groups, smaller groups, split-K) depends on the thread count; every plan
     gives the float64 reference, and the backward (from the forward's lse) too, with each kind of tile (float32
-    takes the lane tiles at 5 to 16 rows)."""
+    takes the lane tiles from 5 rows on)."""
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

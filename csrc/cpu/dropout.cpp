@@ -109,7 +109,7 @@ at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& o
     at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
       int64_t i = begin;
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, float>) {  // the select below, 16 at a time (a plain loop did not vectorise)
+      if constexpr (std::is_same_v<scalar_t, float>) {  // the select below, 16 at a time (the loop did not vectorise)
         const __m512 factor = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
         for (; i + 16 <= end; i += 16) {
           const __mmask16 passed = _mm512_cmp_ps_mask(_mm512_loadu_ps(yp + i), zero, _CMP_GT_OQ);

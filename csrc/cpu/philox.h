@@ -14,6 +14,37 @@
 
 namespace memtx {
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// A register of 32-bit lanes and the operations Philox4x32-10 needs on it.
+struct PhiloxRegister {
+#if defined(CPU_CAPABILITY_AVX512)
+  using V = __m512i;
+  static constexpr int kLanes = 16;
+  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static V lane_index() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }  // 64-bit products of the even lanes
+  static V shift_down(V a) { return _mm512_srli_epi64(a, 32); }   // odd lanes to even ones (64-bit shifts)
+  static V shift_up(V a) { return _mm512_slli_epi64(a, 32); }
+  static V even_odd(V even, V odd) { return _mm512_mask_blend_epi32(0xAAAA, even, odd); }  // even lanes of the first
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+  static void store(uint32_t* p, V a) { _mm512_store_si512(p, a); }
+#else
+  using V = __m256i;
+  static constexpr int kLanes = 8;
+  static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+  static V lane_index() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V shift_down(V a) { return _mm256_srli_epi64(a, 32); }
+  static V shift_up(V a) { return _mm256_slli_epi64(a, 32); }
+  static V even_odd(V even, V odd) { return _mm256_blend_epi32(even, odd, 0xAA); }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static void store(uint32_t* p, V a) { _mm256_store_si256(reinterpret_cast<V*>(p), a); }
+#endif
+};
+#else
+// The portable form: the 32-bit words in 64-bit lanes, kLanes counters per call.
 struct Philox4x32Lanes {
   static constexpr int kLanes = 16;
   uint64_t word[4][kLanes];  // the counters on entry, the random words (each < 2^32) on return
@@ -45,36 +76,6 @@ struct Philox4x32Lanes {
       word[3][l] = w3;
     }
   }
-};
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// A register of 32-bit lanes and the operations Philox4x32-10 needs on it.
-struct PhiloxRegister {
-#if defined(CPU_CAPABILITY_AVX512)
-  using V = __m512i;
-  static constexpr int kLanes = 16;
-  static V set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-  static V lane_index() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
-  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
-  static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }  // 64-bit products of the even lanes
-  static V shift_down(V a) { return _mm512_srli_epi64(a, 32); }   // odd lanes to even ones (64-bit shifts)
-  static V shift_up(V a) { return _mm512_slli_epi64(a, 32); }
-  static V even_odd(V even, V odd) { return _mm512_mask_blend_epi32(0xAAAA, even, odd); }  // even lanes of the first
-  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
-  static void store(uint32_t* p, V a) { _mm512_store_si512(p, a); }
-#else
-  using V = __m256i;
-  static constexpr int kLanes = 8;
-  static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
-  static V lane_index() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
-  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
-  static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
-  static V shift_down(V a) { return _mm256_srli_epi64(a, 32); }
-  static V shift_up(V a) { return _mm256_slli_epi64(a, 32); }
-  static V even_odd(V even, V odd) { return _mm256_blend_epi32(even, odd, 0xAA); }
-  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
-  static void store(uint32_t* p, V a) { _mm256_store_si256(reinterpret_cast<V*>(p), a); }
-#endif
 };
 #endif
 

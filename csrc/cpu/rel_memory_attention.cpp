@@ -28,8 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/rel_memory_attention.h"
@@ -304,7 +304,8 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
 // by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16 keys 1.05x (the
 // samples sat on the prefetches: they filled the line fill buffers), spread ones 0.88x; at M = 640, 1.26x and 1.12x
 // for the last two.
-constexpr int64_t kLaneMaxRows = 64;  // rows of a lane tile, at most: four registers
+constexpr int64_t kLaneRegisters = 4;  // registers of a lane tile, at most: 64 rows, every forward tile
+static_assert(kBlockM <= 16 * kLaneRegisters, "a forward tile fits the lane tiles' registers");
 constexpr int64_t kLaneChunk = 64;    // keys per softmax update: their scores, [kLaneChunk, 16 R], stay in L1
 
 // Scratch of lane_rows_block, in 64-byte aligned rows of 16 floats (its aligned loads and stores): q' and the output
@@ -431,12 +432,12 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
     for (int64_t d = 0; d < D; ++d) a.out[ii * D + d] = out_cols[d * W + ii];
 }
 
-// lane_rows_block for tiles of rows <= kLaneMaxRows: the fewest registers that hold them.
-inline void lane_rows_block_for(int64_t rows, const QueryTile<float>& tile, const KeyBlock& kb, const Band& band,
+// lane_rows_block with `registers` (1 to kLaneRegisters) registers of lanes.
+inline void lane_rows_block_for(int64_t registers, const QueryTile<float>& tile, const KeyBlock& kb, const Band& band,
                                 const float* qu, const PositionScores<float>& pos, const float* k_rows,
                                 int64_t k_stride, const float* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a,
                                 float* scratch) {
-  switch ((rows + 15) / 16) {
+  switch (registers) {
     case 1: return lane_rows_block<1>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
     case 2: return lane_rows_block<2>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
     case 3: return lane_rows_block<3>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
@@ -488,7 +489,8 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   T* lse_data = lse.data_ptr<T>();
   const int64_t n_qblocks = (s.L + kBlockM - 1) / kBlockM;
   const ForwardPlan plan = forward_plan(s, n_qblocks);
-  const int64_t block_n = std::min(plan.block_n, std::max<int64_t>(s.K, 1));  // no block is longer than K: tiles sized to it
+  // no key block is longer than K: the tiles are sized to it
+  const int64_t block_n = std::min(plan.block_n, std::max<int64_t>(s.K, 1));
   const auto blocks = key_blocks(s, block_n);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const int64_t splits = plan.splits;
@@ -506,8 +508,9 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
     const bool fused = tile_rows <= kFusedRows;
     bool lanes = false;  // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
 #if defined(CPU_CAPABILITY_AVX512)
-    lanes = std::is_same_v<T, float> && !fused && tile_rows <= kLaneMaxRows;
-    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, (tile_rows + 15) / 16) : 0);
+    lanes = std::is_same_v<T, float> && !fused;
+    const int64_t lane_registers = (tile_rows + 15) / 16;  // the fewest that hold the tile's rows
+    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, lane_registers) : 0);
     float* lane_buffer = lane_scratch.empty() ? nullptr : lane_scratch.front().v;
 #endif
     std::vector<T> qu(rows * s.D), qv(rows * s.D), score(fused || lanes ? 0 : tile_rows * block_n);
@@ -551,8 +554,9 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<T, float>) {
             if (lanes) {
-              lane_rows_block_for(tile_rows, tile, kb, band, qu.data() + gb * bm * s.D, group_pos.rows_from(gb * bm),
-                                  Kt.row(b, tile.g, kb.j0), Kt.s2, V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
+              lane_rows_block_for(lane_registers, tile, kb, band, qu.data() + gb * bm * s.D,
+                                  group_pos.rows_from(gb * bm), Kt.row(b, tile.g, kb.j0), Kt.s2,
+                                  V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
               continue;
             }
           }

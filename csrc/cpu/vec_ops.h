@@ -287,9 +287,9 @@ inline void lanes_dot(const float* cols, const float* rows0, int64_t stride, int
 }
 
 // out[d][r] += sum_t p[t][r] * broadcast(rows[t][d]) for the n rows at rows0 + t * stride (out: [D, 16 R], p: [n,
-// 16 R]). Each block of 16 / R columns of out stays in (at most 16) registers over the n rows, so out is loaded and stored
-// once: a few rows at a time over all of out, its loads and stores cost 3.5% of a 16-row tile at L = 16, M = 640.
-// pf: one line per R rows of a block.
+// 16 R]). Each block of 16 / R columns of out stays in (at most 16) registers over the n rows, so out is loaded and
+// stored once: a few rows at a time over all of out, its loads and stores cost 3.5% of a 16-row tile at L = 16,
+// M = 640. pf: one line per R rows of a block.
 template <int R>
 inline void lanes_pv(float* out, const float* p, const float* rows0, int64_t stride, int64_t n, int64_t D,
                      LinePrefetcher& pf) {
