@@ -256,13 +256,17 @@ def test_matches_reference(emulator, case, strided, zero_grads, dtype, schedule)
         assert not grads[1][:, g].any() and not grads[2][:, g].any() and not grads[3][g].any(), f"kv head {g}"
 
 
-def test_missing_cp_async_wait_is_caught(emulator):
+@pytest.mark.parametrize("schedule", range(SCHEDULES), ids=lambda s: f"schedule{s}")
+def test_missing_cp_async_wait_is_caught(emulator, schedule):
     """The kernels without their cp.async.wait_all: the copies land late, at random switches, so tiles are read
-    before they arrive and the results go wrong (or NaN). The emulator must see it."""
-    case = FEATURE_CASES[0]
-    inputs, grad_out, _, out, grads = run_case(emulator, case, False, torch.float16, 0, fault=DROP_WAIT_ALL)
+    before they arrive and the results go wrong (or NaN). The emulator must see it, under every schedule.
+
+    The case has 2 query blocks x 5 key blocks per head: on a single tile (B=1, H=2, L=5, M=3, D=16) every copy lands in time under about
+    one schedule in 30, and the mutant passed there in CI."""
+    case = CASES[2][0]
+    inputs, grad_out, _, out, grads = run_case(emulator, case, False, torch.float16, schedule, fault=DROP_WAIT_ALL)
     _, bad = errors_against_reference(case, torch.float16, inputs, grad_out, out, grads)
-    assert bad, "the kernels without cp.async.wait_all passed under the emulator"
+    assert bad, f"the kernels without cp.async.wait_all passed under the emulator (schedule {schedule})"
 
 
 SMALL = Case(B=1, H=2, L=8, M=8, D=16)

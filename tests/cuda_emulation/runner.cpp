@@ -151,8 +151,12 @@ const char* cudaGetErrorString(cudaError_t err) {
 
 // The test's controls.
 
-// Seed of the fiber schedule of the next launches.
-void emu_set_seed(unsigned seed) { memtx::emu::E().seed = seed; }
+// Seed of the fiber schedule of the next launches. The launch count restarts too, so the schedules of a test's
+// launches depend on its seed alone, not on how many launches the tests before it made (pytest-randomly's order).
+void emu_set_seed(unsigned seed) {
+  memtx::emu::E().seed = seed;
+  memtx::emu::E().launches = 0;
+}
 
 // Why the last launch failed or was refused ("" when it ran).
 const char* emu_message() { return memtx::emu::message(); }
