@@ -1,6 +1,10 @@
 """Test session set-up.
 
 * Without a GPU, Triton kernels run in its CPU interpreter (set before triton loads).
+* Every test starts from a torch seed of its own, drawn from the run's seed (pytest-randomly's ``--randomly-seed``,
+  0 without the plugin) and the test's node id, as pytest-randomly seeds ``random`` and numpy: a test draws the
+  same inputs in any order and alone, so ``pytest -p randomly --randomly-seed=N <node id>`` reproduces a failure,
+  and each run of the suite draws fresh ones.
 * Every test runs inside a guard that restores torch's random-number state afterwards and fails the test if it
   left other process-wide state changed: environment variables, torch's default dtype, thread count,
   deterministic mode, grad mode, matmul precision flags, or the dynamo/inductor configs. The suite passes in
@@ -8,6 +12,7 @@
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -73,11 +78,19 @@ def _changed(before, after):
     return changed
 
 
+def _test_seed(request) -> int:
+    """The torch seed of a test: the run's seed (``--randomly-seed``; 0 without pytest-randomly) plus the crc32 of
+    its node id."""
+    run_seed = getattr(request.config.option, "randomly_seed", 0)
+    return (int(run_seed) + zlib.crc32(request.node.nodeid.encode())) % 2**63
+
+
 @pytest.fixture(autouse=True)
-def no_global_state_left_behind():
+def no_global_state_left_behind(request):
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     before = _global_state()
+    torch.manual_seed(_test_seed(request))
     yield
     torch.set_rng_state(rng)
     if cuda_rng is not None:
