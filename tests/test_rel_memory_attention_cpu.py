@@ -36,10 +36,61 @@ def test_matches_reference(case, dtype):
     assert_matches_reference(cpu_attention, case, dtype)
 
 
+def cpu_custom_op(q, k, v, r, u, vb, kv_head_index=None, window=None, mem_offset=0, scale=None):
+    """The custom op itself, which hands its arguments to the kernels as they come (the public function may first
+    give k, v dense rows: :func:`test_training_copies_time_major_keys_to_dense_rows`)."""
+    if kv_head_index is None:
+        kv_head_index = memtx_ops.reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.memtx_ops.rel_memory_attention(q, k, v, r, u, vb, kv_head_index, window or 0, mem_offset,
+                                                    scale, "cpu")[0]
+
+
+@pytest.mark.parametrize("fn", [cpu_attention, cpu_custom_op], ids=["function", "custom_op"])
 @pytest.mark.parametrize("case", [FEATURE_CASES[2], FEATURE_CASES[8], FEATURE_CASES[12]], ids=str)
-def test_strided_fused_projection_views(case):
-    """q, k, v as views of a fused qkv projection are read through their strides."""
-    assert_matches_reference(cpu_attention, case, torch.float32, strided=True)
+def test_strided_fused_projection_views(case, fn):
+    """q, k, v as views of a fused qkv projection are read through their strides, by the forward and the backward
+    kernels (the custom op) and through the public function."""
+    assert_matches_reference(fn, case, torch.float32, strided=True)
+
+
+def keys_reaching_backend(monkeypatch, q, k, v, r, u, vb):
+    """The (q, k, v) the C++ backend's forward receives from ``rel_memory_attention(q, k, v, r, u, vb)``."""
+    from memtx_ops.backends import BACKENDS
+
+    seen = []
+    forward = BACKENDS["cpu"].forward
+    monkeypatch.setattr(BACKENDS["cpu"], "forward", lambda *args: seen.extend(args[:3]) or forward(*args))
+    cpu_attention(q, k, v, r, u, vb)
+    return seen
+
+
+@pytest.mark.parametrize("L", [65, 130])
+def test_training_copies_time_major_keys_to_dense_rows(monkeypatch, L):
+    """A training call of more than one query tile (L > 64) gets time-major k, v (views of a fused projection)
+    with dense rows, once, before the op, so the backward reads the copy; q stays a view."""
+    q, k, v, r, u, vb = make_inputs(Case(B=2, H=2, L=L, M=40, D=16), torch.float32, strided=True)
+    seen_q, seen_k, seen_v = keys_reaching_backend(monkeypatch, q, k, v, r, u, vb)
+    assert seen_q.data_ptr() == q.data_ptr()
+    for seen, given in ((seen_k, k), (seen_v, v)):
+        assert seen.is_contiguous() and seen.data_ptr() != given.data_ptr()
+        assert torch.equal(seen, given)
+
+
+@pytest.mark.parametrize("call", ["no_grad", "detached", "one_query_tile", "expanded"])
+def test_keys_stay_in_place_unless_reread(monkeypatch, call):
+    """Inference, a single query tile (L <= 64) and stride-0 expanded keys read each key row about once, or would
+    materialise an expansion: k, v reach the kernel as they were given."""
+    case = Case(B=2, H=2, L=64 if call == "one_query_tile" else 100, M=40, D=16)
+    q, k, v, r, u, vb = make_inputs(case, torch.float32, strided=True)
+    if call == "detached":
+        q, k, v, r, u, vb = (t.detach() for t in (q, k, v, r, u, vb))
+    if call == "expanded":
+        k, v = (t[:1].expand_as(t) for t in (k, v))
+    with torch.set_grad_enabled(call != "no_grad"):
+        _, seen_k, seen_v = keys_reaching_backend(monkeypatch, q, k, v, r, u, vb)
+    assert (seen_k.data_ptr(), seen_k.stride()) == (k.data_ptr(), k.stride())
+    assert (seen_v.data_ptr(), seen_v.stride()) == (v.data_ptr(), v.stride())
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2], ids=["batch", "head", "key"])

@@ -42,6 +42,12 @@ class Backend:
         """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
         raise NotImplementedError
 
+    def arrange_keys(self, k: Tensor, v: Tensor, query_len: int, needs_grad: bool) -> Tuple[Tensor, Tensor]:
+        """k and v ``[B, Hk, K, D]`` in the layout this backend reads fastest for a call with ``query_len`` queries
+        (``needs_grad``: the backward will read them again). Called before the op, so that a copy made here is the
+        one the backward reads. The default keeps the tensors as they are."""
+        return k, v
+
     def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
