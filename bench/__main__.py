@@ -28,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, help="batch size B")
     p.add_argument("--heads", type=int, help="query heads H")
     p.add_argument("--segments", type=_csv(int), help="memory_replay: numbers of segments T, comma list")
-    p.add_argument("--memories", type=_csv(int), help="short_query: memory lengths M, comma list")
+    p.add_argument("--memories", type=_csv(int), help="short_query, generation: memory lengths M, comma list")
     p.add_argument("--repeats", type=int, default=7,
                    help="timed rounds after one warm-up round; every candidate of a case runs once per round, in a "
                         "shuffled order; figures are the median and the range")

@@ -98,3 +98,75 @@ def test_attention_span_changes_evaluation_and_restores_training_settings():
         assert shorter[0].hidden.shape[1] == 8
     with pytest.raises(ValueError, match="mem_len must be an int >= 0"):
         m.set_attention_span(mem_len=-1)
+
+
+def decode_uncached(m, first, tokens, memory):
+    """The logits ``[B, N, V]`` of feeding ``first`` then ``tokens[:, :-1]`` one at a time through ``m``'s forward,
+    which projects every layer's whole [memory ; segment] again, and the memory after."""
+    logits = []
+    with torch.no_grad():
+        for token in torch.cat([first, tokens[:, :-1]], 1).split(1, 1):
+            step, memory = m(token, memory)
+            logits.append(step[:, -1])
+    return torch.stack(logits, 1), memory
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pre_lnorm=True), dict(same_length=True, clamp_len=3)],
+                         ids=["plain", "pre_lnorm", "same_length_clamp"])
+@pytest.mark.parametrize("aged", [False, True], ids=["fresh_memory", "aged_memory"])
+def test_cached_decoding_equals_the_uncached_forward(options, aged):
+    """generate's per-layer caches (projected keys, values and positions, memory rows appended in a buffer) give
+    the logits of the plain forward, token by token, over enough steps that every buffer is moved to its front, and
+    from a memory aged by skip-retain (mem_offset > 0, which the next update drops). The memory it returns equals
+    the forward's, in tensors of its own."""
+    from memtx_ops.nn import LayerMemory
+
+    m = model(mem_len=6, **options).eval()
+    memory = m.generate(prompt(P=9), 1, temperature=0.0)[1]
+    if aged:
+        memory = [LayerMemory(mem.hidden, age=2, mem_offset=4) for mem in memory]
+    first = prompt(P=1, seed=3)
+    # sampled, not greedy: a greedy untrained model repeats one token, and a memory of equal rows hides lost keys
+    new, logits, after = m.generate(first, 60, temperature=1.0, memory=memory, return_logits=True,
+                                    generator=torch.Generator().manual_seed(0))
+    assert len(set(new[0].tolist())) > 10
+    expected, expected_after = decode_uncached(m, first, new, memory)
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(after, expected_after):
+        assert got.hidden.is_contiguous() and got.hidden.shape == want.hidden.shape
+        torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-10, atol=1e-10)
+
+
+def test_position_buffer_keeps_the_last_positions_through_moves():
+    from memtx_ops.nn.generation import PositionBuffer
+
+    buffer, rows, moves, capacities = PositionBuffer(dim=1), [], 0, set()
+    for step in range(200):
+        start = buffer.start
+        new = torch.randn(2, 1 + step % 3, 4)
+        rows.append(new)
+        window = buffer.extend(new)
+        buffer.keep_last(7)
+        everything = torch.cat(rows, 1)
+        assert torch.equal(window, everything[:, everything.shape[1] - window.shape[1]:])
+        assert torch.equal(buffer.window(), everything[:, -7:] if everything.shape[1] >= 7 else everything)
+        moves += buffer.start < start
+        capacities.add(buffer.buffer.shape[1])
+    assert moves > 10 and len(capacities) == 1  # moved to the front many times, never regrown: it holds 7 + 3
+
+
+def test_attention_rejects_a_cache_it_cannot_use():
+    from memtx_ops.nn import RelPartialLearnableMultiHeadAttn
+    from memtx_ops.nn.generation import KeyValueCache
+
+    layer = RelPartialLearnableMultiHeadAttn(2, 16, 8, 0.0).double().eval()
+    w, mems, r = torch.randn(3, 2, 16).double(), torch.randn(5, 2, 16).double(), torch.randn(8, 1, 16).double()
+    cache = KeyValueCache()
+    with pytest.raises(ValueError, match="kv_cache is for inference"):
+        layer(w, r, None, mems, window=None, clamp_len=-1, kv_cache=cache)
+    with torch.no_grad():
+        out = layer(w, r, None, mems, window=None, clamp_len=-1, kv_cache=cache)
+        assert len(cache) == 8
+        torch.testing.assert_close(out, layer(w, r, None, mems, window=None, clamp_len=-1), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="kv_cache holds 8 positions, but mems has 5"):
+            layer(w, r, None, mems, window=None, clamp_len=-1, kv_cache=cache)

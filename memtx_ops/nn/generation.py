@@ -47,3 +47,108 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[
         drop_sorted = before >= top_p  # keeps the first token (before = 0) and stops once top_p is reached
         scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+
+class PositionBuffer:
+    """Positions ``[start, end)`` along dimension ``dim`` of a buffer with room to append. ``extend(rows)`` appends
+    rows (the buffer's shape but along ``dim``) and returns the view of every kept position; ``keep_last(n)`` drops
+    the oldest. A full buffer first moves its positions to the front: one copy of them every ``capacity - len``
+    appended positions, so a step of one new position costs O(1) rows amortised, not a copy of the whole memory."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.buffer: Optional[Tensor] = None
+        self.start = self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def _span(self, start: int, end: int) -> Tensor:
+        return self.buffer.narrow(self.dim, start, end - start)
+
+    def extend(self, rows: Tensor) -> Tensor:
+        """Appends ``rows`` -> the view of the kept positions and these."""
+        kept, n = len(self), rows.shape[self.dim]
+        old = self.buffer
+        if old is None or old.shape[self.dim] < kept + n or old.dtype != rows.dtype or old.device != rows.device:
+            shape = list(rows.shape)
+            shape[self.dim] = kept + n + (kept + n) // 2 + 16
+            self.buffer = rows.new_empty(shape)
+            if kept:
+                self._span(0, kept).copy_(old.narrow(self.dim, self.start, kept))
+            self.start, self.end = 0, kept
+        elif self.end + n > old.shape[self.dim]:
+            self._span(0, kept).copy_(self._span(self.start, self.end).clone())
+            self.start, self.end = 0, kept
+        self._span(self.end, self.end + n).copy_(rows)
+        self.end += n
+        return self.window()
+
+    def keep_last(self, n: int) -> None:
+        """Drops all but the last ``n`` positions."""
+        self.start = max(self.start, self.end - n)
+
+    def window(self) -> Tensor:
+        """The kept positions, a view of the buffer."""
+        return self._span(self.start, self.end)
+
+
+class KeyValueCache:
+    """What one attention layer recomputes at every decoding step otherwise, kept across the steps (inference only).
+
+    Without it a step projects k and v of the layer's whole ``[memory ; segment]`` again: at L=1 against M=3800 that
+    product is ~3800x the step's own and most of the cost of decoding, and the memory update copies the memory.
+
+    - ``extend(kv [L, B, 2, H, D])`` appends a segment's projected keys and values and returns k, v
+      ``[B, H, len, D]`` over ``[memory ; segment]``, views of a ``[B, 2, H, capacity, D]`` buffer whose rows are
+      dense (the CPU kernel reads them faster than the model's time-major projection: at L=1, M=3800, H=8, 4.3 vs
+      9.1 ms); ``keep_last(n)`` keeps the last ``n``.
+    - ``update_memory(mem, x, mem_len)`` is ``mem.update(False, x, mem_len)`` whose hidden rows are a view of a
+      buffer of this cache, appended to rather than copied.
+    - ``positions(r, rows, project)`` keeps the layer's projected position embeddings of the table ``r`` (the
+      model's tables are one tensor per length, so once the memory is full every step hits).
+
+    A cache is valid for the weights and the memory it was filled with: :meth:`TransformerXL.generate` makes one per
+    layer for its call and drops it after.
+    """
+
+    def __init__(self):
+        self._keys = PositionBuffer(dim=3)
+        self._hidden = PositionBuffer(dim=1)
+        self._memory = None  # the LayerMemory update_memory returned last
+        self._positions = None  # (table, its version, rows, projected [H, rows, D])
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def extend(self, kv: Tensor):
+        """Appends ``kv [L, B, 2, H, D]`` -> (k, v) ``[B, H, len + L, D]``."""
+        window = self._keys.extend(kv.permute(1, 2, 3, 0, 4))
+        return window[:, 0], window[:, 1]
+
+    def keep_last(self, n: int) -> None:
+        """Drops all but the last ``n`` positions of the keys and values."""
+        self._keys.keep_last(n)
+
+    def update_memory(self, mem, x: Tensor, mem_len: int):
+        """``mem.update(False, x [B, L, ...], mem_len)``, the kept rows a view of this cache's buffer. The rows of
+        the memory returned before may be overwritten: the layer reads only the length of a memory whose keys this
+        cache holds."""
+        if mem is not self._memory:  # a memory from elsewhere (the caller's, or a first call): start from its rows
+            kept = mem.update(False, x[:, :0], mem_len).hidden
+            self._hidden = PositionBuffer(dim=1)
+            self._hidden.extend(kept)
+        self._hidden.extend(x)
+        self._hidden.keep_last(mem_len)
+        self._memory = type(mem)(self._hidden.window())
+        return self._memory
+
+    def positions(self, r: Tensor, rows: int, project):
+        """``project(rows)`` (the layer's projected position embeddings of table ``r``), computed once per table."""
+        cached = self._positions
+        if cached is not None and cached[0] is r and cached[1] == r._version and cached[2] == rows:
+            return cached[3]
+        projected = project(rows)
+        self._positions = (r, r._version, rows, projected)
+        return projected

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from memtx_ops.nn.skip_retain import LayerMemory
-from memtx_ops.nn.transformer_xl import Memory, TransformerXL
+from memtx_ops.nn.transformer_xl import Memory, TransformerXL, updated_memory
 from memtx_ops.ops.causal_resample import causal_downsample, upsample_add
 from memtx_ops.reference.causal_resample import UPSAMPLE_MODES
 
@@ -157,7 +157,8 @@ class HourglassTransformerXL(TransformerXL):
             raise ValueError(f"{type(self).__name__}: {what} have L={tokens.shape[1]} positions, which must be a "
                              f"multiple of the largest factor {self.max_factor} of layout {self.layout!r}")
 
-    def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True):
+    def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True,
+               kv_caches=None):
         """:meth:`TransformerXL.hidden_states` on checked arguments, through the hourglass's stages."""
         skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
         kept = (lambda t: t.detach()) if detach_memory else (lambda t: t)
@@ -166,7 +167,7 @@ class HourglassTransformerXL(TransformerXL):
         residuals = []
         for stage in self.stages:
             if stage.kind == "layers":
-                h = self._layers(stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer)
+                h = self._layers(stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer, kv_caches)
             elif stage.kind == "down":
                 x = h.transpose(0, 1)  # [B, L, d] view
                 state = memory[self.n_layer + stage.state]
@@ -196,11 +197,13 @@ class HourglassTransformerXL(TransformerXL):
         """A copy of ``x[:, -n:]`` (not a view, which would keep the whole activation alive in the memory)."""
         return x[:, x.shape[1] - n:].clone(memory_format=torch.contiguous_format)
 
-    def _layers(self, stage: Stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer):
-        """Runs the ``stage.count`` layers of one level on ``h`` ``[L_level, B, d]``, refreshing their memories."""
+    def _layers(self, stage: Stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer, kv_caches):
+        """Runs the ``stage.count`` layers of one level on ``h`` ``[L_level, B, d]``, refreshing their memories
+        (and ``kv_caches``, when given: :meth:`TransformerXL._stack`)."""
         for index in range(stage.first_layer, stage.first_layer + stage.count):
             mem = memory[index]
-            next_memory[index] = mem.update(skip[index], kept(h.transpose(0, 1)), stage.mem_len)
+            next_memory[index] = updated_memory(mem, skip[index], kept(h.transpose(0, 1)), stage.mem_len,
+                                                None if kv_caches is None else kv_caches[index])
             if skip[index] or (index == self.n_layer - 1 and not top_layer):
                 continue
             layer = self.layers[index]
@@ -208,5 +211,8 @@ class HourglassTransformerXL(TransformerXL):
             pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
             window = stage.mem_len if self.same_length else None  # same_length: the level's window
-            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm)
+            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm,
+                      None if kv_caches is None else kv_caches[index])
+            if kv_caches is not None:
+                kv_caches[index].keep_last(next_memory[index].hidden.shape[1])
         return h

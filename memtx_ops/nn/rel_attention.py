@@ -20,6 +20,7 @@ from torch import nn
 
 from memtx_ops import reference
 from memtx_ops.nn.dropout import Dropout
+from memtx_ops.nn.generation import KeyValueCache
 from memtx_ops.ops.rel_memory_attention import rel_memory_attention
 
 
@@ -64,6 +65,11 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     segment]) or an int (``same_length``: the ``window`` most recent keys) -- and ``attn_mask`` is then not read.
     With ``window`` and ``clamp_len`` given, the forward reads no tensor value on the host, so it compiles whole
     (``torch.compile(fullgraph=True)``).
+
+    ``kv_cache`` (inference, under ``torch.no_grad()``): a :class:`~memtx_ops.nn.generation.KeyValueCache` that
+    holds the projected k, v of ``mems`` (or is empty: it is filled from them). Only the segment's k, v are then
+    projected and appended, and the projected position embeddings are kept per ``r`` table. The caller trims it
+    with the memory (``keep_last``), as :meth:`~memtx_ops.nn.TransformerXL.generate` does.
     """
 
     def __init__(self, n_head, d_model, d_head, dropout, dropatt=0.0, pre_lnorm=False, r_r_bias=None,
@@ -97,19 +103,29 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         return None
 
     def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0, window="mask",
-                clamp_len="layer"):
+                clamp_len="layer", kv_cache: Optional[KeyValueCache] = None):
         qlen, bsz = w.shape[0], w.shape[1]
-        cat = w if mems is None else torch.cat([mems, w], 0)
-        x = self.layer_norm(cat) if self.pre_lnorm else cat
-        klen, rlen = cat.shape[0], r.shape[0]
+        mlen = 0 if mems is None else mems.shape[0]
+        klen, rlen = mlen + qlen, r.shape[0]
         H, D = self.n_head, self.d_head
-        # qkv_net's rows: q, then k and v; [len, bsz, ...] -> strided [bsz, H, len, D] views, no copies
-        q = F.linear(x[klen - qlen:], self.qkv_net.weight[: H * D]).view(qlen, bsz, H, D).permute(1, 2, 0, 3)
-        kv = F.linear(x, self.qkv_net.weight[H * D:]).view(klen, bsz, 2, H, D)
-        k, v = kv.permute(2, 1, 3, 0, 4).unbind(0)
-
         if window != "mask" and (isinstance(window, bool) or not (window is None or isinstance(window, int))):
             raise TypeError(f"RelPartialLearnableMultiHeadAttn: window must be 'mask', None or an int, got {window!r}")
+        if kv_cache is not None:
+            if torch.is_grad_enabled():
+                raise ValueError("RelPartialLearnableMultiHeadAttn: kv_cache is for inference (its keys are those of "
+                                 "the weights it was filled with): call under torch.no_grad()")
+            if len(kv_cache) not in (0, mlen):
+                raise ValueError(f"RelPartialLearnableMultiHeadAttn: kv_cache holds {len(kv_cache)} positions, but "
+                                 f"mems has {mlen} (it must hold the keys of exactly these, or be empty)")
+        # the rows projected here: the segment's when the cache holds the memory's k, v, else [memory ; segment]
+        reuse = kv_cache is not None and len(kv_cache) == mlen
+        rows_in = w if mems is None or reuse else torch.cat([mems, w], 0)
+        x = self.layer_norm(rows_in) if self.pre_lnorm else rows_in
+        # qkv_net's rows: q, then k and v; [len, bsz, ...] -> strided [bsz, H, len, D] views, no copies
+        q = F.linear(x[x.shape[0] - qlen:], self.qkv_net.weight[: H * D]).view(qlen, bsz, H, D).permute(1, 2, 0, 3)
+        kv = F.linear(x, self.qkv_net.weight[H * D:]).view(x.shape[0], bsz, 2, H, D)
+        k, v = kv.permute(2, 1, 3, 0, 4).unbind(0) if kv_cache is None else kv_cache.extend(kv)
+
         reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask, window)
         if reason is None and window == "mask":
             recognised, window = window_of_mask(attn_mask, qlen, klen)
@@ -120,12 +136,13 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             if attn_mask is None and window != "mask":  # the caller stated the mask instead of passing it
                 attn_mask = ~reference.visibility_mask(qlen, klen, window, w.device)
 
-        r_asc = r.flip(0).squeeze(1)  # row d embeds distance d
+        rows = rlen
         if reason is None:
             clamp_len = self.clamp_len if clamp_len == "layer" else clamp_len
-            rows = clamp_rows(r_asc) if clamp_len is None else clamp_len + 1 if clamp_len > 0 else rlen
-            r_asc = r_asc[: min(rows, rlen)]
-        r_head = self.r_net(r_asc).view(-1, H, D).transpose(0, 1)  # [H, R, D]
+            rows = clamp_rows(r.flip(0).squeeze(1)) if clamp_len is None else clamp_len + 1 if clamp_len > 0 else rlen
+            rows = min(rows, rlen)
+        r_head = (self._project_positions(r, rows) if kv_cache is None
+                  else kv_cache.positions(r, rows, lambda n: self._project_positions(r, n)))
         if reason is None:
             u, vb = self.r_w_bias.to(q.dtype), self.r_r_bias.to(q.dtype)  # autocast leaves parameters in float32
             attn_vec = rel_memory_attention(q, k, v, r_head, u, vb, kv_head_index=kv_head_index,
@@ -135,6 +152,12 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             attn_vec = self._eager_attention(q, k, v, r_head, attn_mask, kv_head_index, mem_offset)
         attn_out = self.drop(self.o_net(attn_vec.permute(2, 0, 1, 3).reshape(qlen, bsz, H * D)))
         return w + attn_out if self.pre_lnorm else self.layer_norm(w + attn_out)
+
+    def _project_positions(self, r, rows):
+        """r ``[rlen, 1, d_model]`` (distance ``rlen - 1`` down to 0) -> the op's ``[H, rows, D]``, row d for
+        distance d (past ``rows - 1``, the op reads the last row)."""
+        r_asc = r[r.shape[0] - rows:].flip(0).squeeze(1)  # row d embeds distance d
+        return self.r_net(r_asc).view(-1, self.n_head, self.d_head).transpose(0, 1)
 
     def _eager_attention(self, q, k, v, r_head, attn_mask, kv_head_index, mem_offset):
         """The eager path for what the fused op cannot express: any mask, attention dropout."""

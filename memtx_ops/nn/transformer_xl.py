@@ -16,7 +16,7 @@ from torch import nn
 
 from memtx_ops.nn.cross_head import CrossHeadPermutation
 from memtx_ops.nn.dropout import Dropout
-from memtx_ops.nn.generation import check_sampling, sample_next_token
+from memtx_ops.nn.generation import KeyValueCache, check_sampling, sample_next_token
 from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
@@ -63,6 +63,15 @@ class PositionwiseFF(nn.Module):
         return self.layer_norm(x + self._core(x))
 
 
+def updated_memory(mem: LayerMemory, skipped: bool, x: torch.Tensor, mem_len: int,
+                   kv_cache: Optional[KeyValueCache]) -> LayerMemory:
+    """``mem.update(skipped, x, mem_len)``; with a ``kv_cache`` (decoding) the kept rows are appended to its buffer
+    instead of copied (:meth:`KeyValueCache.update_memory`)."""
+    if kv_cache is None or skipped:
+        return mem.update(skipped, x, mem_len)
+    return kv_cache.update_memory(mem, x, mem_len)
+
+
 class DecoderLayer(nn.Module):
     """Relative attention over ``[memory ; segment]`` then the feed-forward block; time-major ``[L, B, d]``."""
 
@@ -79,11 +88,11 @@ class DecoderLayer(nn.Module):
         """This forward's cross-head permutation ``[n_head]``, or None (no cross-head, eval, or the coin)."""
         return self.cross_head(self.dec_attn.n_head, device) if self.cross_head is not None else None
 
-    def forward(self, h, pos_emb, mems, window, clamp_len, mem_offset=0, kv_head_index=None):
+    def forward(self, h, pos_emb, mems, window, clamp_len, mem_offset=0, kv_head_index=None, kv_cache=None):
         """h ``[L, B, d]``, mems ``[M, B, d]``; Transformer-XL's causal mask stated by ``window`` (None or the
-        same_length window) rather than built."""
+        same_length window) rather than built; ``kv_cache``: the projected keys of ``mems`` (inference)."""
         out = self.dec_attn(h, pos_emb, None, mems, kv_head_index=kv_head_index, mem_offset=mem_offset, window=window,
-                            clamp_len=clamp_len)
+                            clamp_len=clamp_len, kv_cache=kv_cache)
         return self.pos_ff(out)
 
 
@@ -183,7 +192,9 @@ class TransformerXL(nn.Module):
 
         The prompt is fed in segments of ``segment_len`` tokens (default ``max(mem_len, 1)``) after ``memory``
         (None: empty), then each token is decoded alone against the cached memory, which keeps at most ``mem_len``
-        positions (set :meth:`attention_span` for a longer one). Sampling: :func:`memtx_ops.nn.generation.
+        positions (set :meth:`attention_span` for a longer one). Each layer keeps the projected keys and values
+        of its memory (:class:`~memtx_ops.nn.generation.KeyValueCache`), so a step projects only its own token's.
+        Sampling: :func:`memtx_ops.nn.generation.
         sample_next_token` (``temperature`` 0: greedy; ``top_k``; ``top_p``; ``generator`` reproduces the draws).
         Runs in evaluation mode (no dropout, no skipped layers, no head permutations) and restores the mode after.
         """
@@ -198,17 +209,21 @@ class TransformerXL(nn.Module):
         self.eval()
         try:
             memory = self.empty_memory(prompt.shape[0], prompt.device) if memory is None else memory
+            kv_caches = [KeyValueCache() for _ in range(self.n_layer)]
             for start in range(0, prompt.shape[1], segment_len):
-                hidden, memory = self._stack(prompt[:, start:start + segment_len], memory)
+                hidden, memory = self._stack(prompt[:, start:start + segment_len], memory, kv_caches=kv_caches)
             tokens, step_logits = [], []
             for step in range(max_new_tokens):
                 logits = self.logits(hidden[:, -1])
                 step_logits.append(logits)
                 tokens.append(sample_next_token(logits, temperature, top_k, top_p, generator))
                 if step + 1 < max_new_tokens:
-                    hidden, memory = self._stack(tokens[-1][:, None], memory)
+                    hidden, memory = self._stack(tokens[-1][:, None], memory, kv_caches=kv_caches)
         finally:
             self.train(was_training)
+        # the memory's own tensors, not views of the caches' buffers (which have room to append)
+        memory = [m if m.hidden.is_contiguous() else LayerMemory(m.hidden.contiguous(), m.age, m.mem_offset)
+                  for m in memory]
         new = torch.stack(tokens, 1) if tokens else prompt.new_empty(prompt.shape[0], 0)
         if return_logits:
             logits = torch.stack(step_logits, 1) if step_logits else hidden.new_empty(prompt.shape[0], 0, self.n_token)
@@ -259,23 +274,28 @@ class TransformerXL(nn.Module):
         self.check_segment(tokens, memory)
         return self._stack(tokens, memory, detach_memory, kv_head_index, top_layer)
 
-    def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True):
-        """:meth:`hidden_states` on checked arguments."""
+    def _stack(self, tokens, memory: Memory, detach_memory: bool = True, kv_head_index=None, top_layer: bool = True,
+               kv_caches: Optional[List[KeyValueCache]] = None):
+        """:meth:`hidden_states` on checked arguments; ``kv_caches``: one per layer, holding the projected keys of
+        its memory (inference), kept in step with the memory."""
         B, L = tokens.shape
         skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
         h = self.drop(self.word_emb(tokens) * self.emb_scale).transpose(0, 1)  # [L, B, d]
         next_memory = []
         for index, (layer, mem, skipped) in enumerate(zip(self.layers, memory, skip)):
             layer_input = h.transpose(0, 1)
-            next_memory.append(mem.update(skipped, layer_input.detach() if detach_memory else layer_input,
-                                          self.mem_len))
+            next_memory.append(updated_memory(mem, skipped, layer_input.detach() if detach_memory else layer_input,
+                                              self.mem_len, None if kv_caches is None else kv_caches[index]))
             if skipped or (index == self.n_layer - 1 and not top_layer):
                 continue
             klen = mem.hidden.shape[1] + L
             pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
             window = self.mem_len if self.same_length else None
-            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm)
+            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm,
+                      None if kv_caches is None else kv_caches[index])
+            if kv_caches is not None:
+                kv_caches[index].keep_last(next_memory[index].hidden.shape[1])
         if not top_layer:
             return None, next_memory
         return self.drop(h).transpose(0, 1), next_memory
