@@ -167,6 +167,20 @@ def test_flat_layout_is_the_transformer_xl():
     assert len(results[0]) == len(results[1]) and all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_generate_decodes_a_flat_layout_and_refuses_a_shortened_one():
+    """A flat layout decodes as the TransformerXL it equals (token for token, through the decoding caches); a
+    layout with a shortening refuses clearly rather than failing inside the resampling op."""
+    prompt = torch.randint(0, N_TOKEN, (2, 5), generator=torch.Generator().manual_seed(0))
+    flat = small_hourglass("3@1", dropout=0.0)
+    torch.manual_seed(0)
+    plain = TransformerXL(N_TOKEN, n_layer=3, mem_len=12, **(SMALL | dict(dropout=0.0))).double()
+    got, want = (m.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(1),
+                            return_logits=True)[1] for m in (flat, plain))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="shortens by up to 3"):
+        small_hourglass("1@1 1@3 1@1").generate(torch.randint(0, N_TOKEN, (2, 6)), 3)
+
+
 @pytest.mark.parametrize("upsample", ["repeat", "linear"])
 def test_every_level_keeps_its_own_memory(upsample):
     model = small_hourglass("1@1 2@3 1@1", mem_len=12, upsample=upsample)
