@@ -170,3 +170,31 @@ def test_attention_rejects_a_cache_it_cannot_use():
         torch.testing.assert_close(out, layer(w, r, None, mems, window=None, clamp_len=-1), rtol=1e-12, atol=1e-12)
         with pytest.raises(ValueError, match="kv_cache holds 8 positions, but mems has 5"):
             layer(w, r, None, mems, window=None, clamp_len=-1, kv_cache=cache)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(same_length=True, clamp_len=3, pre_lnorm=True)],
+                         ids=["plain", "same_length_clamp_pre_lnorm"])
+def test_evaluation_with_kv_caches_equals_the_plain_forward(options):
+    """Segments of a stream scored with ``kv_caches`` give the losses and memories of the plain forward; a memory
+    the caches did not return (here the first segment's, reused) makes them start over, not reuse stale keys."""
+    m = model(mem_len=10, **options).eval()
+    stream = prompt(P=40, seed=4)
+    caches = m.new_kv_caches()
+    with torch.no_grad():
+        plain, cached = None, None
+        for start in range(0, 32, 8):
+            x, y = stream[:, start:start + 8], stream[:, start + 1:start + 9]
+            want, plain = m(x, plain, y)
+            got, cached = m(x, cached, y, kv_caches=caches)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            for a, b in zip(cached, plain):
+                torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-12, atol=1e-12)
+                assert a.hidden.is_contiguous()
+            if start == 8:
+                replay = cached
+        x = stream[:, 32:40]
+        torch.testing.assert_close(m(x, replay, kv_caches=caches)[0], m(x, replay)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="kv_caches must be model.new_kv_caches"):
+        m(x, kv_caches=caches[:1])
+    with pytest.raises(ValueError, match="kv_cache is for inference"):
+        m(x, kv_caches=m.new_kv_caches())

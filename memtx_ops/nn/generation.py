@@ -105,12 +105,13 @@ class KeyValueCache:
       dense (the CPU kernel reads them faster than the model's time-major projection: at L=1, M=3800, H=8, 4.3 vs
       9.1 ms); ``keep_last(n)`` keeps the last ``n``.
     - ``update_memory(mem, x, mem_len)`` is ``mem.update(False, x, mem_len)`` whose hidden rows are a view of a
-      buffer of this cache, appended to rather than copied.
+      buffer of this cache, appended to rather than copied. Given a memory it does not stand for (the one it
+      returned, or one it ``adopt``-ed), it starts over from that memory's rows and drops its keys.
     - ``positions(r, rows, project)`` keeps the layer's projected position embeddings of the table ``r`` (the
       model's tables are one tensor per length, so once the memory is full every step hits).
 
-    A cache is valid for the weights and the memory it was filled with: :meth:`TransformerXL.generate` makes one per
-    layer for its call and drops it after.
+    A cache is valid for the weights it was filled with: :meth:`TransformerXL.generate` makes one per layer for its
+    call; an evaluation loop passes ``model.new_kv_caches()`` to every ``model(tokens, memory, kv_caches=...)``.
     """
 
     def __init__(self):
@@ -135,14 +136,19 @@ class KeyValueCache:
         """``mem.update(False, x [B, L, ...], mem_len)``, the kept rows a view of this cache's buffer. The rows of
         the memory returned before may be overwritten: the layer reads only the length of a memory whose keys this
         cache holds."""
-        if mem is not self._memory:  # a memory from elsewhere (the caller's, or a first call): start from its rows
+        if mem is not self._memory or mem.age != 1:  # one it does not stand for, or aged: start from its rows
             kept = mem.update(False, x[:, :0], mem_len).hidden
             self._hidden = PositionBuffer(dim=1)
             self._hidden.extend(kept)
+            self._keys = PositionBuffer(dim=3)  # and project its keys again
         self._hidden.extend(x)
         self._hidden.keep_last(mem_len)
         self._memory = type(mem)(self._hidden.window())
         return self._memory
+
+    def adopt(self, mem) -> None:
+        """Stands for ``mem`` from now on: a copy of the memory :meth:`update_memory` returned last."""
+        self._memory = mem
 
     def positions(self, r: Tensor, rows: int, project):
         """``project(rows)`` (the layer's projected position embeddings of table ``r``), computed once per table."""
