@@ -10,6 +10,10 @@ are reported. Rows:
 - ``<backend>:generate``: ``model.generate``, which keeps every layer's projected keys and values of its memory
   (``memtx_ops.nn.generation.KeyValueCache``) and so projects only the new token at each step. Its time includes
   filling those caches from the memory once per call (one projection of the memory, as one step of the loop).
+
+Evaluation cases score ``segments`` segments of ``segment`` tokens of one stream (B=1, as the example's test split)
+after a full memory, under no grad: ``reference`` and ``cpu`` as ``model(x, memory, y)``; ``cpu:kv_caches`` with
+``kv_caches=model.new_kv_caches()`` passed to every segment (time per step: per segment).
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ RATIO_FIELD = "step_ms"
 
 
 def default_config(device):
-    cfg = dict(batch=8, memories=[640, 3800], tokens=16, n_layer=4, n_head=4, d_model=256, d_inner=1024, vocab=256)
+    cfg = dict(batch=8, memories=[640, 3800], tokens=16, segment=128, segments=8, n_layer=4, n_head=4, d_model=256,
+               d_inner=1024, vocab=256)
+    fused = "auto" if device.type == "cuda" else "cpu"
     if device.type == "cuda":
-        cfg.update(n_layer=8, n_head=8, d_model=512, d_inner=2048, dtypes=["bfloat16"],
-                   backends=["reference", "auto", "auto:generate"])
+        cfg.update(n_layer=8, n_head=8, d_model=512, d_inner=2048, dtypes=["bfloat16"])
     else:
-        cfg.update(dtypes=["float32"], backends=["reference", "cpu", "cpu:generate"])
+        cfg.update(dtypes=["float32"])
+    cfg.update(backends=["reference", fused, f"{fused}:generate"],
+               eval_backends=["reference", fused, f"{fused}:kv_caches"])
     return cfg
 
 
-def decoder(label, cfg, B, M, device, dtype):
-    """A measure decoding ``cfg["tokens"]`` tokens the way ``label`` names, from a memory of ``M`` positions."""
-    backend, _, mode = label.partition(":")
+def model_with_memory(backend, cfg, B, M, device, dtype):
+    """(a fresh model in eval mode whose attention runs ``backend``, a full memory of ``M`` positions)."""
     torch.manual_seed(0)
     model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
                           d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.0, mem_len=M,
@@ -46,6 +52,30 @@ def decoder(label, cfg, B, M, device, dtype):
     model = model.to(device=device, dtype=dtype).eval()
     with torch.no_grad():
         _, memory = model(torch.randint(0, cfg["vocab"], (B, M), device=device))
+    return model, memory
+
+
+def evaluator(label, cfg, M, device, dtype):
+    """A measure scoring ``cfg["segments"]`` segments of one stream the way ``label`` names, after a memory of M."""
+    backend, _, mode = label.partition(":")
+    model, memory = model_with_memory(backend, cfg, 1, M, device, dtype)
+    n = cfg["segment"]
+    stream = torch.randint(0, cfg["vocab"], (1, n * cfg["segments"] + 1), device=device)
+
+    def score():
+        mem, caches = memory, model.new_kv_caches() if mode == "kv_caches" else None
+        with torch.no_grad():
+            for start in range(0, n * cfg["segments"], n):
+                loss, mem = model(stream[:, start:start + n], mem, stream[:, start + 1:start + n + 1],
+                                  kv_caches=caches)
+        loss.item()
+    return score
+
+
+def decoder(label, cfg, B, M, device, dtype):
+    """A measure decoding ``cfg["tokens"]`` tokens the way ``label`` names, from a memory of ``M`` positions."""
+    backend, _, mode = label.partition(":")
+    model, memory = model_with_memory(backend, cfg, B, M, device, dtype)
     first = torch.randint(0, cfg["vocab"], (B, 1), device=device)
 
     def generate():
@@ -66,26 +96,39 @@ def run(opts):
     cfg = default_config(device)
     B = opts.batch or cfg["batch"]
     rows = []
+    shape = f"layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
     for M, dtype_name in itertools.product(opts.memories or cfg["memories"], opts.dtypes or cfg["dtypes"]):
         dtype = getattr(torch, dtype_name)
-        case = (f"B={B} M={M} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}, "
-                f"{cfg['tokens']} tokens")
-        measures, reasons = {}, {}
-        for label in opts.backends or cfg["backends"]:
-            try:
-                measures[label] = {"step_ms": decoder(label, cfg, B, M, device, dtype)}
-            except BENCH_ERRORS as exc:
-                reasons[label] = describe_error(exc)
-        timings, failed = time_interleaved(measures, device, opts.repeats)
-        reasons.update(failed)
-        for label in opts.backends or cfg["backends"]:
-            if label not in timings:
-                rows.append(failure_row(NAME, case, label, dtype_name, reasons.get(label) or "not available"))
-                continue
-            step = timings[label]["step_ms"].per_call(cfg["tokens"])
-            row = dict(op=NAME, case=case, backend=label, dtype=dtype_name, **step.fields("step_ms"))
-            row["extra"] = {"tokens/s": f"{B / step.median:.0f} ({B / step.high:.0f}-{B / step.low:.0f})"}
-            rows.append(row)
-            print(f"  {case} {dtype_name} {label}: {row['step_ms']:.2f} ms/step, {row['extra']['tokens/s']} "
-                  f"tokens/s", flush=True)
+        rows += measure_rows(f"decoding B={B} M={M} {shape}, {cfg['tokens']} tokens", opts.backends or cfg["backends"],
+                             lambda label: decoder(label, cfg, B, M, device, dtype), cfg["tokens"], B, dtype_name,
+                             opts)
+        rows += measure_rows(f"evaluation B=1 M={M} L={cfg['segment']} {shape}, {cfg['segments']} segments",
+                             cfg["eval_backends"], lambda label: evaluator(label, cfg, M, device, dtype),
+                             cfg["segments"], cfg["segment"], dtype_name, opts)
+    return rows
+
+
+def measure_rows(case, labels, make, steps, tokens_per_step, dtype_name, opts):
+    """Rows of the measures ``make(label)`` (each ``steps`` steps of ``tokens_per_step`` tokens) timed in
+    interleaved rounds: the time per step and tokens/s; a label that fails is a row with the reason."""
+    measures, reasons = {}, {}
+    for label in labels:
+        try:
+            measures[label] = {"step_ms": make(label)}
+        except BENCH_ERRORS as exc:
+            reasons[label] = describe_error(exc)
+    timings, failed = time_interleaved(measures, opts.device, opts.repeats)
+    reasons.update(failed)
+    rows = []
+    for label in labels:
+        if label not in timings:
+            rows.append(failure_row(NAME, case, label, dtype_name, reasons.get(label) or "not available"))
+            continue
+        step = timings[label]["step_ms"].per_call(steps)
+        row = dict(op=NAME, case=case, backend=label, dtype=dtype_name, **step.fields("step_ms"))
+        n = tokens_per_step
+        row["extra"] = {"tokens/s": f"{n / step.median:.0f} ({n / step.high:.0f}-{n / step.low:.0f})"}
+        rows.append(row)
+        print(f"  {case} {dtype_name} {label}: {row['step_ms']:.2f} ms/step, {row['extra']['tokens/s']} tokens/s",
+              flush=True)
     return rows
