@@ -363,6 +363,20 @@ def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable
     return rows
 
 
+def lm_model(cfg: Dict[str, object], backend: str, mem_len: int, dropout: float, device: torch.device,
+             dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """A fresh ``TransformerXL`` of the suite config ``cfg`` (vocab, n_layer, n_head, d_model, d_inner), seeded,
+    whose attention runs ``backend``: ``"reference"`` is the eager Transformer-XL (with torch's dropout)."""
+    from memtx_ops.nn import TransformerXL
+
+    torch.manual_seed(0)
+    model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
+                          d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=dropout,
+                          mem_len=mem_len, backend=backend,
+                          dropout_backend="torch" if backend == "reference" else "auto")
+    return model.to(device=device, dtype=dtype)
+
+
 def lm_training_step(model: torch.nn.Module, vocab: int, B: int, L: int, device: torch.device, autocast,
                      forward: Optional[Callable] = None) -> Callable[[], None]:
     """A training step (forward, backward, Adam) of the language model ``model`` on random tokens ``[B, L]`` with a

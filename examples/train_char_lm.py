@@ -73,16 +73,15 @@ def segment(streams: torch.Tensor, length: int, index: int):
 
 @torch.no_grad()
 def evaluate(model: TransformerXL, streams: torch.Tensor, length: int) -> float:
-    """Bits per character over the streams, memory carried across segments (with the model's attention span), no
-    grad; every layer keeps its memory's projected keys and values across the segments (``kv_caches``)."""
+    """Bits per character over the streams, memory carried across segments (with the model's attention span);
+    every layer keeps its memory's projected keys and values across the segments (``kv_caches``)."""
     was_training = model.training
     model.eval()
     memory, total, count, caches = None, 0.0, 0, model.new_kv_caches()
-    with torch.no_grad():
-        for inputs, targets in segments(streams, length):
-            loss, memory = model(inputs, memory, targets, kv_caches=caches)
-            total += loss.item() * targets.numel()
-            count += targets.numel()
+    for inputs, targets in segments(streams, length):
+        loss, memory = model(inputs, memory, targets, kv_caches=caches)
+        total += loss.item() * targets.numel()
+        count += targets.numel()
     model.train(was_training)
     return total / count / math.log(2)
 

@@ -22,8 +22,7 @@ import itertools
 
 import torch
 
-from bench.harness import BENCH_ERRORS, describe_error, failure_row, time_interleaved
-from memtx_ops.nn import TransformerXL
+from bench.harness import BENCH_ERRORS, describe_error, failure_row, lm_model, time_interleaved
 
 NAME = "generation"
 BASELINE = "reference"
@@ -45,11 +44,7 @@ def default_config(device):
 
 def model_with_memory(backend, cfg, B, M, device, dtype):
     """(a fresh model in eval mode whose attention runs ``backend``, a full memory of ``M`` positions)."""
-    torch.manual_seed(0)
-    model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
-                          d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.0, mem_len=M,
-                          backend=backend, dropout_backend="torch" if backend == "reference" else "auto")
-    model = model.to(device=device, dtype=dtype).eval()
+    model = lm_model(cfg, backend, M, 0.0, device, dtype).eval()
     with torch.no_grad():
         _, memory = model(torch.randint(0, cfg["vocab"], (B, M), device=device))
     return model, memory

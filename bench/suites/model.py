@@ -16,8 +16,7 @@ import itertools
 
 import torch
 
-from bench.harness import lm_training_step, measure_training_steps
-from memtx_ops.nn import TransformerXL
+from bench.harness import lm_model, lm_training_step, measure_training_steps
 
 NAME = "model"
 BASELINE = "reference"
@@ -38,11 +37,7 @@ def train_step_of(label, cfg, B, L, device, autocast):
     (compiled with a ``:compiled`` suffix), with a full memory of L positions; the optimiser state is created (and
     the model compiled) by one step here."""
     backend, _, compiled = label.partition(":")
-    torch.manual_seed(0)
-    model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
-                          d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=0.1,
-                          mem_len=L, backend=backend,
-                          dropout_backend="torch" if backend == "reference" else "auto").to(device)
+    model = lm_model(cfg, backend, L, 0.1, device)
     forward = torch.compile(model, fullgraph=True) if compiled else None
     return lm_training_step(model, cfg["vocab"], B, L, device, autocast, forward)
 
