@@ -74,15 +74,14 @@ def parse_layout(layout: str) -> List[Tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One step of the hourglass: ``"layers"`` (``count`` layers from ``first_layer`` at shortening ``factor``,
-    memory ``mem_len`` each), ``"down"`` or ``"up"`` (by the ratio ``factor`` between two levels; ``state``: the
-    index of its resampling state in the memory, or -1)."""
+    """One step of the hourglass: ``"layers"`` (``count`` layers from ``first_layer`` at shortening ``factor``, a
+    memory of the model's ``mem_len / factor`` each), ``"down"`` or ``"up"`` (by the ratio ``factor`` between two
+    levels; ``state``: the index of its resampling state in the memory, or -1)."""
 
     kind: str
     factor: int
     count: int = 0
     first_layer: int = 0
-    mem_len: int = 0
     state: int = -1
 
 
@@ -136,15 +135,25 @@ class HourglassTransformerXL(TransformerXL):
             elif index > peak:
                 up = 2 * peak - index  # the shortening this upsampling undoes
                 stages.append(Stage("up", downs[up], state=len(downs) + up if self.upsample == "linear" else -1))
-            stages.append(Stage("layers", factor, count, first, self.mem_len // factor))
+            stages.append(Stage("layers", factor, count, first))
             first += count
         return stages, state_lengths
 
     def memory_lengths(self) -> List[int]:
         """Positions each memory entry holds once full: per layer ``mem_len / f`` (f: its level's factor), then
         ``k - 1`` per shortening by ``k`` and, with ``upsample="linear"``, 1 per upsampling."""
-        per_layer = [s.mem_len for s in self.stages if s.kind == "layers" for _ in range(s.count)]
+        per_layer = [self.mem_len // s.factor for s in self.stages if s.kind == "layers" for _ in range(s.count)]
         return per_layer + self._state_lengths
+
+    def set_attention_span(self, *, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                           same_length: Optional[bool] = None):
+        """:meth:`TransformerXL.set_attention_span`; ``mem_len`` must be a multiple of the largest factor (a level at
+        factor f then keeps ``mem_len / f``; ``clamp_len`` and ``same_length``'s window count each level's steps)."""
+        if mem_len is not None and not isinstance(mem_len, bool) and isinstance(mem_len, int) \
+                and mem_len % self.max_factor:
+            raise ValueError(f"mem_len must be a multiple of the largest factor {self.max_factor} of layout "
+                             f"{self.layout!r} (a level at factor f keeps mem_len / f positions), got {mem_len!r}")
+        return super().set_attention_span(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
 
     def _memory_description(self) -> str:
         return (f"one LayerMemory per layer (n_layer={self.n_layer}) and per resampling state "
@@ -210,9 +219,10 @@ class HourglassTransformerXL(TransformerXL):
     def _layers(self, stage: Stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer, kv_caches):
         """Runs the ``stage.count`` layers of one level on ``h`` ``[L_level, B, d]``, refreshing their memories
         (and ``kv_caches``, when given: :meth:`TransformerXL._stack`)."""
+        mem_len = self.mem_len // stage.factor
         for index in range(stage.first_layer, stage.first_layer + stage.count):
             mem = memory[index]
-            next_memory[index] = updated_memory(mem, skip[index], kept(h.transpose(0, 1)), stage.mem_len,
+            next_memory[index] = updated_memory(mem, skip[index], kept(h.transpose(0, 1)), mem_len,
                                                 None if kv_caches is None else kv_caches[index])
             if skip[index] or (index == self.n_layer - 1 and not top_layer):
                 continue
@@ -220,7 +230,7 @@ class HourglassTransformerXL(TransformerXL):
             klen = mem.hidden.shape[1] + h.shape[0]
             pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
             perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
-            window = stage.mem_len if self.same_length else None  # same_length: the level's window
+            window = mem_len if self.same_length else None  # same_length: the level's window
             h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm,
                       None if kv_caches is None else kv_caches[index])
             if kv_caches is not None:
