@@ -155,6 +155,52 @@ def test_position_buffer_keeps_the_last_positions_through_moves():
     assert moves > 10 and len(capacities) == 1  # moved to the front many times, never regrown: it holds 7 + 3
 
 
+def test_position_buffer_rollback_forgets_one_extend_through_moves_and_growth():
+    """rollback(mark) returns to the positions kept at mark whether the extend since appended in place, moved the
+    positions to the front first, or grew the buffer; the forgotten rows' room is written by the next extend."""
+    from memtx_ops.nn.generation import PositionBuffer
+
+    buffer, kept, moves, growths = PositionBuffer(dim=1), torch.randn(2, 0, 4), 0, 0
+    for step in range(120):
+        new = torch.randn(2, 1 + step % 3, 4)
+        if step % 2:  # a forward that is forgotten
+            mark, start, capacity = buffer.mark(), buffer.start, buffer.buffer.shape[1]
+            buffer.extend(torch.randn(2, 40 if step == 111 else 1 + step % 4, 4))  # 40: past its capacity
+            buffer.keep_last(7)
+            moves += buffer.buffer.shape[1] == capacity and buffer.start < start
+            growths += buffer.buffer.shape[1] != capacity
+            buffer.rollback(mark)
+            assert torch.equal(buffer.window(), kept)
+        buffer.extend(new)
+        buffer.keep_last(7)
+        kept = torch.cat([kept, new], 1)[:, -7:]
+        assert torch.equal(buffer.window(), kept)
+    assert moves > 5 and growths >= 1
+
+
+def test_key_value_cache_rollback_gives_back_the_memory_it_stood_for():
+    """A forgotten forward (update_memory and extend, then rollback) leaves the cache standing for the memory before
+    it, with rows equal to that memory's even when the forward moved them in the buffer, and the next forward
+    appends after them."""
+    from memtx_ops.nn import LayerMemory
+    from memtx_ops.nn.generation import KeyValueCache
+
+    cache, kept = KeyValueCache(), torch.randn(2, 0, 4)
+    mem, moved = LayerMemory(kept), 0
+    for step in range(60):
+        checkpoint, start = cache.checkpoint(), cache._hidden.start
+        cache.update_memory(mem, torch.randn(2, 1 + step % 3, 4), 7)
+        cache.extend(torch.randn(1 + step % 3, 2, 2, 1, 4))
+        moved += cache._hidden.start < start
+        mem = cache.rollback(checkpoint, mem)
+        assert torch.equal(mem.hidden, kept)
+        new = torch.randn(2, 1 + step % 2, 4)
+        mem = cache.update_memory(mem, new, 7)
+        kept = torch.cat([kept, new], 1)[:, -7:]
+        assert torch.equal(mem.hidden, kept)
+    assert moved > 3
+
+
 def test_attention_rejects_a_cache_it_cannot_use():
     from memtx_ops.nn import RelPartialLearnableMultiHeadAttn
     from memtx_ops.nn.generation import KeyValueCache

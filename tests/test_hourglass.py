@@ -167,9 +167,8 @@ def test_flat_layout_is_the_transformer_xl():
     assert len(results[0]) == len(results[1]) and all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_generate_decodes_a_flat_layout_and_refuses_a_shortened_one():
-    """A flat layout decodes as the TransformerXL it equals (token for token, through the decoding caches); a
-    layout with a shortening refuses clearly rather than failing inside the resampling op."""
+def test_generate_decodes_a_flat_layout_as_the_transformer_xl():
+    """A flat layout decodes as the TransformerXL it equals (token for token, through the decoding caches)."""
     prompt = torch.randint(0, N_TOKEN, (2, 5), generator=torch.Generator().manual_seed(0))
     flat = small_hourglass("3@1", dropout=0.0)
     torch.manual_seed(0)
@@ -177,30 +176,80 @@ def test_generate_decodes_a_flat_layout_and_refuses_a_shortened_one():
     got, want = (m.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(1),
                             return_logits=True)[1] for m in (flat, plain))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    with pytest.raises(NotImplementedError, match="shortens by up to 3"):
-        small_hourglass("1@1 1@3 1@1").generate(torch.randint(0, N_TOKEN, (2, 6)), 3)
 
 
-def test_attention_span_sets_every_level_memory():
-    """An evaluation span (longer memory, same_length) reaches every level: the model under attention_span(mem_len=24)
-    keeps and computes what one built with mem_len=24 does, and a span that is not a multiple of the largest factor
-    is refused rather than truncated."""
-    xs, _ = segments(3, L=6)
-    trained = small_hourglass("1@1 1@3 1@1", mem_len=6)
-    built = small_hourglass("1@1 1@3 1@1", mem_len=24, same_length=True)
-    built.load_state_dict(trained.state_dict())
-    trained.eval(), built.eval()
+def forward_by_groups(model, tokens):
+    """Logits ``[B, len, n_token]`` of ``tokens`` fed from an empty memory in segments of one group (the largest
+    factor), the last one padded, and the memory after the whole groups: what decoding computes, memory truncation
+    and same_length windows included."""
+    F = model.max_factor
+    whole = tokens.shape[1] - tokens.shape[1] % F
+    padded = torch.cat([tokens, tokens[:, :1].expand(tokens.shape[0], -tokens.shape[1] % F)], 1)
+    memory, out = None, []
     with torch.no_grad():
-        expected, _ = logits_from(built, xs)
-        with trained.attention_span(mem_len=24, same_length=True):
-            assert trained.memory_lengths() == [24, 8, 24, 2]
-            got, before = logits_from(trained, xs)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert [m.hidden.shape[1] for m in before[-1]] == [12, 4, 12, 2]
-    assert trained.memory_lengths() == [6, 2, 6, 2] and not trained.same_length
-    with pytest.raises(ValueError, match="multiple of the largest factor 3"):
-        trained.set_attention_span(mem_len=7)
-    assert trained.mem_len == 6
+        for start in range(0, padded.shape[1], F):
+            logits, after = model(padded[:, start:start + F], memory)
+            out.append(logits)
+            memory = after if start < whole else memory
+    return torch.cat(out, 1)[:, : tokens.shape[1]], memory
+
+
+DECODED_LAYOUTS = [("1@1 1@3 1@1", dict()), ("1@1 1@3 1@1", dict(upsample="linear", downsample="weighted")),
+                   ("1@1 1@2 1@6 1@2 1@1", dict(upsample="linear", same_length=True, clamp_len=5)),
+                   ("2@1 1@2 1@1", dict(pre_lnorm=True))]
+
+
+@pytest.mark.parametrize("layout, options", DECODED_LAYOUTS, ids=["repeat", "linear_weighted", "nested_same_length",
+                                                                  "pre_lnorm"])
+@pytest.mark.parametrize("P", [1, 5, 13])
+def test_generate_through_shortenings_equals_the_forward_by_groups(layout, options, P):
+    """Decoding through the shortenings: every step's logits equal those of the forward over the context fed a group
+    at a time (each token that does not complete a group is decoded with the group's earlier ones and forgotten);
+    40 steps against a memory of 12 also move the caches' buffers. Prompts of every length, not only multiples."""
+    model = small_hourglass(layout, mem_len=12, dropout=0.1, **options)
+    if model.downsample_weights is not None:
+        with torch.no_grad():
+            for weights in model.downsample_weights:
+                weights.uniform_(0.2, 1.0)
+    prompt = torch.randint(0, N_TOKEN, (2, P), generator=torch.Generator().manual_seed(P))
+    new, logits, memory = model.generate(prompt, 40, temperature=0.0, segment_len=model.max_factor,
+                                         return_logits=True)
+    model.eval()
+    context = torch.cat([prompt, new[:, :-1]], 1)
+    expected, expected_memory = forward_by_groups(model, context)
+    torch.testing.assert_close(logits, expected[:, P - 1:], rtol=1e-10, atol=1e-10)
+    assert torch.equal(new, logits.argmax(-1))
+    assert len(memory) == len(expected_memory)
+    for got, want in zip(memory, expected_memory):
+        torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-10, atol=1e-10)
+    pending = context.shape[1] % model.max_factor
+    assert getattr(memory, "pending", context[:, :0]).shape[1] == pending
+    if pending:
+        assert torch.equal(memory.pending, context[:, -pending:])
+
+
+def test_generate_with_a_long_memory_equals_one_forward_and_goes_on_from_a_pending_group():
+    """With a memory longer than the context, decoding equals one forward over it all (padded to the group); a
+    generation stopped inside a group goes on from its PendingMemory exactly as one longer generation would, and
+    forward refuses that memory rather than starting a segment inside a group."""
+    model = small_hourglass("1@1 1@3 1@1", mem_len=60, upsample="linear")
+    prompt = torch.randint(0, N_TOKEN, (2, 7), generator=torch.Generator().manual_seed(3))
+    new, logits, _ = model.generate(prompt, 13, temperature=0.0, return_logits=True)
+    model.eval()
+    context = torch.cat([prompt, new[:, :-1]], 1)  # 19 tokens, padded to 21
+    with torch.no_grad():
+        expected, _ = model(torch.cat([context, context[:, :2]], 1))
+    torch.testing.assert_close(logits, expected[:, 6:19], rtol=1e-10, atol=1e-10)
+
+    first, first_logits, memory = model.generate(prompt, 5, temperature=0.0, return_logits=True)
+    assert memory.pending.shape == (2, 2)  # 7 + 4 tokens decoded: 9 in whole groups, 2 pending
+    second, second_logits, _ = model.generate(first[:, -1:], 8, temperature=0.0, memory=memory, return_logits=True)
+    torch.testing.assert_close(torch.cat([first_logits, second_logits], 1), logits, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.cat([first, second], 1), new)
+    with pytest.raises(ValueError, match="memory ends 2 tokens into a group of 3"):
+        model(first[:, :3], memory)
+    with pytest.raises(ValueError, match="segment_len must be an int >= 1 and a multiple of 3"):
+        model.generate(prompt, 2, segment_len=4)
 
 
 @pytest.mark.parametrize("upsample", ["repeat", "linear"])

@@ -38,6 +38,20 @@ def test_train_char_lm_trains_the_hourglass_and_resumes_exactly(tmp_path):
     assert result["args"]["layout"] == "1@1 1@3 1@1" and result["test_bpc"] > 0 and result["train_tokens_per_s"] > 0
 
 
+def test_hourglass_checkpoint_evaluates_with_a_long_memory_and_samples(tmp_path):
+    """--eval-only scores a hourglass checkpoint with the evaluation settings too (memory 4 x 96: a multiple of the
+    factor, which every level then divides) and --sample decodes through the shortening from a prompt that is not a
+    multiple of the factor, reproducibly from the seed."""
+    run("train_char_lm.py", *TINY, "--steps", "2", "--out", str(tmp_path))
+    out = run("train_char_lm.py", *TINY, "--out", str(tmp_path), "--eval-only", "--eval-chars", "600")
+    assert "with evaluation settings (segment 96, memory 384," in out
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["evaluation"]["test_bpc"] > 0 and results["evaluation"]["tokens_per_s"] > 0
+    sample = [run("train_char_lm.py", *TINY, "--out", str(tmp_path), "--sample", "25", "--prompt", "The ", "--seed",
+                  "3") for _ in range(2)]
+    assert sample[0].startswith("The ") and len(sample[0].rstrip("\n")) == 29 and sample[0] == sample[1]
+
+
 def test_tradeoff_script_compares_flat_and_hourglass(tmp_path):
     out = run("hourglass_tradeoff.py", "--tiny", "--steps", "2", "--threads", "1", "--layout", "1@1 1@3 1@1",
               "--out", str(tmp_path))

@@ -1,4 +1,6 @@
-"""Sampling the next token from a language model's logits: temperature, top-k and nucleus (top-p) filtering.
+"""Decoding: sampling the next token from a language model's logits (temperature, top-k and nucleus (top-p)
+filtering), the per-layer caches a decoding step reads instead of recomputing, and the memory of a decoding that
+stopped inside a group of positions.
 
 ``sample_next_token(logits [B, V], ...) -> [B]`` int64. All of it runs on the logits' device; the only random draw is
 one ``torch.multinomial`` from the caller's generator (or torch's default one), so a seeded generator reproduces
@@ -7,7 +9,7 @@ the tokens.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -60,6 +62,7 @@ class PositionBuffer:
         self.dim = dim
         self.buffer: Optional[Tensor] = None
         self.start = self.end = 0
+        self.appended = 0  # positions ever appended
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -83,7 +86,20 @@ class PositionBuffer:
             self.start, self.end = 0, kept
         self._span(self.end, self.end + n).copy_(rows)
         self.end += n
+        self.appended += n
         return self.window()
+
+    def mark(self) -> Tuple[int, int]:
+        """What :meth:`rollback` returns to: (kept positions, positions ever appended)."""
+        return len(self), self.appended
+
+    def rollback(self, mark: Tuple[int, int]) -> None:
+        """Back to the positions kept at ``mark``, forgetting those appended since by one :meth:`extend` (and any
+        :meth:`keep_last`): the extend kept them, moving them to the front at most, so they are still in the
+        buffer, just before the appended ones."""
+        kept, appended = mark
+        self.end -= self.appended - appended
+        self.start, self.appended = self.end - kept, appended
 
     def keep_last(self, n: int) -> None:
         """Drops all but the last ``n`` positions."""
@@ -117,7 +133,8 @@ class KeyValueCache:
     def __init__(self):
         self._keys = PositionBuffer(dim=3)
         self._hidden = PositionBuffer(dim=1)
-        self._memory = None  # the LayerMemory update_memory returned last
+        self._memory = None  # the LayerMemory this cache stands for: the one update_memory returned last, or adopted
+        self._memory_is_view = False  # whether its rows are a view of self._hidden (update_memory's)
         self._positions = None  # (table, its version, rows, projected [H, rows, D])
 
     def __len__(self) -> int:
@@ -143,12 +160,29 @@ class KeyValueCache:
             self._keys = PositionBuffer(dim=3)  # and project its keys again
         self._hidden.extend(x)
         self._hidden.keep_last(mem_len)
-        self._memory = type(mem)(self._hidden.window())
+        self._memory, self._memory_is_view = type(mem)(self._hidden.window()), True
         return self._memory
 
     def adopt(self, mem) -> None:
         """Stands for ``mem`` from now on: a copy of the memory :meth:`update_memory` returned last."""
-        self._memory = mem
+        self._memory, self._memory_is_view = mem, False
+
+    def checkpoint(self):
+        """What :meth:`rollback` needs to forget the next forward of the layer."""
+        return (self._keys, self._keys.mark(), self._hidden, self._hidden.mark(), self._memory,
+                self._memory_is_view)
+
+    def rollback(self, checkpoint, mem):
+        """Forgets what one forward of the layer since ``checkpoint`` appended (a partial group decoded against
+        the memory, whose positions no memory keeps) -> ``mem``, the layer's memory before that forward: if this
+        cache stands for it, a fresh view of its rows (the forward may have moved them in the buffer)."""
+        self._keys, keys_mark, self._hidden, hidden_mark, memory, is_view = checkpoint
+        self._keys.rollback(keys_mark)
+        self._hidden.rollback(hidden_mark)
+        self._memory, self._memory_is_view = memory, is_view
+        if mem is memory and is_view:
+            self._memory = mem = type(mem)(self._hidden.window())
+        return mem
 
     def positions(self, r: Tensor, rows: int, project):
         """``project(rows)`` (the layer's projected position embeddings of table ``r``), computed once per table."""
@@ -158,3 +192,18 @@ class KeyValueCache:
         projected = project(rows)
         self._positions = (r, r._version, rows, projected)
         return projected
+
+
+class PendingMemory(list):
+    """A memory that ends inside a group of positions: the model's memory entries (a list, as ever) up to the last
+    whole group, and ``pending`` ``[B, t]`` (0 < t < the group), the tokens after it that no entry holds yet.
+
+    :meth:`HourglassTransformerXL.generate <memtx_ops.nn.HourglassTransformerXL.generate>` returns one when the
+    context it decoded does not end on a multiple of the largest factor (a memory holds whole groups of it);
+    ``generate(prompt, memory=it)`` decodes the pending tokens before the prompt, and ``forward`` refuses it (its
+    segment would start inside a group).
+    """
+
+    def __init__(self, entries, pending: Tensor):
+        super().__init__(entries)
+        self.pending = pending

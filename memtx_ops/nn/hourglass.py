@@ -159,15 +159,10 @@ class HourglassTransformerXL(TransformerXL):
         return (f"one LayerMemory per layer (n_layer={self.n_layer}) and per resampling state "
                 f"({len(self._state_lengths)}): {len(self.memory_lengths())} entries")
 
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **options):
-        """:meth:`TransformerXL.generate` for a layout without shortening (largest factor 1). With one it raises
-        ``NotImplementedError``: a step decodes one token, and causal resampling needs whole groups of ``factor``
-        positions (decoding through a partial group is not built)."""
-        if self.max_factor > 1:
-            raise NotImplementedError(f"{type(self).__name__}.generate: layout {self.layout!r} shortens by up to "
-                                      f"{self.max_factor}, and decoding one token at a time through a shortening is "
-                                      "not supported; score whole segments with forward() instead")
-        return super().generate(prompt, max_new_tokens, **options)
+    @property
+    def segment_multiple(self) -> int:
+        """Segments are a multiple of the largest factor long, and :meth:`generate` decodes by groups of it."""
+        return self.max_factor
 
     def check_segment(self, tokens, memory: Optional[Memory] = None, targets=None, what: str = "tokens") -> None:
         """:meth:`TransformerXL.check_segment`, and the segment length must be a multiple of the largest factor."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from memtx_ops.nn.cross_head import CrossHeadPermutation
 from memtx_ops.nn.dropout import Dropout
-from memtx_ops.nn.generation import KeyValueCache, check_sampling, sample_next_token
+from memtx_ops.nn.generation import KeyValueCache, PendingMemory, check_sampling, sample_next_token
 from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
@@ -104,7 +104,8 @@ class TransformerXL(nn.Module):
     ``cross_head_p`` (probability of a head permutation per layer forward in training), ``skip_retain_p``
     with ``skip_schedule`` and ``phase`` (two-phase training), ``same_length``, ``clamp_len``,
     ``backend`` for the attention op and ``dropout_backend`` for every dropout (:func:`memtx_ops.dropout`;
-    ``backend="reference", dropout_backend="torch"`` is the eager Transformer-XL). :meth:`replay_segments` trains with gradient through the memory.
+    ``backend="reference", dropout_backend="torch"`` is the eager Transformer-XL). :meth:`replay_segments` trains
+    with gradient through the memory; :meth:`generate` decodes against cached memories.
     """
 
     def __init__(self, n_token: int, n_layer: int = 4, n_head: int = 4, d_model: int = 128, d_head: int = 32,
@@ -181,6 +182,10 @@ class TransformerXL(nn.Module):
         finally:
             self.set_attention_span(**previous)
 
+    # Segments (and so the positions a memory covers) come in multiples of this many tokens: 1 here; the hourglass
+    # model's largest factor.
+    segment_multiple = 1
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, memory: Optional[Memory] = None,
@@ -197,36 +202,73 @@ class TransformerXL(nn.Module):
         Sampling: :func:`memtx_ops.nn.generation.
         sample_next_token` (``temperature`` 0: greedy; ``top_k``; ``top_p``; ``generator`` reproduces the draws).
         Runs in evaluation mode (no dropout, no skipped layers, no head permutations) and restores the mode after.
+
+        A model whose memory advances by groups of ``segment_multiple`` tokens (the hourglass model) decodes a token
+        that does not complete a group with the group's earlier tokens, padded to a group, and then forgets those
+        positions again (:meth:`KeyValueCache.rollback`); ``segment_len`` must be a multiple of the group; a memory
+        returned with a group unfinished is a :class:`~memtx_ops.nn.generation.PendingMemory`.
         """
         check_sampling(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        segment_len = max(self.mem_len, 1) if segment_len is None else segment_len
-        if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
-            raise ValueError(f"generate: segment_len must be an int >= 1, got {segment_len!r}")
-        self.check_segment(prompt, memory, what="prompt")
+        group = self.segment_multiple
+        segment_len = max(self.mem_len, group) if segment_len is None else segment_len
+        if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1 or segment_len % group:
+            raise ValueError(f"generate: segment_len must be an int >= 1 and a multiple of {group} (the model's "
+                             f"segments are), got {segment_len!r}")
+        pending = getattr(memory, "pending", None)
+        if pending is not None:
+            if not isinstance(pending, torch.Tensor) or pending.dim() != 2 or pending.shape[0] != prompt.shape[0] \
+                    or pending.device != prompt.device or pending.dtype != prompt.dtype:
+                raise ValueError("generate: memory.pending must be the [B, t] tokens of the prompt's batch, dtype "
+                                 "and device that the memory ends with")
+            prompt, memory = torch.cat([pending, prompt], 1), list(memory)
+        TransformerXL.check_segment(self, prompt, memory, what="prompt")  # any length: groups are handled here
         was_training = self.training
         self.eval()
         try:
             memory = self.empty_memory(prompt.shape[0], prompt.device) if memory is None else memory
             kv_caches = self.new_kv_caches()
-            for start in range(0, prompt.shape[1], segment_len):
-                hidden, memory = self._stack(prompt[:, start:start + segment_len], memory, kv_caches=kv_caches)
+            whole = prompt.shape[1] - prompt.shape[1] % group
+            for start in range(0, whole, segment_len):
+                hidden, memory = self._stack(prompt[:, start:min(start + segment_len, whole)], memory,
+                                             kv_caches=kv_caches)
+            pending = prompt[:, whole:]
+            if pending.shape[1]:
+                hidden, memory = self._decode_partial_group(pending, memory, kv_caches)
             tokens, step_logits = [], []
             for step in range(max_new_tokens):
                 logits = self.logits(hidden[:, -1])
                 step_logits.append(logits)
                 tokens.append(sample_next_token(logits, temperature, top_k, top_p, generator))
                 if step + 1 < max_new_tokens:
-                    hidden, memory = self._stack(tokens[-1][:, None], memory, kv_caches=kv_caches)
+                    pending = torch.cat([pending, tokens[-1][:, None]], 1)
+                    if pending.shape[1] < group:
+                        hidden, memory = self._decode_partial_group(pending, memory, kv_caches)
+                    else:
+                        hidden, memory = self._stack(pending, memory, kv_caches=kv_caches)
+                        pending = pending[:, :0]
         finally:
             self.train(was_training)
         memory = self._owned_memory(memory, kv_caches)
+        if pending.shape[1]:
+            memory = PendingMemory(memory, pending)
         new = torch.stack(tokens, 1) if tokens else prompt.new_empty(prompt.shape[0], 0)
         if return_logits:
             logits = torch.stack(step_logits, 1) if step_logits else hidden.new_empty(prompt.shape[0], 0, self.n_token)
             return new, logits, memory
         return new, memory
+
+    def _decode_partial_group(self, tokens, memory: Memory, kv_caches: List[KeyValueCache]):
+        """The top hidden states ``[B, t, d]`` of ``tokens [B, t]`` (fewer than a group) after ``memory``, which
+        stays as it was -> (them, the memory): the tokens padded to a group (by repeating the last one; causal
+        layers never let a row read a later one), decoded, and forgotten by every cache."""
+        B, t = tokens.shape
+        padded = torch.cat([tokens, tokens[:, -1:].expand(B, self.segment_multiple - t)], 1)
+        checkpoints = [cache.checkpoint() for cache in kv_caches]
+        hidden, _ = self._stack(padded, memory, kv_caches=kv_caches)
+        kept = [cache.rollback(checkpoint, mem) for cache, checkpoint, mem in zip(kv_caches, checkpoints, memory)]
+        return hidden[:, :t], kept + list(memory[len(kept):])
 
     def new_kv_caches(self) -> List[KeyValueCache]:
         """One empty :class:`~memtx_ops.nn.generation.KeyValueCache` per layer, for ``forward(kv_caches=...)``."""
@@ -333,6 +375,11 @@ class TransformerXL(nn.Module):
             raise ValueError(f"{name}: targets must have the shape of {what} ({B}, {L}), got {shape}")
         if memory is None:
             return
+        pending = getattr(memory, "pending", None)
+        if pending is not None and pending.shape[1]:
+            raise ValueError(f"{name}: memory ends {pending.shape[1]} tokens into a group of {self.segment_multiple} "
+                             "(a PendingMemory from generate): pass it to generate(), which decodes memory.pending "
+                             "first, or forward torch.cat([memory.pending, tokens], 1) with list(memory)")
         if not isinstance(memory, (list, tuple)) or len(memory) != len(self.memory_lengths()):
             got = f"{len(memory)} entries" if isinstance(memory, (list, tuple)) else type(memory).__name__
             raise ValueError(f"{name}: memory must hold {self._memory_description()}, got {got}")
