@@ -364,16 +364,18 @@ def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable
 
 
 def lm_model(cfg: Dict[str, object], backend: str, mem_len: int, dropout: float, device: torch.device,
-             dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+             dtype: Optional[torch.dtype] = None, layout: Optional[str] = None) -> torch.nn.Module:
     """A fresh ``TransformerXL`` of the suite config ``cfg`` (vocab, n_layer, n_head, d_model, d_inner), seeded,
-    whose attention runs ``backend``: ``"reference"`` is the eager Transformer-XL (with torch's dropout)."""
-    from memtx_ops.nn import TransformerXL
+    whose attention runs ``backend``: ``"reference"`` is the eager Transformer-XL (with torch's dropout). With a
+    ``layout``, a ``HourglassTransformerXL`` of it instead (its depth, not ``n_layer``)."""
+    from memtx_ops.nn import HourglassTransformerXL, TransformerXL
 
     torch.manual_seed(0)
-    model = TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], d_model=cfg["d_model"],
-                          d_head=cfg["d_model"] // cfg["n_head"], d_inner=cfg["d_inner"], dropout=dropout,
-                          mem_len=mem_len, backend=backend,
-                          dropout_backend="torch" if backend == "reference" else "auto")
+    shape = dict(n_head=cfg["n_head"], d_model=cfg["d_model"], d_head=cfg["d_model"] // cfg["n_head"],
+                 d_inner=cfg["d_inner"], dropout=dropout, mem_len=mem_len, backend=backend,
+                 dropout_backend="torch" if backend == "reference" else "auto")
+    model = (TransformerXL(cfg["vocab"], n_layer=cfg["n_layer"], **shape) if layout is None
+             else HourglassTransformerXL(cfg["vocab"], layout=layout, resample_backend=backend, **shape))
     return model.to(device=device, dtype=dtype)
 
 

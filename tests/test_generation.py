@@ -155,27 +155,29 @@ def test_position_buffer_keeps_the_last_positions_through_moves():
     assert moves > 10 and len(capacities) == 1  # moved to the front many times, never regrown: it holds 7 + 3
 
 
-def test_position_buffer_rollback_forgets_one_extend_through_moves_and_growth():
-    """rollback(mark) returns to the positions kept at mark whether the extend since appended in place, moved the
-    positions to the front first, or grew the buffer; the forgotten rows' room is written by the next extend."""
+def test_position_buffer_forgets_one_extend_through_moves_and_growth():
+    """forget_last(n, kept) returns to the positions kept before an extend of n, whether it appended in place, moved
+    the positions to the front first, or grew the buffer; the forgotten rows' room is written by the next extend."""
     from memtx_ops.nn.generation import PositionBuffer
 
     buffer, kept, moves, growths = PositionBuffer(dim=1), torch.randn(2, 0, 4), 0, 0
     for step in range(120):
         new = torch.randn(2, 1 + step % 3, 4)
         if step % 2:  # a forward that is forgotten
-            mark, start, capacity = buffer.mark(), buffer.start, buffer.buffer.shape[1]
-            buffer.extend(torch.randn(2, 40 if step == 111 else 1 + step % 4, 4))  # 40: past its capacity
+            start, capacity, n = buffer.start, buffer.buffer.shape[1], 40 if step == 111 else 1 + step % 4
+            buffer.extend(torch.randn(2, n, 4))  # 40: past its capacity
             buffer.keep_last(7)
             moves += buffer.buffer.shape[1] == capacity and buffer.start < start
             growths += buffer.buffer.shape[1] != capacity
-            buffer.rollback(mark)
+            buffer.forget_last(n, kept.shape[1])
             assert torch.equal(buffer.window(), kept)
         buffer.extend(new)
         buffer.keep_last(7)
         kept = torch.cat([kept, new], 1)[:, -7:]
         assert torch.equal(buffer.window(), kept)
     assert moves > 5 and growths >= 1
+    with pytest.raises(ValueError, match="are not all in the buffer"):
+        buffer.forget_last(1, buffer.end)
 
 
 def test_key_value_cache_rollback_gives_back_the_memory_it_stood_for():
@@ -199,6 +201,34 @@ def test_key_value_cache_rollback_gives_back_the_memory_it_stood_for():
         kept = torch.cat([kept, new], 1)[:, -7:]
         assert torch.equal(mem.hidden, kept)
     assert moved > 3
+
+
+def test_key_value_cache_rollback_keeps_the_keys_of_a_memory_it_started_over_from():
+    """A forgotten forward against a memory the cache did not stand for keeps that memory's rows and keys: the cache
+    stands for it afterwards (the next forward projects only its own positions); a memory it could not keep whole
+    (longer than mem_len) leaves the cache as it was."""
+    from memtx_ops.nn import LayerMemory
+    from memtx_ops.nn.generation import KeyValueCache
+
+    mem = LayerMemory(torch.randn(2, 5, 4))
+    cache = KeyValueCache()
+    checkpoint = cache.checkpoint()
+    cache.update_memory(mem, torch.randn(2, 3, 4), 8)
+    keys = torch.randn(8, 2, 2, 1, 4)
+    cache.extend(keys)  # the layer projects [memory ; segment]
+    kept = cache.rollback(checkpoint, mem)
+    assert kept is not mem and torch.equal(kept.hidden, mem.hidden) and len(cache) == 5
+    assert torch.equal(cache.extend(keys[:1])[0][:, 0, :5], keys[:5, :, 0, 0].transpose(0, 1))
+    cache.keep_last(5)
+    buffer = cache._keys
+    cache.update_memory(kept, torch.randn(2, 1, 4), 8)
+    assert cache._keys is buffer  # stood for it: no start over
+
+    long_cache = KeyValueCache()
+    checkpoint = long_cache.checkpoint()
+    long_cache.update_memory(mem, torch.randn(2, 3, 4), 4)  # mem_len 4 < 5: keeps 4 of mem's rows only
+    long_cache.extend(keys)
+    assert long_cache.rollback(checkpoint, mem) is mem and len(long_cache) == 0
 
 
 def test_attention_rejects_a_cache_it_cannot_use():

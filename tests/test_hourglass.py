@@ -252,6 +252,47 @@ def test_generate_with_a_long_memory_equals_one_forward_and_goes_on_from_a_pendi
         model.generate(prompt, 2, segment_len=4)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(upsample="linear", same_length=True, clamp_len=3)],
+                         ids=["repeat", "linear_same_length_clamp"])
+def test_evaluation_with_kv_caches_equals_the_plain_forward(options):
+    """Segments scored with ``kv_caches`` (every level's layers project only the segment's keys) give the losses and
+    memories of the plain forward, through memory truncation at every level."""
+    model = small_hourglass("1@1 2@3 1@1", mem_len=12, **options).eval()
+    xs, ys = segments(5, L=6)
+    caches = model.new_kv_caches()
+    plain = cached = None
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            want, plain = model(x, plain, y)
+            got, cached = model(x, cached, y, kv_caches=caches)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            assert len(cached) == len(plain)
+            for a, b in zip(cached, plain):
+                torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_span_sets_every_level_memory():
+    """An evaluation span (longer memory, same_length) reaches every level: the model under attention_span(mem_len=24)
+    keeps and computes what one built with mem_len=24 does, and a span that is not a multiple of the largest factor
+    is refused rather than truncated."""
+    xs, _ = segments(3, L=6)
+    trained = small_hourglass("1@1 1@3 1@1", mem_len=6)
+    built = small_hourglass("1@1 1@3 1@1", mem_len=24, same_length=True)
+    built.load_state_dict(trained.state_dict())
+    trained.eval(), built.eval()
+    with torch.no_grad():
+        expected, _ = logits_from(built, xs)
+        with trained.attention_span(mem_len=24, same_length=True):
+            assert trained.memory_lengths() == [24, 8, 24, 2]
+            got, before = logits_from(trained, xs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert [m.hidden.shape[1] for m in before[-1]] == [12, 4, 12, 2]
+    assert trained.memory_lengths() == [6, 2, 6, 2] and not trained.same_length
+    with pytest.raises(ValueError, match="multiple of the largest factor 3"):
+        trained.set_attention_span(mem_len=7)
+    assert trained.mem_len == 6
+
+
 @pytest.mark.parametrize("upsample", ["repeat", "linear"])
 def test_every_level_keeps_its_own_memory(upsample):
     model = small_hourglass("1@1 2@3 1@1", mem_len=12, upsample=upsample)

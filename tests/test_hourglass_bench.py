@@ -1,5 +1,6 @@
-"""The bench suites of the resampling ops and of the hourglass model run and give their rows (tiny sizes, one round;
-no figure is judged here: measure on a quiet machine with ``python -m bench --ops causal_resample,hourglass``)."""
+"""The bench suites of the resampling ops, of the hourglass model and of decoding (with its hourglass cases) run and
+give their rows (tiny sizes, one round; no figure is judged here: measure on a quiet machine with ``python -m bench
+--ops causal_resample,hourglass,generation``)."""
 
 import argparse
 
@@ -29,3 +30,13 @@ def test_hourglass_suite_gives_both_models():
     report.add_ratios(rows, {suite.NAME: suite.BASELINE})
     assert [r["backend"] for r in rows] == ["flat 8@1", "hourglass 2@1 4@3 2@1"]
     assert all("tokens/s" in r["extra"] and r["peak_mb"] > 0 and "mem_ratio" in r for r in rows)
+
+
+def test_generation_suite_decodes_the_flat_and_the_hourglass_model():
+    suite = SUITES["generation"]
+    rows = suite.run(tiny_options(memories=[7], batch=2))
+    report.add_ratios(rows, {suite.NAME: suite.BASELINE})
+    hourglass = [r for r in rows if r["case"].startswith("hourglass")]
+    assert [r["backend"] for r in hourglass] == ["reference", "cpu", "cpu:generate", "flat 8@1:generate"]
+    assert "M=6 " in hourglass[0]["case"] and len(rows) == 10
+    assert all(r.get("step_ms", 0) > 0 and "tokens/s" in r["extra"] for r in rows)

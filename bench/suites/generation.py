@@ -14,6 +14,13 @@ are reported. Rows:
 Evaluation cases score ``segments`` segments of ``segment`` tokens of one stream (B=1, as the example's test split)
 after a full memory, under no grad: ``reference`` and ``cpu`` as ``model(x, memory, y)``; ``cpu:kv_caches`` with
 ``kv_caches=model.new_kv_caches()`` passed to every segment (time per step: per segment).
+
+Hourglass cases decode the same way with ``HourglassTransformerXL`` (layout ``2@1 4@3 2@1``, 8 layers; the memory
+rounded down to a multiple of its largest factor, 3): ``reference`` / ``cpu`` loop over ``model(group, memory)`` per token, the token's
+group of 3 so far padded to a whole one (the memory advancing once the group is complete), as decoding a model whose
+memory holds whole groups takes without ``generate``; ``cpu:generate`` is ``model.generate`` (the group decoded
+against the cached keys, then forgotten until it is complete); ``flat 8@1:generate`` decodes the flat
+``TransformerXL`` of the same depth and memory with ``generate``, for scale.
 """
 
 from __future__ import annotations
@@ -23,28 +30,33 @@ import itertools
 import torch
 
 from bench.harness import BENCH_ERRORS, describe_error, failure_row, lm_model, time_interleaved
+from memtx_ops.nn.hourglass import parse_layout
 
 NAME = "generation"
 BASELINE = "reference"
 RATIO_FIELD = "step_ms"
+HOURGLASS_LAYOUT = "2@1 4@3 2@1"
+FLAT = "flat 8@1"  # label of the flat model of the hourglass's depth
 
 
 def default_config(device):
     cfg = dict(batch=8, memories=[640, 3800], tokens=16, segment=128, segments=8, n_layer=4, n_head=4, d_model=256,
-               d_inner=1024, vocab=256)
+               d_inner=1024, vocab=256, layout=HOURGLASS_LAYOUT)
     fused = "auto" if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         cfg.update(n_layer=8, n_head=8, d_model=512, d_inner=2048, dtypes=["bfloat16"])
     else:
         cfg.update(dtypes=["float32"])
     cfg.update(backends=["reference", fused, f"{fused}:generate"],
-               eval_backends=["reference", fused, f"{fused}:kv_caches"])
+               eval_backends=["reference", fused, f"{fused}:kv_caches"],
+               hourglass_backends=["reference", fused, f"{fused}:generate", f"{FLAT}:generate"])
     return cfg
 
 
-def model_with_memory(backend, cfg, B, M, device, dtype):
-    """(a fresh model in eval mode whose attention runs ``backend``, a full memory of ``M`` positions)."""
-    model = lm_model(cfg, backend, M, 0.0, device, dtype).eval()
+def model_with_memory(backend, cfg, B, M, device, dtype, layout=None):
+    """(a fresh model in eval mode whose attention runs ``backend``, of ``layout`` if given, a full memory of ``M``
+    positions)."""
+    model = lm_model(cfg, backend, M, 0.0, device, dtype, layout).eval()
     with torch.no_grad():
         _, memory = model(torch.randint(0, cfg["vocab"], (B, M), device=device))
     return model, memory
@@ -86,6 +98,34 @@ def decoder(label, cfg, B, M, device, dtype):
     return generate if mode == "generate" else loop
 
 
+def hourglass_decoder(label, cfg, B, M, device, dtype):
+    """A measure decoding ``cfg["tokens"]`` tokens with the hourglass model the way ``label`` names (or the flat one
+    of its depth), from a memory of ``M`` positions (a multiple of the largest factor)."""
+    backend, _, mode = label.partition(":")
+    if backend == FLAT:
+        depth = sum(layers for layers, _ in parse_layout(cfg["layout"]))
+        fused = "auto" if device.type == "cuda" else "cpu"
+        model, memory = model_with_memory(fused, dict(cfg, n_layer=depth), B, M, device, dtype)
+    else:
+        model, memory = model_with_memory(backend, cfg, B, M, device, dtype, cfg["layout"])
+    first = torch.randint(0, cfg["vocab"], (B, 1), device=device)
+    if mode == "generate":
+        return lambda: model.generate(first, cfg["tokens"], memory=memory, temperature=0.0)
+    F = model.segment_multiple
+
+    def loop():
+        token, mem, group = first, memory, first[:, :0]
+        with torch.no_grad():
+            for _ in range(cfg["tokens"]):
+                group = torch.cat([group, token], 1)
+                padded = torch.cat([group, group[:, -1:].expand(B, F - group.shape[1])], 1)
+                logits, after = model(padded, mem)
+                token = logits[:, group.shape[1] - 1].argmax(-1, keepdim=True)
+                if group.shape[1] == F:
+                    mem, group = after, group[:, :0]
+    return loop
+
+
 def run(opts):
     device = opts.device
     cfg = default_config(device)
@@ -100,6 +140,11 @@ def run(opts):
         rows += measure_rows(f"evaluation B=1 M={M} L={cfg['segment']} {shape}, {cfg['segments']} segments",
                              cfg["eval_backends"], lambda label: evaluator(label, cfg, M, device, dtype),
                              cfg["segments"], cfg["segment"], dtype_name, opts)
+        M_groups = M - M % max(factor for _, factor in parse_layout(cfg["layout"]))
+        rows += measure_rows(f"hourglass {cfg['layout']} decoding B={B} M={M_groups} d={cfg['d_model']} "
+                             f"heads={cfg['n_head']}, {cfg['tokens']} tokens", cfg["hourglass_backends"],
+                             lambda label: hourglass_decoder(label, cfg, B, M_groups, device, dtype), cfg["tokens"],
+                             B, dtype_name, opts)
     return rows
 
 

@@ -93,13 +93,15 @@ class PositionBuffer:
         """What :meth:`rollback` returns to: (kept positions, positions ever appended)."""
         return len(self), self.appended
 
-    def rollback(self, mark: Tuple[int, int]) -> None:
-        """Back to the positions kept at ``mark``, forgetting those appended since by one :meth:`extend` (and any
-        :meth:`keep_last`): the extend kept them, moving them to the front at most, so they are still in the
-        buffer, just before the appended ones."""
-        kept, appended = mark
-        self.end -= self.appended - appended
-        self.start, self.appended = self.end - kept, appended
+    def forget_last(self, n: int, kept: int) -> None:
+        """Drops the last ``n`` positions appended and keeps the ``kept`` before them: undoes one :meth:`extend` of
+        ``n`` (and any :meth:`keep_last` after it), which kept the positions before them, moving them to the front
+        at most, so they are still in the buffer."""
+        if not 0 <= kept <= self.end - n:
+            raise ValueError(f"PositionBuffer.forget_last: {kept} kept positions before the last {n} are not all in "
+                             f"the buffer (it holds {self.end} up to its end)")
+        self.end -= n
+        self.start, self.appended = self.end - kept, self.appended - n
 
     def keep_last(self, n: int) -> None:
         """Drops all but the last ``n`` positions."""
@@ -173,16 +175,29 @@ class KeyValueCache:
                 self._memory_is_view)
 
     def rollback(self, checkpoint, mem):
-        """Forgets what one forward of the layer since ``checkpoint`` appended (a partial group decoded against
-        the memory, whose positions no memory keeps) -> ``mem``, the layer's memory before that forward: if this
-        cache stands for it, a fresh view of its rows (the forward may have moved them in the buffer)."""
-        self._keys, keys_mark, self._hidden, hidden_mark, memory, is_view = checkpoint
-        self._keys.rollback(keys_mark)
-        self._hidden.rollback(hidden_mark)
-        self._memory, self._memory_is_view = memory, is_view
-        if mem is memory and is_view:
-            self._memory = mem = type(mem)(self._hidden.window())
-        return mem
+        """Forgets the positions one forward of the layer since ``checkpoint`` appended (a partial group decoded
+        against the memory, whose positions no memory keeps) -> the memory to go on with in place of ``mem``, the
+        layer's memory before that forward: a fresh view of its rows when this cache stands for it (the forward may
+        have moved them in the buffer). A forward that started over from ``mem``'s rows (a memory this cache did not
+        stand for) keeps them and their projected keys, so the next forward does not project them again; one that
+        could not keep them all (an aged memory, or one longer than ``mem_len``) is forgotten whole."""
+        keys, keys_mark, hidden, hidden_mark, memory, is_view = checkpoint
+        M = mem.hidden.shape[1]
+        if self._keys is keys and self._hidden is hidden:  # appended to: forget the appended positions
+            for buffer, (kept, appended) in ((keys, keys_mark), (hidden, hidden_mark)):
+                buffer.forget_last(buffer.appended - appended, kept)
+            self._memory, self._memory_is_view = memory, is_view
+            if mem is not memory or not is_view:
+                return mem
+        elif (mem.age, mem.mem_offset) == (1, 0) and self._keys.appended == self._hidden.appended > M:
+            n = self._hidden.appended - M  # started over from all of mem's rows: keep them
+            self._keys.forget_last(n, M)
+            self._hidden.forget_last(n, M)
+        else:
+            self._keys, self._hidden, self._memory, self._memory_is_view = keys, hidden, memory, is_view
+            return mem
+        self._memory, self._memory_is_view = type(mem)(self._hidden.window()), True
+        return self._memory
 
     def positions(self, r: Tensor, rows: int, project):
         """``project(rows)`` (the layer's projected position embeddings of table ``r``), computed once per table."""
