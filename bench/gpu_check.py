@@ -1,4 +1,4 @@
-"""One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 8 minutes on an H200.
+"""One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 9 min 20 s on an H200.
 
 Steps, in order, each with its own timeout so that one hang cannot eat the budget (times in seconds):
 
@@ -10,6 +10,11 @@ Steps, in order, each with its own timeout so that one hang cannot eat the budge
 5. ``bench``      rel_memory_attention against the reference, FlexAttention with a table and SDPA flash at
                   L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward + backward, TFLOP/s and
                   peak memory, with ``--record-auto`` (backend="auto" choices for this GPU) (170)
+6. ``short_query``  the decoding and short-segment shapes (L in {1, 16, 64}, M in {640, 1600, 3800}, bf16): Triton
+                  (flash-decoding's split over keys) and CUDA against SDPA with no position term, forward (60), into
+                  ``<out>/short_query/``
+7. ``generation``   ``TransformerXL.generate`` and the hourglass model's, and evaluation with ``kv_caches``, against
+                  a forward per token (M in {640, 3800}, bf16) (60), into ``<out>/generation/``
 
 Every log and result goes to one folder (``--out``, default ``bench/results/gpu-check-<device>``): ``<step>.log``,
 the bench's report and ``summary.json`` (each step's status, seconds and exit code, and the ratios the GPU issue
@@ -31,7 +36,7 @@ import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET_S = 480
+BUDGET_S = 560  # under the device's 600 s per command
 
 # A forward and backward of every backend and dtype, small enough for the sanitizers (they run ~100x slower).
 SANITIZED_CALLS = """
@@ -116,6 +121,11 @@ def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
                                "--kernel-name", KERNEL_FILTER, "--error-exitcode", "1", python, "-c",
                                SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
         Step("bench", 170, [python, "-m", "bench", *bench_args], skip=no_gpu),
+        Step("short_query", 60, [python, "-m", "bench", "--ops", "short_query", "--device", "cuda",
+                                 "--backends", "triton,cuda,sdpa", "--repeats", "5", "--no-plots",
+                                 "--out", os.path.join(out, "short_query")], skip=no_gpu),
+        Step("generation", 60, [python, "-m", "bench", "--ops", "generation", "--device", "cuda", "--repeats", "3",
+                                "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu),
     ]
 
 
@@ -130,6 +140,10 @@ def rehearsal(python: str, out: str) -> List[Step]:
         Step("memcheck", 30, [python, "-c", f"compile({SANITIZED_CALLS!r}, 'sanitized', 'exec')"]),
         Step("racecheck", 1, [], skip="rehearsal: compute-sanitizer needs a GPU"),
         Step("bench", 120, [python, "-m", "bench", *bench_args]),
+        Step("short_query", 120, [python, "-m", "bench", "--ops", "short_query", "--device", "cpu", "--lengths", "1",
+                                  "--memories", "64", "--backends", "cpu,sdpa", "--repeats", "1", "--no-plots",
+                                  "--out", os.path.join(out, "short_query")]),
+        Step("generation", 1, [], skip="rehearsal: tests/test_hourglass_bench.py runs the generation suite small"),
     ]
 
 

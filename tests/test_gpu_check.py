@@ -39,5 +39,6 @@ def test_rehearsal_starts_every_step(tmp_path):
     assert gpu_check.main(["--rehearse", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench"]
-    assert status["tests"] == status["memcheck"] == status["bench"] == "passed", summary
+    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench", "short_query", "generation"]
+    assert status["tests"] == status["memcheck"] == status["bench"] == status["short_query"] == "passed", summary
+    assert any(path.suffix == ".json" for path in (tmp_path / "short_query").iterdir())
