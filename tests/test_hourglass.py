@@ -248,6 +248,8 @@ def test_generate_with_a_long_memory_equals_one_forward_and_goes_on_from_a_pendi
     assert torch.equal(torch.cat([first, second], 1), new)
     with pytest.raises(ValueError, match="memory ends 2 tokens into a group of 3"):
         model(first[:, :3], memory)
+    with pytest.raises(ValueError, match="memory.pending must be the"):
+        model.generate(first[:1, -1:], 2, memory=memory)  # a prompt of another batch
     with pytest.raises(ValueError, match="segment_len must be an int >= 1 and a multiple of 3"):
         model.generate(prompt, 2, segment_len=4)
 

@@ -218,6 +218,7 @@ class TransformerXL(nn.Module):
                              f"segments are), got {segment_len!r}")
         pending = getattr(memory, "pending", None)
         if pending is not None:
+            TransformerXL.check_segment(self, prompt, what="prompt")
             if not isinstance(pending, torch.Tensor) or pending.dim() != 2 or pending.shape[0] != prompt.shape[0] \
                     or pending.device != prompt.device or pending.dtype != prompt.dtype:
                 raise ValueError("generate: memory.pending must be the [B, t] tokens of the prompt's batch, dtype "
