@@ -16,11 +16,11 @@ after a full memory, under no grad: ``reference`` and ``cpu`` as ``model(x, memo
 ``kv_caches=model.new_kv_caches()`` passed to every segment (time per step: per segment).
 
 Hourglass cases decode the same way with ``HourglassTransformerXL`` (layout ``2@1 4@3 2@1``, 8 layers; the memory
-rounded down to a multiple of its largest factor, 3): ``reference`` / ``cpu`` loop over ``model(group, memory)`` per token, the token's
-group of 3 so far padded to a whole one (the memory advancing once the group is complete), as decoding a model whose
-memory holds whole groups takes without ``generate``; ``cpu:generate`` is ``model.generate`` (the group decoded
-against the cached keys, then forgotten until it is complete); ``flat 8@1:generate`` decodes the flat
-``TransformerXL`` of the same depth and memory with ``generate``, for scale.
+rounded down to a multiple of its largest factor, 3): ``reference`` / ``cpu`` loop over ``model(group, memory)`` per
+token, the token's group of 3 so far padded to a whole one (the memory advancing once the group is complete), as
+decoding a model whose memory holds whole groups takes without ``generate``; ``cpu:generate`` is ``model.generate``
+(the group decoded against the cached keys, then forgotten until it is complete); ``flat 8@1:generate`` decodes the
+flat ``TransformerXL`` of the same depth and memory with ``generate``, for scale.
 """
 
 from __future__ import annotations
@@ -79,35 +79,10 @@ def evaluator(label, cfg, M, device, dtype):
     return score
 
 
-def decoder(label, cfg, B, M, device, dtype):
-    """A measure decoding ``cfg["tokens"]`` tokens the way ``label`` names, from a memory of ``M`` positions."""
-    backend, _, mode = label.partition(":")
-    model, memory = model_with_memory(backend, cfg, B, M, device, dtype)
-    first = torch.randint(0, cfg["vocab"], (B, 1), device=device)
-
-    def generate():
-        model.generate(first, cfg["tokens"], memory=memory, temperature=0.0)
-
-    def loop():
-        token, mem = first, memory
-        with torch.no_grad():
-            for _ in range(cfg["tokens"]):
-                logits, mem = model(token, mem)
-                token = logits[:, -1].argmax(-1, keepdim=True)
-
-    return generate if mode == "generate" else loop
-
-
-def hourglass_decoder(label, cfg, B, M, device, dtype):
-    """A measure decoding ``cfg["tokens"]`` tokens with the hourglass model the way ``label`` names (or the flat one
-    of its depth), from a memory of ``M`` positions (a multiple of the largest factor)."""
-    backend, _, mode = label.partition(":")
-    if backend == FLAT:
-        depth = sum(layers for layers, _ in parse_layout(cfg["layout"]))
-        fused = "auto" if device.type == "cuda" else "cpu"
-        model, memory = model_with_memory(fused, dict(cfg, n_layer=depth), B, M, device, dtype)
-    else:
-        model, memory = model_with_memory(backend, cfg, B, M, device, dtype, cfg["layout"])
+def decoding(model, memory, mode, cfg, B, device):
+    """A measure decoding ``cfg["tokens"]`` greedy tokens after ``memory``: ``model.generate`` (``mode``
+    "generate"), else a loop of ``model(group, memory)`` per token, the token's group of ``model.segment_multiple``
+    so far padded to a whole one and the memory advancing once it is complete (groups of 1: a forward per token)."""
     first = torch.randint(0, cfg["vocab"], (B, 1), device=device)
     if mode == "generate":
         return lambda: model.generate(first, cfg["tokens"], memory=memory, temperature=0.0)
@@ -124,6 +99,26 @@ def hourglass_decoder(label, cfg, B, M, device, dtype):
                 if group.shape[1] == F:
                     mem, group = after, group[:, :0]
     return loop
+
+
+def decoder(label, cfg, B, M, device, dtype):
+    """A measure decoding ``cfg["tokens"]`` tokens the way ``label`` names, from a memory of ``M`` positions."""
+    backend, _, mode = label.partition(":")
+    model, memory = model_with_memory(backend, cfg, B, M, device, dtype)
+    return decoding(model, memory, mode, cfg, B, device)
+
+
+def hourglass_decoder(label, cfg, B, M, device, dtype):
+    """A measure decoding ``cfg["tokens"]`` tokens with the hourglass model the way ``label`` names (or the flat one
+    of its depth), from a memory of ``M`` positions (a multiple of the largest factor)."""
+    backend, _, mode = label.partition(":")
+    if backend == FLAT:
+        depth = sum(layers for layers, _ in parse_layout(cfg["layout"]))
+        fused = "auto" if device.type == "cuda" else "cpu"
+        model, memory = model_with_memory(fused, dict(cfg, n_layer=depth), B, M, device, dtype)
+    else:
+        model, memory = model_with_memory(backend, cfg, B, M, device, dtype, cfg["layout"])
+    return decoding(model, memory, mode, cfg, B, device)
 
 
 def run(opts):

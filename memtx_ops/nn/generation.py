@@ -51,7 +51,6 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-
 class PositionBuffer:
     """Positions ``[start, end)`` along dimension ``dim`` of a buffer with room to append. ``extend(rows)`` appends
     rows (the buffer's shape but along ``dim``) and returns the view of every kept position; ``keep_last(n)`` drops
@@ -90,7 +89,7 @@ class PositionBuffer:
         return self.window()
 
     def mark(self) -> Tuple[int, int]:
-        """What :meth:`rollback` returns to: (kept positions, positions ever appended)."""
+        """(kept positions, positions ever appended): what :meth:`forget_last` needs to undo the next extend."""
         return len(self), self.appended
 
     def forget_last(self, n: int, kept: int) -> None:
@@ -127,6 +126,8 @@ class KeyValueCache:
       returned, or one it ``adopt``-ed), it starts over from that memory's rows and drops its keys.
     - ``positions(r, rows, project)`` keeps the layer's projected position embeddings of the table ``r`` (the
       model's tables are one tensor per length, so once the memory is full every step hits).
+    - ``checkpoint()`` and ``rollback(checkpoint, mem)`` forget one forward of the layer (a partial group decoded
+      against the memory, which no memory keeps: :meth:`TransformerXL.generate` by groups).
 
     A cache is valid for the weights it was filled with: :meth:`TransformerXL.generate` makes one per layer for its
     call; an evaluation loop passes ``model.new_kv_caches()`` to every ``model(tokens, memory, kv_caches=...)``.

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from memtx_ops.nn.skip_retain import LayerMemory
-from memtx_ops.nn.transformer_xl import Memory, TransformerXL, updated_memory
+from memtx_ops.nn.transformer_xl import Memory, TransformerXL
 from memtx_ops.ops.causal_resample import causal_downsample, upsample_add
 from memtx_ops.reference.causal_resample import UPSAMPLE_MODES
 
@@ -181,7 +181,8 @@ class HourglassTransformerXL(TransformerXL):
         residuals = []
         for stage in self.stages:
             if stage.kind == "layers":
-                h = self._layers(stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer, kv_caches)
+                h = self._layers(stage, h, memory, next_memory, skip, detach_memory, kv_head_index, top_layer,
+                                 kv_caches)
             elif stage.kind == "down":
                 x = h.transpose(0, 1)  # [B, L, d] view
                 state = memory[self.n_layer + stage.state]
@@ -211,23 +212,12 @@ class HourglassTransformerXL(TransformerXL):
         """A copy of ``x[:, -n:]`` (not a view, which would keep the whole activation alive in the memory)."""
         return x[:, x.shape[1] - n:].clone(memory_format=torch.contiguous_format)
 
-    def _layers(self, stage: Stage, h, memory, next_memory, skip, kept, kv_head_index, top_layer, kv_caches):
-        """Runs the ``stage.count`` layers of one level on ``h`` ``[L_level, B, d]``, refreshing their memories
-        (and ``kv_caches``, when given: :meth:`TransformerXL._stack`)."""
-        mem_len = self.mem_len // stage.factor
+    def _layers(self, stage: Stage, h, memory, next_memory, skip, detach_memory, kv_head_index, top_layer,
+                kv_caches):
+        """Runs the ``stage.count`` layers of one level on ``h`` ``[L_level, B, d]``
+        (:meth:`TransformerXL._layer_step`, each keeping ``mem_len / factor``), refreshing their memories."""
         for index in range(stage.first_layer, stage.first_layer + stage.count):
-            mem = memory[index]
-            next_memory[index] = updated_memory(mem, skip[index], kept(h.transpose(0, 1)), mem_len,
-                                                None if kv_caches is None else kv_caches[index])
-            if skip[index] or (index == self.n_layer - 1 and not top_layer):
-                continue
-            layer = self.layers[index]
-            klen = mem.hidden.shape[1] + h.shape[0]
-            pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
-            perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
-            window = mem_len if self.same_length else None  # same_length: the level's window
-            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm,
-                      None if kv_caches is None else kv_caches[index])
-            if kv_caches is not None:
-                kv_caches[index].keep_last(next_memory[index].hidden.shape[1])
+            h, next_memory[index] = self._layer_step(index, h, memory[index], skip[index], detach_memory,
+                                                     self.mem_len // stage.factor, kv_head_index, top_layer,
+                                                     kv_caches)
         return h

@@ -337,27 +337,37 @@ class TransformerXL(nn.Module):
                kv_caches: Optional[List[KeyValueCache]] = None):
         """:meth:`hidden_states` on checked arguments; ``kv_caches``: one per layer, holding the projected keys of
         its memory (inference), kept in step with the memory."""
-        B, L = tokens.shape
         skip = self.skip_retain.decide(self.training) if self.skip_retain is not None else [False] * self.n_layer
         h = self.drop(self.word_emb(tokens) * self.emb_scale).transpose(0, 1)  # [L, B, d]
         next_memory = []
-        for index, (layer, mem, skipped) in enumerate(zip(self.layers, memory, skip)):
-            layer_input = h.transpose(0, 1)
-            next_memory.append(updated_memory(mem, skipped, layer_input.detach() if detach_memory else layer_input,
-                                              self.mem_len, None if kv_caches is None else kv_caches[index]))
-            if skipped or (index == self.n_layer - 1 and not top_layer):
-                continue
-            klen = mem.hidden.shape[1] + L
-            pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
-            perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
-            window = self.mem_len if self.same_length else None
-            h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm,
-                      None if kv_caches is None else kv_caches[index])
-            if kv_caches is not None:
-                kv_caches[index].keep_last(next_memory[index].hidden.shape[1])
+        for index, (mem, skipped) in enumerate(zip(memory, skip)):
+            h, next_mem = self._layer_step(index, h, mem, skipped, detach_memory, self.mem_len, kv_head_index,
+                                           top_layer, kv_caches)
+            next_memory.append(next_mem)
         if not top_layer:
             return None, next_memory
         return self.drop(h).transpose(0, 1), next_memory
+
+    def _layer_step(self, index, h, mem: LayerMemory, skipped: bool, detach_memory: bool, mem_len: int, kv_head_index,
+                    top_layer: bool, kv_caches: Optional[List[KeyValueCache]]):
+        """Layer ``index`` on ``h [L, B, d]`` against ``mem``, whose level keeps ``mem_len`` positions -> (its output,
+        its memory for the next segment); a skipped layer, or the last one with ``top_layer=False``, only updates
+        the memory. ``kv_caches`` (inference): the layer's cache is kept in step with the memory."""
+        cache = None if kv_caches is None else kv_caches[index]
+        layer_input = h.transpose(0, 1)
+        next_mem = updated_memory(mem, skipped, layer_input.detach() if detach_memory else layer_input, mem_len,
+                                  cache)
+        if skipped or (index == self.n_layer - 1 and not top_layer):
+            return h, next_mem
+        layer = self.layers[index]
+        klen = mem.hidden.shape[1] + h.shape[0]
+        pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
+        perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
+        window = mem_len if self.same_length else None  # same_length: the window of the layer's level
+        h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm, cache)
+        if cache is not None:
+            cache.keep_last(next_mem.hidden.shape[1])
+        return h, next_mem
 
     def check_segment(self, tokens, memory: Optional[Memory] = None, targets=None, what: str = "tokens") -> None:
         """Raises ``TypeError``/``ValueError`` unless ``tokens`` (and ``targets``) are integer ``[B, L]`` tensors
