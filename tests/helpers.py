@@ -56,7 +56,8 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", strided=False, se
     """Fresh random (q, k, v, r, u, vb), leaves requiring grad.
 
     ``strided=True`` returns q, k, v as views of one fused projection [B, L|K, 3, H, D] (last dim
-    contiguous, other strides not) -- the layout of a fused qkv linear layer.
+    contiguous, other strides not) -- the layout of a fused qkv linear layer; ``strided="time-major"`` as views
+    of [L|K, B, 3, H, D], and r as a view of [R, Hk, D] -- the layout Transformer-XL's own code hands over.
     """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -65,14 +66,19 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", strided=False, se
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
     B, H, Hk, L, K, D = case.B, case.H, case.kv_heads, case.L, case.M + case.L, case.D
-    if strided:
+    if strided == "time-major":
+        q = rnd(L, B, 3, H, D)[:, :, 1].permute(1, 2, 0, 3)
+        kv = rnd(K, B, 3, Hk, D)
+        k, v = kv[:, :, 0].permute(1, 2, 0, 3), kv[:, :, 2].permute(1, 2, 0, 3)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    elif strided:
         q = rnd(B, L, 3, H, D)[:, :, 1].transpose(1, 2)
         kv = rnd(B, K, 3, Hk, D)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     else:
         q, k, v = (rnd(*s).requires_grad_() for s in ((B, H, L, D), (B, Hk, K, D), (B, Hk, K, D)))
-    r = rnd(Hk, case.rows, D).requires_grad_()
+    r = (rnd(case.rows, Hk, D).transpose(0, 1) if strided == "time-major" else rnd(Hk, case.rows, D)).requires_grad_()
     u = (0.5 * rnd(H, D)).requires_grad_()
     vb = (0.5 * rnd(H, D)).requires_grad_()
     return q, k, v, r, u, vb

@@ -154,7 +154,8 @@ def test_torch_compile_fullgraph():
 
 # Short queries take the forward's own tiles instead of BLAS: L <= 4 the key-by-key pass, longer segments the lane
 # tiles of one to four registers (float32; float64 takes BLAS). Keys in groups of 16 and chunks of 64 with tails, head dims with a partial vector or
-# under one, partial lanes, every mask feature, two key blocks, time-major views (strided) and plain tensors.
+# under one, partial lanes, every mask feature, two key blocks, views of a batch-major or time-major projection
+# (decoding over time-major keys takes every head per task: staged_heads_block) and plain tensors.
 SHORT_QUERY_CASES = [
     Case(B=3, H=4, L=1, M=200, D=64),
     Case(B=2, H=2, L=2, M=150, D=41, window=100, R=120),
@@ -180,7 +181,7 @@ SHORT_QUERY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "time-major"])
+@pytest.mark.parametrize("strided", [False, True, "time-major"], ids=["contiguous", "batch-major", "time-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", SHORT_QUERY_CASES, ids=str)
 def test_short_query_tiles_match_reference(case, dtype, strided):
@@ -196,15 +197,19 @@ def test_short_query_tiles_match_reference(case, dtype, strided):
     Case(B=2, H=2, L=3, M=4500, D=16, window=4200, R=3000),  # long key blocks (4096) unless split-K: two of them
     Case(B=4, H=2, L=16, M=2500, D=16, mem_offset=7),  # long key blocks of 4096 for 16 query rows
     Case(B=5, H=2, L=64, M=300, D=16, window=200),  # groups of 128 query rows (2 batches), the last one short
+    # over time-major keys: groups of batches whose chunks fit the L2 budget (1 or 2 of 3 batches at D=256), GQA
+    Case(B=3, H=4, L=2, M=500, D=256, R=400),
+    Case(B=2, H=4, Hk=2, L=4, M=1500, D=24, window=1000, mem_offset=20, kv_head_index=(1, 0, 0, 1)),
 ], ids=str)
+@pytest.mark.parametrize("strided", [False, "time-major"], ids=["contiguous", "time-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_short_queries_every_work_split(case, threads, dtype):
-    """The forward's plan (whole batch groups, smaller groups, split-K) depends on the thread count; every plan
-    gives the float64 reference, and the backward (from the forward's lse) too, with each kind of tile (float32
-    takes the lane tiles from 5 rows on)."""
+def test_short_queries_every_work_split(case, threads, dtype, strided):
+    """The forward's plan (whole batch groups, smaller groups, split-K; every head per task when decoding over
+    time-major keys) depends on the thread count and the layout; every plan gives the float64 reference, and the
+    backward (from the forward's lse) too, with each kind of tile (float32 takes the lane tiles from 5 rows on)."""
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        assert_matches_reference(cpu_attention, case, dtype)
+        assert_matches_reference(cpu_attention, case, dtype, strided=strided)
     finally:
         torch.set_num_threads(previous)

@@ -4,7 +4,9 @@ Transformer-XL evaluates with short segments against long memories (enwik8: segm
 WikiText-103: segment 64, memory 640) and decodes one token at a time (L = 1), so the forward reads K, V and r
 once and is bound by memory bandwidth. Rows per shape: the fused backend(s), the eager Transformer-XL attention
 under ``torch.compile`` (``reference:compiled``) and ``sdpa``: ``scaled_dot_product_attention`` on the same q, k, v
-with no position term, the ceiling. Ratios are against ``sdpa`` (a speedup below 1 is the fused op's time over
+with no position term, the ceiling; ``cpu@time-major`` (and the like) runs a backend on the same tensors laid out
+time-major (:func:`time_major`), as Transformer-XL's own layer and memtx_ops' drop-in one hand them over. Ratios are
+against ``sdpa`` (a speedup below 1 is the fused op's time over
 SDPA's, inverted). A call takes milliseconds, so each candidate's measure is a burst of calls filling about 25 ms
 (``bench.harness.burst``; the calls per round are in the row), timed in the usual interleaved rounds.
 """
@@ -29,7 +31,7 @@ def default_config(device):
         return dict(batch=8, heads=16, lengths=[1, 16, 64], memories=[640, 1600, 3800], head_dims=[64],
                     dtypes=["bfloat16"], backends=["triton", "cuda", "reference:compiled", "sdpa"])
     return dict(batch=8, heads=8, lengths=[1, 16, 64], memories=[640, 1600, 3800], head_dims=[64],
-                dtypes=["float32"], backends=["cpu", "reference:compiled", "sdpa"])
+                dtypes=["float32"], backends=["cpu", "cpu@time-major", "reference:compiled", "sdpa"])
 
 
 def _sdpa(q, k, v, r, u, vb):
@@ -39,8 +41,20 @@ def _sdpa(q, k, v, r, u, vb):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, K))
 
 
+def time_major(q, k, v, r, u, vb):
+    """The same values as views of time-major buffers: q of [L, B, H, D], k and v of one fused projection
+    [K, B, 2, H, D] of ``[memory ; segment]``, r of [R, H, D]."""
+    kv = torch.stack((k, v)).permute(3, 1, 0, 2, 4).contiguous()
+    return (q.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3), kv[:, :, 0].permute(1, 2, 0, 3),
+            kv[:, :, 1].permute(1, 2, 0, 3), r.transpose(0, 1).contiguous().transpose(0, 1), u, vb)
+
+
 def candidate(name, device):
-    """(fn(q, k, v, r, u, vb), None) or (None, why it cannot run here)."""
+    """(fn(q, k, v, r, u, vb), None) or (None, why it cannot run here); ``name@time-major`` takes the
+    :func:`time_major` layout of its inputs (laid out once, outside the measure)."""
+    name, _, layout = name.partition("@")
+    if layout:
+        return candidate(name, device) if layout == "time-major" else (None, f"unknown layout {layout!r}")
     if name == "sdpa":
         return _sdpa, None
     if name == "reference:compiled":
@@ -65,16 +79,18 @@ def run(opts):
         for name in opts.backends or cfg["backends"]:
             fns[name], reasons[name] = candidate(name, device)
 
-        def forward(fn):
+        laid_out = {"": inputs, "time-major": time_major(*inputs)}
+
+        def forward(fn, layout):
             def call():
                 with torch.no_grad():
-                    fn(*inputs)
+                    fn(*laid_out[layout])
             return call
 
         bursts = {}
         for name, fn in ((n, f) for n, f in fns.items() if f is not None):
             try:
-                bursts[name] = burst(forward(fn), device)
+                bursts[name] = burst(forward(fn, name.partition("@")[2]), device)
             except BENCH_ERRORS as exc:
                 reasons[name] = describe_error(exc)
         timings, failed = time_interleaved({n: {"fwd_ms": measure} for n, (measure, _) in bursts.items()}, device,
