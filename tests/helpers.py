@@ -66,16 +66,14 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", strided=False, se
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
     B, H, Hk, L, K, D = case.B, case.H, case.kv_heads, case.L, case.M + case.L, case.D
-    if strided == "time-major":
-        q = rnd(L, B, 3, H, D)[:, :, 1].permute(1, 2, 0, 3)
-        kv = rnd(K, B, 3, Hk, D)
-        k, v = kv[:, :, 0].permute(1, 2, 0, 3), kv[:, :, 2].permute(1, 2, 0, 3)
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    elif strided:
-        q = rnd(B, L, 3, H, D)[:, :, 1].transpose(1, 2)
-        kv = rnd(B, K, 3, Hk, D)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if strided:
+        def projection(rows, heads):  # a fused projection seen as [B, 3, heads, rows, D]
+            if strided == "time-major":
+                return rnd(rows, B, 3, heads, D).permute(1, 2, 3, 0, 4)
+            return rnd(B, rows, 3, heads, D).permute(0, 2, 3, 1, 4)
+
+        qkv, kv = projection(L, H), projection(K, Hk)
+        q, k, v = (t.detach().requires_grad_() for t in (qkv[:, 1], kv[:, 0], kv[:, 2]))
     else:
         q, k, v = (rnd(*s).requires_grad_() for s in ((B, H, L, D), (B, Hk, K, D), (B, Hk, K, D)))
     r = (rnd(case.rows, Hk, D).transpose(0, 1) if strided == "time-major" else rnd(Hk, case.rows, D)).requires_grad_()

@@ -79,7 +79,9 @@ def run(opts):
         for name in opts.backends or cfg["backends"]:
             fns[name], reasons[name] = candidate(name, device)
 
-        laid_out = {"": inputs, "time-major": time_major(*inputs)}
+        laid_out = {"": inputs}
+        if any(name.endswith("@time-major") for name in fns):
+            laid_out["time-major"] = time_major(*inputs)
 
         def forward(fn, layout):
             def call():
