@@ -15,6 +15,9 @@ Steps, in order, each with its own timeout so that one hang cannot eat the budge
                   ``<out>/short_query/``
 7. ``generation``   ``TransformerXL.generate`` and the hourglass model's, and evaluation with ``kv_caches``, against
                   a forward per token (M in {640, 3800}, bf16) (60), into ``<out>/generation/``
+8. ``model``        a TransformerXL training step (B = 8, L = M = 512, 8 layers, d = 512, bf16), fused and eager
+                  Transformer-XL, each eager and under ``torch.compile(fullgraph=True)`` (150), into ``<out>/model/``;
+                  last, as it compiles two models: it runs on what the budget has left
 
 Every log and result goes to one folder (``--out``, default ``bench/results/gpu-check-<device>``): ``<step>.log``,
 the bench's report and ``summary.json`` (each step's status, seconds and exit code, and the ratios the GPU issue
@@ -126,6 +129,8 @@ def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
                                  "--out", os.path.join(out, "short_query")], skip=no_gpu),
         Step("generation", 60, [python, "-m", "bench", "--ops", "generation", "--device", "cuda", "--repeats", "3",
                                 "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu),
+        Step("model", 150, [python, "-m", "bench", "--ops", "model", "--device", "cuda", "--repeats", "5",
+                            "--no-plots", "--out", os.path.join(out, "model")], skip=no_gpu),
     ]
 
 
@@ -144,18 +149,26 @@ def rehearsal(python: str, out: str) -> List[Step]:
                                   "--memories", "64", "--backends", "cpu,sdpa", "--repeats", "1", "--no-plots",
                                   "--out", os.path.join(out, "short_query")]),
         Step("generation", 1, [], skip="rehearsal: tests/test_hourglass_bench.py runs the generation suite small"),
+        Step("model", 120, [python, "-m", "bench", "--ops", "model", "--device", "cpu", "--lengths", "16", "--batch",
+                            "1", "--backends", "reference,cpu", "--repeats", "1", "--no-plots",
+                            "--out", os.path.join(out, "model")]),
     ]
+
+
+def bench_rows(folder: str, op: str) -> List[Dict]:
+    """The rows of ``op`` in the bench reports (``*.json``) of ``folder``; none when it is absent."""
+    rows = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(folder, name)) as f:
+                rows += [r for r in json.load(f).get("rows", []) if r.get("op") == op]
+    return rows
 
 
 def ratios(out: str) -> Dict[str, object]:
     """The ratios the GPU issue quotes, at L = M = 2048, D = 64, bf16, fwd+bwd, from the bench's rows (the faster
     of the triton and cuda backends)."""
-    rows = []
-    for name in os.listdir(out):
-        if name.endswith(".json") and name != "summary.json":
-            with open(os.path.join(out, name)) as f:
-                data = json.load(f)
-            rows += [r for r in data.get("rows", []) if r.get("op") == "rel_memory_attention"]
+    rows = bench_rows(out, "rel_memory_attention")
     pick = {r["backend"]: r for r in rows if r.get("case", "").endswith("L=M=2048 D=64") and r.get("fwd_bwd_ms")}
     fused = [pick[b] for b in ("triton", "cuda") if b in pick]
     if not fused:
@@ -168,6 +181,23 @@ def ratios(out: str) -> Dict[str, object]:
     if "sdpa_flash" in pick:
         result["time_vs_sdpa_flash"] = round(best["fwd_bwd_ms"] / pick["sdpa_flash"]["fwd_bwd_ms"], 2)
         result["peak_vs_sdpa_flash"] = round(best["peak_mb"] / pick["sdpa_flash"]["peak_mb"], 3)
+    return result
+
+
+def model_ratios(out: str) -> Dict[str, object]:
+    """The training-step speedups issue 14 asks of the compiled fused model (the ``auto:compiled`` row of the model
+    suite): over the eager fused model, and over the faster of the eager Transformer-XL rows, eager or compiled."""
+    step_ms = {r["backend"]: r["fwd_bwd_ms"] for r in bench_rows(os.path.join(out, "model"), "model")
+               if r.get("fwd_bwd_ms")}
+    if "auto:compiled" not in step_ms:
+        return {}
+    compiled = step_ms["auto:compiled"]
+    result = {"compiled_fused_step_ms": round(compiled, 3)}
+    if "auto" in step_ms:
+        result["compiled_vs_eager_fused"] = round(step_ms["auto"] / compiled, 2)
+    eager_txl = [step_ms[b] for b in ("reference", "reference:compiled") if b in step_ms]
+    if eager_txl:
+        result["compiled_vs_best_eager_txl"] = round(min(eager_txl) / compiled, 2)
     return result
 
 
@@ -191,9 +221,11 @@ def main(argv=None) -> int:
             break  # nothing after it can run
     summary["seconds"] = round(time.monotonic() - start, 1)
     summary["ratios_L2048_D64_bf16"] = ratios(out) if device else {}
+    summary["model_ratios_B8_L512_bf16"] = model_ratios(out) if device else {}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps(summary["ratios_L2048_D64_bf16"]), f"{summary['seconds']} s in all: {out}/summary.json")
+    print(json.dumps(summary["ratios_L2048_D64_bf16"]), json.dumps(summary["model_ratios_B8_L512_bf16"]),
+          f"{summary['seconds']} s in all: {out}/summary.json")
     return 0 if all(s["status"] in ("passed", "skipped") for s in summary["steps"]) else 1
 
 

@@ -35,10 +35,23 @@ def test_ratios_from_bench_rows(tmp_path):
         "speedup_vs_flex_table": 2.0, "time_vs_sdpa_flash": 1.6, "peak_vs_sdpa_flash": round(300 / 280, 3)}
 
 
+def test_model_ratios_from_bench_rows(tmp_path):
+    case = "B=8 L=M=512 layers=8 d=512 heads=8"
+    rows = [dict(op="model", case=case, backend=b, fwd_bwd_ms=ms)
+            for b, ms in (("reference", 90.0), ("reference:compiled", 60.0), ("auto", 36.0), ("auto:compiled", 24.0))]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "gpu.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    assert gpu_check.model_ratios(str(tmp_path)) == {
+        "compiled_fused_step_ms": 24.0, "compiled_vs_eager_fused": 1.5, "compiled_vs_best_eager_txl": 2.5}
+    assert gpu_check.model_ratios(str(tmp_path / "absent")) == {}
+
+
 def test_rehearsal_starts_every_step(tmp_path):
     assert gpu_check.main(["--rehearse", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench", "short_query", "generation"]
-    assert status["tests"] == status["memcheck"] == status["bench"] == status["short_query"] == "passed", summary
-    assert any(path.suffix == ".json" for path in (tmp_path / "short_query").iterdir())
+    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench", "short_query", "generation",
+                            "model"]
+    assert all(status[step] == "passed" for step in ("tests", "memcheck", "bench", "short_query", "model")), summary
+    for step in ("short_query", "model"):
+        assert any(path.suffix == ".json" for path in (tmp_path / step).iterdir())
