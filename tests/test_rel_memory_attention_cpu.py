@@ -7,6 +7,7 @@ import memtx_ops
 from helpers import (
     Case,
     FEATURE_CASES,
+    assert_close_to_reference,
     assert_compiled_matches_eager,
     assert_matches_reference,
     assert_opcheck_passes,
@@ -140,11 +141,12 @@ def test_auto_picks_cpu_backend_for_float32():
     from memtx_ops.backends import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 64) == "cpu"
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 64) == "reference"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 64) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float16, 64) == "cpu"
 
 
 def test_opcheck():
-    assert_opcheck_passes("cpu", torch.float32, "cpu")
+    assert_opcheck_passes("cpu", torch.float32, "cpu")  # float16 and bfloat16 reach the op as float32
 
 
 def test_torch_compile_fullgraph():
@@ -186,6 +188,47 @@ SHORT_QUERY_CASES = [
 @pytest.mark.parametrize("case", SHORT_QUERY_CASES, ids=str)
 def test_short_query_tiles_match_reference(case, dtype, strided):
     assert_matches_reference(cpu_attention, case, dtype, strided=strided)
+
+
+# Float16 and bfloat16 run the float32 kernels on float32 copies (memtx_ops/ops/rel_memory_attention.py): every kind
+# of tile and pass, each layout a model hands over, and expanded (stride-0) keys, whose copy stays expanded.
+HALF_CASES = [FEATURE_CASES[2], FEATURE_CASES[8], FEATURE_CASES[12], TILE_CASES[1], SHORT_QUERY_CASES[0],
+              SHORT_QUERY_CASES[6], SHORT_QUERY_CASES[16]]
+
+
+@pytest.mark.parametrize("strided", [False, True, "time-major"], ids=["contiguous", "batch-major", "time-major"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", HALF_CASES, ids=str)
+def test_half_precision_matches_reference(case, dtype, strided):
+    assert_matches_reference(cpu_attention, case, dtype, strided=strided)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_keeps_expanded_keys_expanded(dtype, monkeypatch):
+    from memtx_ops.backends import BACKENDS
+
+    case = Case(B=2, H=4, L=20, M=30, D=16)
+    q, k, v, r, u, vb = make_inputs(case, dtype)
+    k_shared, v_shared = (t[:, :1].detach().clone().requires_grad_() for t in (k, v))  # one kv head for all
+    cpu, seen = BACKENDS["cpu"], []
+    real_forward = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *args: seen.append(args) or real_forward(*args))
+    out = cpu_attention(q, k_shared.expand_as(k), v_shared.expand_as(v), r, u, vb)
+    (_, k_seen, v_seen, *_), = seen
+    assert (k_seen.dtype, k_seen.stride(1), v_seen.stride(1)) == (torch.float32, 0, 0), k_seen.stride()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k_shared, v_shared))
+    args = [t.detach().double().requires_grad_() for t in (q, k_shared, v_shared, r, u, vb)]
+    want = memtx_ops.reference.rel_memory_attention(args[0], args[1].expand(k.shape), args[2].expand(v.shape),
+                                                    *args[3:])
+    want_grads = torch.autograd.grad(want.square().sum(), args[:3])
+    got = dict(zip(("out", "dq", "dk", "dv"), (out,) + grads))
+    assert_close_to_reference(got, dict(zip(got, (want,) + want_grads)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_torch_compile_fullgraph(dtype):
+    assert_compiled_matches_eager(cpu_attention, Case(B=1, H=2, L=12, M=20, D=16), dtype, "cpu", window=16,
+                                  compile_backend="aot_eager")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

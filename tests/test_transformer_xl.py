@@ -87,6 +87,29 @@ def test_fused_backend_equals_reference_backend(options):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_cpu_autocast_runs_the_fused_kernel(monkeypatch):
+    """Under CPU autocast to bfloat16 the attention gets bfloat16 q, k, v: backend "auto" runs the C++ kernel (in
+    float32, on copies), not the eager path, and the loss is the float64 model's to bfloat16 precision."""
+    from memtx_ops.backends import BACKENDS
+
+    cpu, dtypes = BACKENDS["cpu"], []
+    real_forward = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *args: dtypes.append(args[0].dtype) or real_forward(*args))
+    xs, ys = segments(2, L=24)
+    losses = []
+    for dtype, autocast in ((torch.float64, False), (torch.float32, True)):
+        model, memory, total = small_model(backend="auto", d_model=32, d_head=16).to(dtype), None, 0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for x, y in zip(xs, ys):
+                loss, memory = model(x, memory, y)
+                total = total + loss
+        total.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        losses.append(total.item())
+    assert dtypes == [torch.float64] * 6 + [torch.float32] * 6  # 3 layers x 2 segments each
+    assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0])
+
+
 def test_skip_retain_ages_memory_and_finetune_never_skips():
     model = small_model(skip_retain_p=1.0, skip_schedule="uniform", phase="finetune")
     xs, _ = segments(4)

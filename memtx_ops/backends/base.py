@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,9 @@ class Backend:
     name: str = ""
     dtypes: Tuple[torch.dtype, ...] = ()
     max_head_dim: int = 256
+    # Dtypes of ``dtypes`` that the kernels take in another one: the public function hands them over converted,
+    # differentiably, and rounds the output back (``memtx_ops.ops.rel_memory_attention``).
+    compute_dtypes: Dict[torch.dtype, torch.dtype] = {}
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
@@ -60,11 +63,13 @@ class Backend:
 class ExtensionBackend(Backend):
     """The C++ operators of ``memtx_ops._C`` (``torch.ops.memtx_C``) for one device type."""
 
-    def __init__(self, name: str, device_type: str, dtypes: Tuple[torch.dtype, ...], max_head_dim: int = 256):
+    def __init__(self, name: str, device_type: str, dtypes: Tuple[torch.dtype, ...], max_head_dim: int = 256,
+                 compute_dtypes: Optional[Dict[torch.dtype, torch.dtype]] = None):
         self.name = name
         self.device_type = device_type
         self.dtypes = dtypes
         self.max_head_dim = max_head_dim
+        self.compute_dtypes = dict(compute_dtypes or {})
 
     def unavailable_reason(self, device):
         from memtx_ops._extension import extension_error, has_cuda_kernels

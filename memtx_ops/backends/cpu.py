@@ -22,4 +22,6 @@ class CpuBackend(ExtensionBackend):
         return tuple(t.contiguous() if t.stride(-2) > t.shape[-1] and 0 not in t.stride() else t for t in (k, v))
 
 
-BACKEND = CpuBackend("cpu", "cpu", (torch.float32, torch.float64))
+# Float16 and bfloat16 (a model under CPU autocast) run the float32 kernels (SPEC §1: accumulate in float32).
+BACKEND = CpuBackend("cpu", "cpu", (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                     compute_dtypes={torch.float16: torch.float32, torch.bfloat16: torch.float32})

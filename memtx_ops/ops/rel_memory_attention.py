@@ -112,6 +112,16 @@ def unit_last_stride(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, differentiably; each expanded (stride-0) dimension is converted once and expanded
+    again, not materialised."""
+    base = t
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            base = base.narrow(dim, 0, 1)
+    return base.to(dtype).expand(t.shape)
+
+
 @functools.lru_cache(maxsize=64)
 def _default_kv_heads(num_heads: int, num_kv_heads: int, device: torch.device) -> Tensor:
     """``reference.default_kv_head_index``, made once per (H, Hk, device): the kernels only read it, and its three
@@ -141,7 +151,10 @@ def rel_memory_attention(
     the ``window`` most recent keys, ``mem_offset`` adds distance to memory keys. -> ``[B, H, L, D]``.
 
     ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
-    "triton" or "cuda". Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
+    "triton" or "cuda". Float16 and bfloat16 on the CPU run the float32 kernels on float32 copies of q, k, v, r,
+    u, vb, which autograd keeps for the backward with the float32 output (its delta = rowsum(dO * O) would lose
+    the gradients of queries that see few keys to a rounded O); the output is rounded back to the inputs' dtype.
+    Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
     gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` runs the backend's
     kernel directly, without the custom op's dispatch (decoding, evaluation).
     """
@@ -154,6 +167,11 @@ def rel_memory_attention(
             q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
         )
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
+    compute_dtype = impl.compute_dtypes.get(q.dtype)
+    if compute_dtype is not None:
+        inputs = (converted(t, compute_dtype) for t in (q, k, v, r, u, vb))
+        return rel_memory_attention(*inputs, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset,
+                                    scale=scale, backend=backend).to(q.dtype)
     compiling = torch.compiler.is_compiling()
     if kv_head_index is None:
         kv_head_index = (reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
