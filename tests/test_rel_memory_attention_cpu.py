@@ -203,6 +203,52 @@ def test_half_precision_matches_reference(case, dtype, strided):
     assert_matches_reference(cpu_attention, case, dtype, strided=strided)
 
 
+# Inference in float16 / bfloat16: the forward reads k and v in their own dtype (decoding and short segments, every
+# kind of tile and work split), widening each row as it reads it.
+HALF_INFERENCE_CASES = [SHORT_QUERY_CASES[i] for i in (0, 1, 2, 4, 5, 7, 9, 11, 12, 14, 16, 19)] + [
+    Case(B=3, H=4, L=2, M=500, D=256, R=400),  # time-major decoding: groups of batches, every head per task
+    Case(B=1, H=1, L=1, M=3000, D=16),  # split-K
+    Case(B=1, H=2, L=70, M=100, D=24, R=50),  # two query tiles
+]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("strided", [False, True, "time-major"], ids=["contiguous", "batch-major", "time-major"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", HALF_INFERENCE_CASES, ids=str)
+def test_half_precision_inference_reads_keys_as_given(case, dtype, strided, threads, monkeypatch):
+    from memtx_ops.backends import BACKENDS
+
+    cpu, seen = BACKENDS["cpu"], []
+    real_forward = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *args: seen.append(args) or real_forward(*args))
+    inputs = make_inputs(case, dtype, strided=strided)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = cpu_attention(*inputs, **case.kwargs())
+    finally:
+        torch.set_num_threads(previous)
+    (q_seen, k_seen, v_seen, *_), = seen
+    assert (q_seen.dtype, k_seen.dtype, v_seen.dtype) == (torch.float32, dtype, dtype)
+    assert k_seen.data_ptr() == inputs[1].data_ptr() and k_seen.stride() == inputs[1].stride()  # read in place
+    want = memtx_ops.reference.rel_memory_attention(*(t.detach().double() for t in inputs), **case.kwargs())
+    assert out.dtype == dtype
+    assert_close_to_reference({"out": out}, {"out": want}, dtype, context=str(case))
+
+
+def test_only_keys_and_values_may_be_narrower():
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=3, M=5, D=16)))
+    options = (torch.arange(2), 0, 0, 0.25)
+    for args, why in (((q, k.bfloat16(), v.half(), r, u, vb), "k and v of two dtypes"),
+                      ((q.double(), k.half(), v.half(), r.double(), u.double(), vb.double()), "under float64"),
+                      ((q, k, v, r.bfloat16(), u, vb), "a narrow r")):
+        with pytest.raises(RuntimeError, match="inputs must share one dtype"):
+            torch.ops.memtx_C.rel_memory_attention_fwd(*args, *options)
+            pytest.fail(why)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_keeps_expanded_keys_expanded(dtype, monkeypatch):
     from memtx_ops.backends import BACKENDS
@@ -223,6 +269,10 @@ def test_half_precision_keeps_expanded_keys_expanded(dtype, monkeypatch):
     want_grads = torch.autograd.grad(want.square().sum(), args[:3])
     got = dict(zip(("out", "dq", "dk", "dv"), (out,) + grads))
     assert_close_to_reference(got, dict(zip(got, (want,) + want_grads)), dtype)
+    with torch.no_grad():  # inference reads the expanded half-precision rows themselves
+        inferred = cpu_attention(q, k_shared.expand_as(k), v_shared.expand_as(v), r, u, vb)
+    assert seen[-1][1].dtype == dtype and seen[-1][1].stride(1) == 0
+    assert_close_to_reference({"out": inferred}, {"out": want}, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -6,7 +6,8 @@ namespace memtx {
 
 RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& r, const at::Tensor& u, const at::Tensor& vb,
-                                   const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset) {
+                                   const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset,
+                                   bool narrow_keys) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 3 && u.dim() == 2 && vb.dim() == 2,
               "rel_memory_attention: expected q, k, v [B, H|Hk, L|K, D], r [Hk, R, D], u, vb [H, D]");
   RelAttnShape s{};
@@ -18,8 +19,13 @@ RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(r.size(0) == s.Hk && r.size(2) == s.D && s.R >= 1, "rel_memory_attention: bad r shape");
   TORCH_CHECK(u.size(0) == s.H && u.size(1) == s.D && vb.sizes() == u.sizes(), "rel_memory_attention: bad u/vb shape");
   TORCH_CHECK(window >= 0 && mem_offset >= 0, "rel_memory_attention: window and mem_offset must be >= 0");
+  const bool half_keys = k.scalar_type() == at::kHalf || k.scalar_type() == at::kBFloat16;
+  const bool keys_widened =
+      narrow_keys && q.scalar_type() == at::kFloat && half_keys && v.scalar_type() == k.scalar_type();
   for (const at::Tensor* t : {&q, &k, &v, &r, &u, &vb}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "rel_memory_attention: inputs must share one dtype");
+    const bool widened = keys_widened && (t == &k || t == &v);
+    TORCH_CHECK(widened || t->scalar_type() == q.scalar_type(), "rel_memory_attention: inputs must share one dtype",
+                narrow_keys ? " (or k and v float16 or bfloat16 under a float32 q)" : "");
     TORCH_CHECK(t->device() == q.device(), "rel_memory_attention: inputs must share one device");
     TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1, "rel_memory_attention: inputs need a contiguous last dimension");
   }

@@ -19,7 +19,9 @@
 // (lane_rows_block): a key's scores for the tile's up to 64 rows are up to four vectors, and k and v stream with
 // software prefetch. The BLAS tiles serve float64 and builds without AVX-512. Decoding over time-major keys (views
 // of a [K, B, ...] projection), a task takes every head of a group of batches over chunks of keys
-// (staged_heads_block), so that the heads read each key's neighbouring rows one after another.
+// (staged_heads_block), so that the heads read each key's neighbouring rows one after another. Under float32
+// arithmetic the forward also reads bfloat16 or float16 k and v rows (inference of a half-precision model), widening
+// them as it reads: the key-by-key tiles a vector at a time, the lane tiles a chunk of keys at a time.
 //
 // Scratch is a few tiles per thread (and, with split-K, one [bm, D] partial per range), plus one [Hk, R, D] partial
 // of dr per batch chunk in the backward: nothing L x K.
@@ -245,9 +247,9 @@ constexpr int64_t kFusedChunk = 128;
 // every batch of the group and every row scores each visible key as (q+u)'k + (q+vb)'r_d in one reduction, updates
 // its online softmax and adds p v into its output. Each k and v row comes from memory once per (batch, head) and
 // each r row once per group, with no score tile and no BLAS call (at L = 1 their setup costs as much as the work).
-template <typename T>
+template <typename T, typename E>
 void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, const T* qv, int64_t b0, int64_t nb,
-                     const Strided4<T>& K, const Strided4<T>& V, const T* r_head, int64_t r_stride,
+                     const Strided4<E>& K, const Strided4<E>& V, const T* r_head, int64_t r_stride,
                      const OnlineSoftmax<T>* acc) {
   const RelAttnShape& s = tile.s;
   const int64_t D = s.D, bm = tile.bm;
@@ -255,8 +257,8 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
   for (int64_t c0 = kb.j0; c0 < kb.j1; c0 += kFusedChunk) {
     const KeyBlock chunk{c0, std::min(c0 + kFusedChunk, kb.j1), kb.offset};
     for (int64_t gb = 0; gb < nb; ++gb) {
-      const T* k_rows = K.row(b0 + gb, tile.g, c0);
-      const T* v_rows = V.row(b0 + gb, tile.g, c0);
+      const E* k_rows = K.row(b0 + gb, tile.g, c0);
+      const E* v_rows = V.row(b0 + gb, tile.g, c0);
       const OnlineSoftmax<T>& a = acc[gb];
       for (int64_t ii = 0; ii < bm; ++ii) {
         int64_t lo, hi;
@@ -268,7 +270,7 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
         auto r_row = [&](int64_t jj) { return r_head + std::min(top - jj, s.R - 1) * r_stride; };
         int64_t jj = lo;
         for (; jj + 16 <= hi + 1; jj += 16) {
-          const T* k16[16];
+          const E* k16[16];
           const T* r16[16];
           for (int t = 0; t < 16; ++t) {
             k16[t] = k_rows + (jj + t) * K.s2;
@@ -280,7 +282,7 @@ void fused_key_block(const QueryTile<T>& tile, const KeyBlock& kb, const T* qu, 
         a.absorb(ii, p + lo, hi - lo + 1, D);
         T* out_row = a.out + ii * D;
         for (jj = lo; jj + 4 <= hi + 1; jj += 4) {
-          const T* v0 = v_rows + jj * V.s2;
+          const E* v0 = v_rows + jj * V.s2;
           if (c0 + kFusedChunk < kb.j1 && ii + 1 == bm) {  // the next chunk's k rows, while v streams
             for (int t = 0; t < 4; ++t) prefetch_row(k_rows + (kFusedChunk + jj + t) * K.s2, D);
           }
@@ -314,10 +316,10 @@ constexpr int64_t kStagedBytes = 512 * 1024;
 // head). Measured side by side (B=8 H=8 D=64, L=1, a fused [K, B, 2, H, D] projection, 2-core AMD EPYC): M=640 /
 // 1600 / 3800 took 1.58-1.88 / 4.74-5.17 / 9.77-11.90 ms, per head 2.08-2.50 / 6.30-6.70 / 14.19-14.97 ms. Software
 // prefetches of the next chunk, key by key in address order, made no difference that rose above the noise.
-template <typename T>
+template <typename T, typename E>
 void staged_heads_block(const QueryTile<T>& tile, const KeyBlock& kb, const int64_t* kv_head, int64_t n_heads,
-                        const T* qu, const T* qv, int64_t rows, int64_t b0, int64_t nb, const Strided4<T>& K,
-                        const Strided4<T>& V, const T* r_data, int64_t r_head_stride, int64_t r_stride,
+                        const T* qu, const T* qv, int64_t rows, int64_t b0, int64_t nb, const Strided4<E>& K,
+                        const Strided4<E>& V, const T* r_data, int64_t r_head_stride, int64_t r_stride,
                         const OnlineSoftmax<T>* acc, int64_t group) {
   const RelAttnShape& s = tile.s;
   for (int64_t c0 = kb.j0; c0 < kb.j1; c0 += kStagedKeys) {
@@ -353,14 +355,20 @@ constexpr int64_t kLaneChunk = 64;    // keys per softmax update: their scores, 
 struct alignas(64) LaneRow {
   float v[16];
 };
-inline int64_t lane_scratch_rows(int64_t D, int64_t R) { return (2 * D + kLaneChunk) * R; }
+// With `widened` (rows narrower than float32) also a chunk's k and v rows widened, [kLaneChunk, D] each.
+inline int64_t lane_scratch_rows(int64_t D, int64_t R, bool widened) {
+  return (2 * D + kLaneChunk) * R + (widened ? (2 * kLaneChunk * D + 15) / 16 : 0);
+}
 
 // One key block of a tile of at most 16 R rows (R registers of lanes) for one batch: a.out, a.m, a.l updated as the
 // BLAS path does. pos holds the tile's rows of the group's position GEMM against band; k_rows, v_rows are the rows of
-// key kb.j0.
-template <int R>
+// key kb.j0. Rows narrower than float32 (E) are widened a chunk at a time into scratch, where the FMAs' broadcasts
+// read them. Measured (B=8 H=8 M=1600 D=64, the kernel alone): bfloat16 rows took 1.5-1.8x the float32 rows' time
+// at L = 8 and 16, 1.05x at L = 32, widened by chunk, by group of 16 keys or element by element at the broadcast
+// alike; the cause is not found (at L = 1, reading half the bytes, they take 0.55x).
+template <int R, typename E>
 void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
-                     const PositionScores<float>& pos, const float* k_rows, int64_t k_stride, const float* v_rows,
+                     const PositionScores<float>& pos, const E* k_rows, int64_t k_stride, const E* v_rows,
                      int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
   constexpr int W = 16 * R;                    // lanes: the tile's rows
   constexpr int kCallKeys = R == 1 ? 8 : 16 / R;  // keys per lanes_dot call: at most 16 accumulators
@@ -370,6 +378,8 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
   float* q_cols = scratch;           // [D, W]
   float* out_cols = q_cols + D * W;  // [D, W]
   float* chunk = out_cols + D * W;   // [kLaneChunk, W]
+  float* k_widened = chunk + kLaneChunk * W;  // [kLaneChunk, D] (E narrower than float32 only), then v's
+  float* v_widened = k_widened + kLaneChunk * D;
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t ii = 0; ii < W; ++ii) {
       q_cols[d * W + ii] = ii < bm ? qu[ii * D + d] : 0.f;
@@ -399,27 +409,37 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
 
   // The `count` rows of the next chunk that match rows [row, row + count) of this one, prefetched while these are
   // used.
-  const auto next_chunk_rows = [&](const float* base, int64_t stride, int64_t row, int64_t count) {
+  const auto next_chunk_rows = [&](const E* base, int64_t stride, int64_t row, int64_t count) {
     const int64_t next = row + kLaneChunk;
     if (next >= n) return LinePrefetcher();
-    return LinePrefetcher(base + next * stride, stride * static_cast<int64_t>(sizeof(float)),
-                          D * static_cast<int64_t>(sizeof(float)), std::min(n - next, count));
+    return LinePrefetcher(base + next * stride, stride * static_cast<int64_t>(sizeof(E)),
+                          D * static_cast<int64_t>(sizeof(E)), std::min(n - next, count));
   };
   LinePrefetcher none;
   for (int64_t c0 = 0; c0 < n; c0 += kLaneChunk) {
     const int64_t cn = std::min(kLaneChunk, n - c0);
+    // the chunk's k and v rows in float32: in place, or widened into the scratch
+    const float *k_chunk, *v_chunk;
+    int64_t k_step, v_step;
+    if constexpr (std::is_same_v<E, float>) {
+      k_chunk = k_rows + c0 * k_stride, v_chunk = v_rows + c0 * v_stride, k_step = k_stride, v_step = v_stride;
+    } else {
+      widen_rows(k_rows + c0 * k_stride, k_stride, cn, D, k_widened);
+      widen_rows(v_rows + c0 * v_stride, v_stride, cn, D, v_widened);
+      k_chunk = k_widened, v_chunk = v_widened, k_step = v_step = D;
+    }
     for (int64_t t0 = 0; t0 < cn; t0 += kGroupKeys) {
       const int64_t tn = std::min<int64_t>(kGroupKeys, cn - t0);
       __m512 acc[kGroupKeys * R];
-      const float* k0 = k_rows + (c0 + t0) * k_stride;
+      const float* k0 = k_chunk + t0 * k_step;
       if (tn == kGroupKeys) {
         for (int part = 0; part < kGroupKeys / kCallKeys; ++part) {
           LinePrefetcher next_k = next_chunk_rows(k_rows, k_stride, c0 + t0 + part * kCallKeys, kCallKeys);
-          lanes_dot<kCallKeys, R>(q_cols, k0 + part * kCallKeys * k_stride, k_stride, D, acc + part * kCallKeys * R,
+          lanes_dot<kCallKeys, R>(q_cols, k0 + part * kCallKeys * k_step, k_step, D, acc + part * kCallKeys * R,
                                   next_k);
         }
       } else {
-        for (int64_t t = 0; t < tn; ++t) lanes_dot<1, R>(q_cols, k0 + t * k_stride, k_stride, D, acc + t * R, none);
+        for (int64_t t = 0; t < tn; ++t) lanes_dot<1, R>(q_cols, k0 + t * k_step, k_step, D, acc + t * R, none);
       }
       for (int64_t t = 0; t < tn; ++t) {
         const int64_t jj = c0 + t0 + t;
@@ -460,9 +480,8 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
         _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha[r]));
       }
     }
-    const float* v0 = v_rows + c0 * v_stride;
     LinePrefetcher next_v = next_chunk_rows(v_rows, v_stride, c0, kLaneChunk);
-    lanes_pv<R>(out_cols, chunk, v0, v_stride, cn, D, next_v);
+    lanes_pv<R>(out_cols, chunk, v_chunk, v_step, cn, D, next_v);
   }
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(a.m + 16 * r, row_lanes[r], m[r]);
@@ -473,15 +492,15 @@ void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Ban
 }
 
 // lane_rows_block with `registers` (1 to kLaneRegisters) registers of lanes.
-inline void lane_rows_block_for(int64_t registers, const QueryTile<float>& tile, const KeyBlock& kb, const Band& band,
-                                const float* qu, const PositionScores<float>& pos, const float* k_rows,
-                                int64_t k_stride, const float* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a,
-                                float* scratch) {
+template <typename E>
+void lane_rows_block_for(int64_t registers, const QueryTile<float>& tile, const KeyBlock& kb, const Band& band,
+                         const float* qu, const PositionScores<float>& pos, const E* k_rows, int64_t k_stride,
+                         const E* v_rows, int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
   switch (registers) {
-    case 1: return lane_rows_block<1>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
-    case 2: return lane_rows_block<2>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
-    case 3: return lane_rows_block<3>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
-    default: return lane_rows_block<4>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    case 1: return lane_rows_block<1, E>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    case 2: return lane_rows_block<2, E>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    case 3: return lane_rows_block<3, E>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
+    default: return lane_rows_block<4, E>(tile, kb, band, qu, pos, k_rows, k_stride, v_rows, v_stride, a, scratch);
   }
 }
 #endif
@@ -528,11 +547,14 @@ ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, bool staged_h
   return {1, s.B, splits, splits > 1 ? kBlockN : long_block_n, 1};
 }
 
-template <typename T>
+// The forward, in T arithmetic, reading k and v rows of element type E: T, or bfloat16 / float16 rows under float32
+// arithmetic (lane tiles and key-by-key tiles only, so AVX-512 builds only: rel_memory_attention_fwd_cpu).
+template <typename T, typename E>
 void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& r, const at::Tensor& u, const at::Tensor& vb, const int64_t* kv_head,
                   T scale, at::Tensor& out, at::Tensor& lse) {
-  const Strided4<T> Q(q), Kt(k), V(v);
+  const Strided4<T> Q(q);
+  const Strided4<E> Kt(k), V(v);
   const T* r_data = r.data_ptr<T>();
   const T* u_data = u.data_ptr<T>();
   const T* vb_data = vb.data_ptr<T>();
@@ -544,7 +566,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   const int64_t tile_rows = std::min(kBlockM, s.L);
   const bool fused = tile_rows <= kFusedRows;
   const bool staged_heads = fused && keys_outermost(Kt, s) && keys_outermost(V, s);
-  const ForwardPlan plan = forward_plan(s, n_qblocks, staged_heads, sizeof(T));
+  const ForwardPlan plan = forward_plan(s, n_qblocks, staged_heads, sizeof(E));
   // no key block is longer than K: the tiles are sized to it
   const int64_t block_n = std::min(plan.block_n, std::max<int64_t>(s.K, 1));
   const auto blocks = key_blocks(s, block_n);
@@ -564,7 +586,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
 #if defined(CPU_CAPABILITY_AVX512)
     lanes = std::is_same_v<T, float> && !fused;
     const int64_t lane_registers = (tile_rows + 15) / 16;  // the fewest that hold the tile's rows
-    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, lane_registers) : 0);
+    std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, lane_registers, !std::is_same_v<E, T>) : 0);
     float* lane_buffer = lane_scratch.empty() ? nullptr : lane_scratch.front().v;
 #endif
     std::vector<T> qu(plan.heads * rows * s.D), qv(plan.heads * rows * s.D);
@@ -626,22 +648,24 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
             }
           }
 #endif
-          tile.content_scores(kb, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2, score.data());
-          const PositionScores<T> batch_pos = group_pos.rows_from(gb * bm);
-          for (int64_t ii = 0; ii < bm; ++ii) {
-            T* row = score.data() + ii * block_n;
-            int64_t lo, hi;
-            tile.visible_range(kb, ii, lo, hi);
-            if (lo > hi) {
-              std::fill(row, row + n, T(0));
-              continue;
+          if constexpr (std::is_same_v<E, T>) {  // BLAS tiles: rows of T (narrower ones take the lane tiles)
+            tile.content_scores(kb, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2, score.data());
+            const PositionScores<T> batch_pos = group_pos.rows_from(gb * bm);
+            for (int64_t ii = 0; ii < bm; ++ii) {
+              T* row = score.data() + ii * block_n;
+              int64_t lo, hi;
+              tile.visible_range(kb, ii, lo, hi);
+              if (lo > hi) {
+                std::fill(row, row + n, T(0));
+                continue;
+              }
+              tile.add_position(kb, band, batch_pos, ii, lo, hi, row);
+              a.absorb(ii, row + lo, hi - lo + 1, s.D);
+              zero_outside(row, lo, hi, n);
             }
-            tile.add_position(kb, band, batch_pos, ii, lo, hi, row);
-            a.absorb(ii, row + lo, hi - lo + 1, s.D);
-            zero_outside(row, lo, hi, n);
+            gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
+                    s.D);
           }
-          gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
-                  s.D);
         }
       }
       if (splits > 1) continue;
@@ -814,16 +838,29 @@ void check_cpu(const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r, const at::Tensor& u,
     const at::Tensor& vb, const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset, double scale) {
-  const RelAttnShape s = check_rel_attn_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset);
+  const RelAttnShape s =
+      check_rel_attn_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, /*narrow_keys=*/true);
   cpu::check_cpu(q);
   auto out = at::empty({s.B, s.H, s.L, s.D}, q.options());
   auto lse = at::empty({s.B, s.H, s.L}, q.options());
   const auto kv_head = kv_head_index.contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
-  const auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v), rc = cpu::blas_rows(r);
+  const auto rc = cpu::blas_rows(r);
+  auto kc = cpu::blas_rows(k), vc = cpu::blas_rows(v);
+  if (k.scalar_type() != q.scalar_type()) {  // float16 / bfloat16 rows under float32 arithmetic
+#if defined(CPU_CAPABILITY_AVX512)
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(k.scalar_type(), "rel_memory_attention_fwd_cpu", [&] {
+      cpu::forward_impl<float, scalar_t>(s, q, kc, vc, rc, uc, vbc, kv_head.data_ptr<int64_t>(),
+                                         static_cast<float>(scale), out, lse);
+    });
+    return {out, lse};
+#else
+    kc = kc.to(at::kFloat), vc = vc.to(at::kFloat);  // the BLAS tiles read float32 rows
+#endif
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rel_memory_attention_fwd_cpu", [&] {
-    cpu::forward_impl<scalar_t>(s, q, kc, vc, rc, uc, vbc, kv_head.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
-                                out, lse);
+    cpu::forward_impl<scalar_t, scalar_t>(s, q, kc, vc, rc, uc, vbc, kv_head.data_ptr<int64_t>(),
+                                          static_cast<scalar_t>(scale), out, lse);
   });
   return {out, lse};
 }

@@ -119,6 +119,57 @@ inline T exp_sub_sum(T* x, T m, int64_t n) {
   return sum;
 }
 
+// k and v rows may come narrower than the arithmetic: float32 arithmetic on bfloat16 or float16 rows (a half-precision
+// model's inference reads half the bytes). widen<T>(x) is one element in T, load_widened<T>(x) one vector of them.
+template <typename T, typename E>
+inline T widen(E x) {
+  return static_cast<T>(x);
+}
+
+template <typename T, typename E>
+inline Vectorized<T> load_widened(const E* x) {
+  if constexpr (std::is_same_v<T, E>) {
+    return Vectorized<T>::loadu(x);
+  } else {
+    static_assert(std::is_same_v<T, float>, "only float32 arithmetic widens narrower rows");
+    Vectorized<float> out;
+    at::vec::load_to_float(x, out);
+    return out;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 elements of a float32, bfloat16 or float16 row as float32; the masked form reads only the lanes of `lanes`.
+inline __m512 load16_ps(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16_ps(__mmask16 lanes, const float* x) { return _mm512_maskz_loadu_ps(lanes, x); }
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16_ps(const at::BFloat16* x) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+inline __m512 load16_ps(__mmask16 lanes, const at::BFloat16* x) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(lanes, x));
+}
+inline __m512 load16_ps(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+inline __m512 load16_ps(__mmask16 lanes, const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, x));
+}
+
+// n rows of D elements of E (`stride` apart) -> dense float32 rows [n, D] at out.
+template <typename E>
+inline void widen_rows(const E* rows, int64_t stride, int64_t n, int64_t D, float* out) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (D % 16)) - 1);
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + t * D + d, load16_ps(rows + t * stride + d));
+    if (d < D) _mm512_mask_storeu_ps(out + t * D + d, tail, load16_ps(tail, rows + t * stride + d));
+  }
+}
+#endif
+
 // sum of a[i] * b[i]
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
@@ -131,26 +182,27 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
-// sum of a[i] * x[i] + b[i] * y[i]: a query row's content and position terms against one key (one reduction).
-template <typename T>
-inline T dot2(const T* a, const T* x, const T* b, const T* y, int64_t n) {
+// sum of a[i] * x[i] + b[i] * y[i]: a query row's content and position terms against one key (one reduction; the
+// key row x may be narrower than T).
+template <typename T, typename E>
+inline T dot2(const T* a, const E* x, const T* b, const T* y, int64_t n) {
   using V = Vectorized<T>;
   V acc(T(0));
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
-    acc = at::vec::fmadd(V::loadu(a + i), V::loadu(x + i), acc);
+    acc = at::vec::fmadd(V::loadu(a + i), load_widened<T>(x + i), acc);
     acc = at::vec::fmadd(V::loadu(b + i), V::loadu(y + i), acc);
   }
   T sum = hsum(acc);
-  for (; i < n; ++i) sum += a[i] * x[i] + b[i] * y[i];
+  for (; i < n; ++i) sum += a[i] * widen<T>(x[i]) + b[i] * y[i];
   return sum;
 }
 
 // out[t] = sum_i a[i] x[t][i] + b[i] y[t][i] for t in [0, 16): dot2 for 16 rows (keys) at once. Under AVX-512
 // float the 16 accumulators are summed by a transposing tree (4 levels of lane shuffles, about 3 instructions per
 // row instead of one full reduction each).
-template <typename T>
-inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* const* y, int64_t n, T* out) {
+template <typename T, typename E>
+inline void dot2_rows16(const T* a, const E* const* x, const T* b, const T* const* y, int64_t n, T* out) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (sizeof(T) == sizeof(float)) {
     __m512 acc[16];
@@ -159,7 +211,7 @@ inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* cons
     for (; i + 16 <= n; i += 16) {
       const __m512 va = _mm512_loadu_ps(a + i), vb = _mm512_loadu_ps(b + i);
       for (int t = 0; t < 16; ++t) {
-        acc[t] = _mm512_fmadd_ps(va, _mm512_loadu_ps(x[t] + i), acc[t]);
+        acc[t] = _mm512_fmadd_ps(va, load16_ps(x[t] + i), acc[t]);
         acc[t] = _mm512_fmadd_ps(vb, _mm512_loadu_ps(y[t] + i), acc[t]);
       }
     }
@@ -167,7 +219,7 @@ inline void dot2_rows16(const T* a, const T* const* x, const T* b, const T* cons
       const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
       const __m512 va = _mm512_maskz_loadu_ps(tail, a + i), vb = _mm512_maskz_loadu_ps(tail, b + i);
       for (int t = 0; t < 16; ++t) {
-        acc[t] = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(tail, x[t] + i), acc[t]);
+        acc[t] = _mm512_fmadd_ps(va, load16_ps(tail, x[t] + i), acc[t]);
         acc[t] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(tail, y[t] + i), acc[t]);
       }
     }
@@ -202,29 +254,32 @@ inline void prefetch_row(const T* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(x + i, 0, 2);
 }
 
-// y[i] += p[0] x0[i] + p[1] x1[i] + p[2] x2[i] + p[3] x3[i]: four rows of values into one output row.
-template <typename T>
-inline void axpy4_into(T* y, const T* p, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
+// y[i] += p[0] x0[i] + p[1] x1[i] + p[2] x2[i] + p[3] x3[i]: four rows of values (maybe narrower than T) into one
+// output row.
+template <typename T, typename E>
+inline void axpy4_into(T* y, const T* p, const E* x0, const E* x1, const E* x2, const E* x3, int64_t n) {
   using V = Vectorized<T>;
   const V p0(p[0]), p1(p[1]), p2(p[2]), p3(p[3]);
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
-    V acc = at::vec::fmadd(p0, V::loadu(x0 + i), V::loadu(y + i));
-    acc = at::vec::fmadd(p1, V::loadu(x1 + i), acc);
-    acc = at::vec::fmadd(p2, V::loadu(x2 + i), acc);
-    at::vec::fmadd(p3, V::loadu(x3 + i), acc).store(y + i);
+    V acc = at::vec::fmadd(p0, load_widened<T>(x0 + i), V::loadu(y + i));
+    acc = at::vec::fmadd(p1, load_widened<T>(x1 + i), acc);
+    acc = at::vec::fmadd(p2, load_widened<T>(x2 + i), acc);
+    at::vec::fmadd(p3, load_widened<T>(x3 + i), acc).store(y + i);
   }
-  for (; i < n; ++i) y[i] += p[0] * x0[i] + p[1] * x1[i] + p[2] * x2[i] + p[3] * x3[i];
+  for (; i < n; ++i)
+    y[i] += p[0] * widen<T>(x0[i]) + p[1] * widen<T>(x1[i]) + p[2] * widen<T>(x2[i]) + p[3] * widen<T>(x3[i]);
 }
 
-// y[i] += p x[i]
-template <typename T>
-inline void axpy_into(T* y, T p, const T* x, int64_t n) {
+// y[i] += p x[i] (x maybe narrower than T)
+template <typename T, typename E>
+inline void axpy_into(T* y, T p, const E* x, int64_t n) {
   using V = Vectorized<T>;
   const V vp(p);
   int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) at::vec::fmadd(vp, V::loadu(x + i), V::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += p * x[i];
+  for (; i + V::size() <= n; i += V::size())
+    at::vec::fmadd(vp, load_widened<T>(x + i), V::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += p * widen<T>(x[i]);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)

@@ -37,8 +37,9 @@ class Backend:
     name: str = ""
     dtypes: Tuple[torch.dtype, ...] = ()
     max_head_dim: int = 256
-    # Dtypes of ``dtypes`` that the kernels take in another one: the public function hands them over converted,
-    # differentiably, and rounds the output back (``memtx_ops.ops.rel_memory_attention``).
+    # Dtypes of ``dtypes`` that the kernels compute in another one: the public function hands the inputs over
+    # converted, differentiably, and rounds the output back (``memtx_ops.ops.rel_memory_attention``); a call that
+    # needs no gradient, outside torch.compile, hands k and v over as they are, for ``forward`` to read widened.
     compute_dtypes: Dict[torch.dtype, torch.dtype] = {}
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:

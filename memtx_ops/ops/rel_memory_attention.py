@@ -151,9 +151,11 @@ def rel_memory_attention(
     the ``window`` most recent keys, ``mem_offset`` adds distance to memory keys. -> ``[B, H, L, D]``.
 
     ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
-    "triton" or "cuda". Float16 and bfloat16 on the CPU run the float32 kernels on float32 copies of q, k, v, r,
-    u, vb, which autograd keeps for the backward with the float32 output (its delta = rowsum(dO * O) would lose
-    the gradients of queries that see few keys to a rounded O); the output is rounded back to the inputs' dtype.
+    "triton" or "cuda". Float16 and bfloat16 on the CPU run the float32 kernels and round the output back. With
+    a gradient to compute (or under ``torch.compile``) they take float32 copies of q, k, v, r, u, vb, which
+    autograd keeps for the backward with the float32 output (its delta = rowsum(dO * O) would lose the gradients of
+    queries that see few keys to a rounded O); otherwise only q, r, u, vb are copied, and the forward reads k and
+    v in their own dtype, widening each row as it reads it (half the bytes of float32 keys).
     Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
     gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` runs the backend's
     kernel directly, without the custom op's dispatch (decoding, evaluation).
@@ -167,26 +169,26 @@ def rel_memory_attention(
             q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
         )
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
-    compute_dtype = impl.compute_dtypes.get(q.dtype)
-    if compute_dtype is not None:
-        inputs = (converted(t, compute_dtype) for t in (q, k, v, r, u, vb))
-        return rel_memory_attention(*inputs, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset,
-                                    scale=scale, backend=backend).to(q.dtype)
     compiling = torch.compiler.is_compiling()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r, u, vb))
+    dtype, compute_dtype = q.dtype, impl.compute_dtypes.get(q.dtype)
+    if compute_dtype is not None:  # e.g. float16 / bfloat16 on the CPU: float32 kernels
+        q, r, u, vb = (converted(t, compute_dtype) for t in (q, r, u, vb))
+        if compiling or needs_grad:  # else the forward reads k and v as they are, widening each row it reads
+            k, v = (converted(t, compute_dtype) for t in (k, v))
     if kv_head_index is None:
         kv_head_index = (reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
                          if compiling else _default_kv_heads(q.shape[1], k.shape[1], q.device))
     q, k, v, r = (unit_last_stride(t) for t in (q, k, v, r))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r, u, vb))
     k, v = impl.arrange_keys(k, v, q.shape[2], needs_grad)
     args = (q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous(),
             window or 0, mem_offset, float(scale))
     if not compiling and not needs_grad:
         # Inference (decoding, evaluation): nothing to differentiate or trace, so the backend's kernel is called
         # directly. The custom op's dispatch costs about 0.1 ms a call here, 15% of a decoding step at M = 640.
-        return impl.forward(*args)[0]
+        return impl.forward(*args)[0].to(dtype)
     out, _ = _rel_memory_attention_op(*args, backend)
-    return out
+    return out.to(dtype)
 
 
 @torch.library.custom_op("memtx_ops::rel_memory_attention", mutates_args=())
