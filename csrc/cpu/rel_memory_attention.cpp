@@ -363,11 +363,11 @@ inline int64_t lane_scratch_rows(int64_t D, int64_t R, bool widened) {
 // One key block of a tile of at most 16 R rows (R registers of lanes) for one batch: a.out, a.m, a.l updated as the
 // BLAS path does. pos holds the tile's rows of the group's position GEMM against band; k_rows, v_rows are the rows of
 // key kb.j0. Rows narrower than float32 (E) are widened a chunk at a time into scratch, where the FMAs' broadcasts
-// read them. Measured (B=8 H=8 M=1600 D=64, the kernel alone): bfloat16 rows took 1.5-1.8x the float32 rows' time
-// at L = 8 and 16, 1.05x at L = 32, widened by chunk, by group of 16 keys or element by element at the broadcast
-// alike; the cause is not found (at L = 1, reading half the bytes, they take 0.55x).
+// read them. Never inlined: inlined into the forward's task loop (as GCC did for bfloat16 rows) its accumulators
+// spilled to the stack, and bfloat16 rows took 1.5-1.8x the float32 time at L = 8 and 16 (B=8 H=8 M=1600 D=64, the
+// kernel alone); out of line, 0.94x at L = 16.
 template <int R, typename E>
-void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
+[[gnu::noinline]] void lane_rows_block(const QueryTile<float>& tile, const KeyBlock& kb, const Band& band, const float* qu,
                      const PositionScores<float>& pos, const E* k_rows, int64_t k_stride, const E* v_rows,
                      int64_t v_stride, const OnlineSoftmax<float>& a, float* scratch) {
   constexpr int W = 16 * R;                    // lanes: the tile's rows
