@@ -275,6 +275,17 @@ def test_half_precision_keeps_expanded_keys_expanded(dtype, monkeypatch):
     assert_close_to_reference({"out": inferred}, {"out": want}, dtype)
 
 
+def test_half_precision_stride_zero_leaf_gets_a_gradient_per_position():
+    q, k, v, r, u, vb = make_inputs(Case(B=1, H=2, L=5, M=7, D=16), torch.bfloat16)
+    k = k[:, :1].detach().expand_as(k).requires_grad_()  # a leaf whose head dimension has stride 0
+    out = cpu_attention(q, k, v, r, u, vb)
+    (dk,) = torch.autograd.grad(out.float().square().sum(), (k,))
+    args = [t.detach().double().requires_grad_() for t in (q, k, v, r, u, vb)]
+    want = memtx_ops.reference.rel_memory_attention(*args)
+    (want_dk,) = torch.autograd.grad(want.square().sum(), (args[1],))
+    assert_close_to_reference({"dk": dk}, {"dk": want_dk}, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_torch_compile_fullgraph(dtype):
     assert_compiled_matches_eager(cpu_attention, Case(B=1, H=2, L=12, M=20, D=16), dtype, "cpu", window=16,

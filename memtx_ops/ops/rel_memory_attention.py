@@ -113,12 +113,14 @@ def unit_last_stride(t: Tensor) -> Tensor:
 
 
 def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``, differentiably; each expanded (stride-0) dimension is converted once and expanded
-    again, not materialised."""
+    """``t`` in ``dtype``, differentiably; each expanded (stride-0) dimension of a view is converted once and
+    expanded again, not materialised (its gradient reaches the view's base summed, as through the expansion). A
+    leaf that is stride-0 itself is converted whole, so that its gradient stays one entry per position."""
     base = t
-    for dim in range(t.dim()):
-        if t.stride(dim) == 0 and t.shape[dim] > 1:
-            base = base.narrow(dim, 0, 1)
+    if not (t.requires_grad and t.is_leaf):
+        for dim in range(t.dim()):
+            if t.stride(dim) == 0 and t.shape[dim] > 1:
+                base = base.narrow(dim, 0, 1)
     return base.to(dtype).expand(t.shape)
 
 
