@@ -174,13 +174,14 @@ def rms(t: torch.Tensor) -> float:
     return t.detach().to(torch.float64).pow(2).mean().sqrt().item()
 
 
-def assert_matches_reference(fn, case: Case, dtype, device="cpu", strided=False, tolerance=None):
+def assert_matches_reference(fn, case: Case, dtype, device="cpu", strided=False, tolerance=None, seed=None):
     """Runs ``fn(q, k, v, r, u, vb, **case.kwargs())`` forward and backward and compares the output and
     all six gradients with the float64 reference: the SPEC's relative L2 bound of ``dtype`` and the
-    elementwise bound (:func:`reference_errors`)."""
-    inputs = make_inputs(case, dtype, device, strided)
+    elementwise bound (:func:`reference_errors`). ``seed``: a fixed draw of the inputs and the output's gradient."""
+    inputs = make_inputs(case, dtype, device, strided, seed=seed)
     out = fn(*inputs, **case.kwargs(device))
-    grad_out = torch.randn_like(out)
+    grad_out = (torch.randn_like(out) if seed is None else
+                torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out))
     grads = torch.autograd.grad(out, inputs, grad_out)
     ref_out, ref_grads = reference_float64(inputs, grad_out, case)
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))

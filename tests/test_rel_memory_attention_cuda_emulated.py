@@ -256,6 +256,20 @@ def test_matches_reference(emulator, case, strided, zero_grads, dtype, schedule)
         assert not grads[1][:, g].any() and not grads[2][:, g].any() and not grads[3][g].any(), f"kv head {g}"
 
 
+# Known defect, owed a fix: the backward's delta kernel takes rowsum(dO * O) from the stored 16-bit O, whose rounding
+# swamps the gradients of queries that see only a few keys: these draws (two queries, scale 0.08) give relative L2
+# errors of 3.9e-2 in float16 and 7.6e-2 / 9.0e-2 in bfloat16, where SPEC section 1 allows 1e-2 / 2e-2 (the Triton
+# backward does the same). Strict: once fixed, these fail, to drop the mark.
+@pytest.mark.xfail(strict=True, reason="delta from the rounded 16-bit O: gradients of queries with few keys")
+@pytest.mark.parametrize("mem_offset,dtype", [(28, torch.float16), (13, torch.bfloat16), (25, torch.bfloat16)],
+                         ids=["float16", "bfloat16-a", "bfloat16-b"])
+def test_16bit_gradients_of_queries_with_few_keys(emulator, mem_offset, dtype):
+    case = Case(B=1, H=1, L=2, M=0, D=40, mem_offset=mem_offset, scale=0.08)
+    inputs, grad_out, _, out, grads = run_case(emulator, case, False, dtype, 0)
+    errors, bad = errors_against_reference(case, dtype, inputs, grad_out, out, grads)
+    assert not bad, f"{case} {dtype}: {bad} (all: {errors})"
+
+
 @pytest.mark.parametrize("schedule", range(SCHEDULES), ids=lambda s: f"schedule{s}")
 def test_missing_cp_async_wait_is_caught(emulator, schedule):
     """The kernels without their cp.async.wait_all: the copies land late, at random switches, so tiles are read

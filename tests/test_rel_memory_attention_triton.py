@@ -176,6 +176,17 @@ def test_unused_kv_head_gets_zero_gradients():
     assert dk[:, 0].any() and dk[:, 2].any() and dr[0].any() and dr[2].any()
 
 
+# Known defect, owed a fix: the backward takes delta = rowsum(dO * O) from the stored 16-bit O. Where queries see only
+# a few keys, O's rounding swamps their gradients: this draw (two queries, scale 0.08) gives 5.4e-2 relative L2 in
+# float16, where SPEC section 1 allows 1e-2; the CUDA kernels do the same (test_rel_memory_attention_cuda_emulated.py).
+# The CPU backend keeps a float32 O for the backward and passes such draws. Strict: once fixed, this fails, to drop
+# the mark.
+@pytest.mark.xfail(strict=True, reason="backward delta from the rounded 16-bit O: gradients of queries with few keys")
+def test_float16_gradients_of_queries_with_few_keys():
+    assert_matches_reference(triton_attention, Case(B=1, H=1, L=2, M=0, D=40, scale=0.08), torch.float16, DEVICE,
+                             seed=13)
+
+
 def test_window_one_attends_to_itself_only():
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=40, M=90, D=32), torch.float32, DEVICE))
     out = triton_attention(q, k, v, r, u, vb, window=1)
