@@ -211,22 +211,22 @@ FEATURE_CASES = [
 ]
 
 
-def assert_strided_inputs_reach_backend(backend: str, fn, dtype, device, monkeypatch):
-    """Strided q, k, v (views of a fused projection) reach ``backend``'s forward as they are, uncopied."""
+def backend_forward_calls(backend: str, monkeypatch) -> list:
+    """The argument tuples of every call of ``backend``'s forward from now on (the test's monkeypatch undoes it)."""
     from memtx_ops.backends import BACKENDS
 
+    calls, forward = [], BACKENDS[backend].forward
+    monkeypatch.setattr(BACKENDS[backend], "forward", lambda *args: calls.append(args) or forward(*args))
+    return calls
+
+
+def assert_strided_inputs_reach_backend(backend: str, fn, dtype, device, monkeypatch):
+    """Strided q, k, v (views of a fused projection) reach ``backend``'s forward as they are, uncopied."""
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=8, M=8, D=16), dtype, device, strided=True))
     assert not q.is_contiguous() and not k.is_contiguous()
-    seen = {}
-    forward = BACKENDS[backend].forward
-
-    def spy(*args):
-        seen.update(q=args[0].data_ptr(), k=args[1].data_ptr(), v=args[2].data_ptr())
-        return forward(*args)
-
-    monkeypatch.setattr(BACKENDS[backend], "forward", spy)
+    calls = backend_forward_calls(backend, monkeypatch)
     fn(q, k, v, r, u, vb)
-    assert seen == dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr())
+    assert [tuple(t.data_ptr() for t in args[:3]) for args in calls] == [(q.data_ptr(), k.data_ptr(), v.data_ptr())]
 
 
 def assert_opcheck_passes(backend: str, dtype, device):

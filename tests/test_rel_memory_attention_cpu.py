@@ -12,6 +12,7 @@ from helpers import (
     assert_matches_reference,
     assert_opcheck_passes,
     assert_strided_inputs_reach_backend,
+    backend_forward_calls,
     make_inputs,
 )
 from memtx_ops._extension import extension_error
@@ -57,13 +58,9 @@ def test_strided_fused_projection_views(case, fn):
 
 def keys_reaching_backend(monkeypatch, q, k, v, r, u, vb):
     """The (q, k, v) the C++ backend's forward receives from ``rel_memory_attention(q, k, v, r, u, vb)``."""
-    from memtx_ops.backends import BACKENDS
-
-    seen = []
-    forward = BACKENDS["cpu"].forward
-    monkeypatch.setattr(BACKENDS["cpu"], "forward", lambda *args: seen.extend(args[:3]) or forward(*args))
+    calls = backend_forward_calls("cpu", monkeypatch)
     cpu_attention(q, k, v, r, u, vb)
-    return seen
+    return [t for args in calls for t in args[:3]]
 
 
 @pytest.mark.parametrize("L", [65, 130])
@@ -217,11 +214,7 @@ HALF_INFERENCE_CASES = [SHORT_QUERY_CASES[i] for i in (0, 1, 2, 4, 5, 7, 9, 11, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", HALF_INFERENCE_CASES, ids=str)
 def test_half_precision_inference_reads_keys_as_given(case, dtype, strided, threads, monkeypatch):
-    from memtx_ops.backends import BACKENDS
-
-    cpu, seen = BACKENDS["cpu"], []
-    real_forward = cpu.forward
-    monkeypatch.setattr(cpu, "forward", lambda *args: seen.append(args) or real_forward(*args))
+    seen = backend_forward_calls("cpu", monkeypatch)
     inputs = make_inputs(case, dtype, strided=strided)
     previous = torch.get_num_threads()
     try:
@@ -251,14 +244,10 @@ def test_only_keys_and_values_may_be_narrower():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_keeps_expanded_keys_expanded(dtype, monkeypatch):
-    from memtx_ops.backends import BACKENDS
-
     case = Case(B=2, H=4, L=20, M=30, D=16)
     q, k, v, r, u, vb = make_inputs(case, dtype)
     k_shared, v_shared = (t[:, :1].detach().clone().requires_grad_() for t in (k, v))  # one kv head for all
-    cpu, seen = BACKENDS["cpu"], []
-    real_forward = cpu.forward
-    monkeypatch.setattr(cpu, "forward", lambda *args: seen.append(args) or real_forward(*args))
+    seen = backend_forward_calls("cpu", monkeypatch)
     out = cpu_attention(q, k_shared.expand_as(k), v_shared.expand_as(v), r, u, vb)
     (_, k_seen, v_seen, *_), = seen
     assert (k_seen.dtype, k_seen.stride(1), v_seen.stride(1)) == (torch.float32, 0, 0), k_seen.stride()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import assert_replay_equals_bptt
+from helpers import assert_replay_equals_bptt, backend_forward_calls
 from memtx_ops.nn import Dropout, TransformerXL
 from memtx_ops.nn.transformer_xl import PositionwiseFF
 
@@ -90,11 +90,7 @@ def test_fused_backend_equals_reference_backend(options):
 def test_cpu_autocast_runs_the_fused_kernel(monkeypatch):
     """Under CPU autocast to bfloat16 the attention gets bfloat16 q, k, v: backend "auto" runs the C++ kernel (in
     float32, on copies), not the eager path, and the loss is the float64 model's to bfloat16 precision."""
-    from memtx_ops.backends import BACKENDS
-
-    cpu, dtypes = BACKENDS["cpu"], []
-    real_forward = cpu.forward
-    monkeypatch.setattr(cpu, "forward", lambda *args: dtypes.append(args[0].dtype) or real_forward(*args))
+    calls = backend_forward_calls("cpu", monkeypatch)
     xs, ys = segments(2, L=24)
     losses = []
     for dtype, autocast in ((torch.float64, False), (torch.float32, True)):
@@ -106,7 +102,8 @@ def test_cpu_autocast_runs_the_fused_kernel(monkeypatch):
         total.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         losses.append(total.item())
-    assert dtypes == [torch.float64] * 6 + [torch.float32] * 6  # 3 layers x 2 segments each
+    # 3 layers x 2 segments each
+    assert [args[0].dtype for args in calls] == [torch.float64] * 6 + [torch.float32] * 6
     assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0])
 
 
