@@ -55,8 +55,9 @@ CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.")
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """How to compile one kernel: its pointer arguments' element types ("in": the inputs' dtype), float
-    arguments, the config table and the modes (extra constexprs) it is launched with."""
+    """How to compile one kernel: its pointer arguments' element types ("in": the inputs' dtype; "out": float32 in
+    the EXACT_PV mode, the training forward's, else the inputs' dtype), float arguments, the config table and the
+    modes (extra constexprs) it is launched with."""
 
     name: str  # attribute of its module
     module: str  # module under kernels/
@@ -69,7 +70,7 @@ class KernelSpec:
     precisions: bool = True  # float32 compiled with both dot precisions (kernels with tl.dot)
 
 
-IN, F32, I64 = "in", "fp32", "i64"
+IN, OUT, F32, I64 = "in", "out", "fp32", "i64"
 ATTN = dict(Q=IN, K=IN, V=IN, R_=IN, U=IN, VB=IN, KV_HEAD=I64)
 FWD, BWD = "rel_memory_attention.fwd", "rel_memory_attention.bwd"
 DOWN, UP = "causal_resample.downsample", "causal_resample.upsample"
@@ -85,9 +86,9 @@ def _flags(*names):
 
 ROWS = dict(make_config="row_tiles", precisions=False)  # the resampling kernels: tile_sizes(D), no dots
 KERNELS = [
-    KernelSpec("_fwd_kernel", FWD, dict(ATTN, O=IN, LSE=F32, PART_O=F32, PART_ML=F32), ("qk_scale",),
-               "FWD_CONFIGS", modes=_flags("PARTIAL")),
-    KernelSpec("_bwd_preprocess", BWD, dict(O=IN, DO=IN, DELTA=F32), (), None, fixed=(("BLOCK_M", 64),),
+    KernelSpec("_fwd_kernel", FWD, dict(ATTN, O=OUT, LSE=F32, PART_O=F32, PART_ML=F32), ("qk_scale",),
+               "FWD_CONFIGS", modes=_flags("PARTIAL", "EXACT_PV")),
+    KernelSpec("_bwd_preprocess", BWD, dict(O=F32, DO=IN, DELTA=F32), (), None, fixed=(("BLOCK_M", 64),),
                precisions=False),
     KernelSpec("_bwd_dkdv_kernel", BWD, dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DK=IN, DV=IN), ("scale", "qk_scale"),
                "DKDV_CONFIGS"),
@@ -184,6 +185,8 @@ def jobs(modules, head_dims=HEAD_DIMS, arches=(90, 80), tables=None, dtypes=tupl
         for dtype in dtypes:
             for precision, mode, head_dim, arch in ((p, m, d, a) for p in precisions_of(spec, dtype)
                                                     for m in spec.modes for d in head_dims for a in arches):
+                if dtype == "float32" and dict(mode).get("EXACT_PV"):
+                    continue  # the launcher splits P for 16-bit inputs only
                 for config, warps, stages, bound in configs_of(spec, module, dtype, head_dim, tables):
                     out.append(Job(spec.name, spec.module, dtype, precision, mode, head_dim, arch, config, warps,
                                    stages, bound))
@@ -236,6 +239,8 @@ def compile_job(job: Job) -> Dict[str, object]:
             signature[name] = "constexpr"
         elif name in spec.pointers:
             role = spec.pointers[name]
+            if role == OUT:
+                role = F32 if dict(job.mode).get("EXACT_PV") else IN
             signature[name] = "*" + (element if role == IN else role)
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations: 16-byte aligned
         elif name in spec.floats:

@@ -8,7 +8,8 @@
 TORCH_LIBRARY(memtx_C, m) {
   m.def(
       "rel_memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor u, Tensor vb, "
-      "Tensor kv_head_index, int window, int mem_offset, float scale) -> (Tensor out, Tensor lse)");
+      "Tensor kv_head_index, int window, int mem_offset, float scale, bool float32_out=False) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "rel_memory_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor r, Tensor u, Tensor vb, "
       "Tensor out, Tensor lse, Tensor kv_head_index, int window, int mem_offset, float scale) "

@@ -216,7 +216,8 @@ def backend_forward_calls(backend: str, monkeypatch) -> list:
     from memtx_ops.backends import BACKENDS
 
     calls, forward = [], BACKENDS[backend].forward
-    monkeypatch.setattr(BACKENDS[backend], "forward", lambda *args: calls.append(args) or forward(*args))
+    monkeypatch.setattr(BACKENDS[backend], "forward",
+                        lambda *args, **options: calls.append(args) or forward(*args, **options))
     return calls
 
 
@@ -236,7 +237,8 @@ def assert_opcheck_passes(backend: str, dtype, device):
     options = (idx, 10, 3, 0.25, backend)
     torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention, (q, k, v, r, u, vb, *options))
     out, lse = torch.ops.memtx_ops.rel_memory_attention(q, k, v, r, u, vb, *options)
-    tensors = [t.detach() for t in (torch.randn_like(out), q, k, v, r, u, vb, out, lse)]  # no double backward
+    # grad_out in q's dtype, out as the forward gave it (float32 for 16-bit inputs); no double backward
+    tensors = [t.detach() for t in (torch.randn_like(q), q, k, v, r, u, vb, out, lse)]
     torch.library.opcheck(torch.ops.memtx_ops.rel_memory_attention_backward, (*tensors, *options))
 
 

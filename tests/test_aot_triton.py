@@ -54,8 +54,8 @@ def test_table_passes_the_check(table):
 
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("kernel,mode,D", [
-    ("_fwd_kernel", {"PARTIAL": False}, 128),  # fp32 with TF32 allowed, D in (64, 128]: was 360-557 KB
-    ("_fwd_kernel", {"PARTIAL": True}, 128),
+    ("_fwd_kernel", {"PARTIAL": False, "EXACT_PV": False}, 128),  # fp32 with TF32 allowed, D in (64, 128]: was
+    ("_fwd_kernel", {"PARTIAL": True, "EXACT_PV": False}, 128),  # 360-557 KB
     ("_bwd_dq_kernel", {"DETERMINISTIC": False}, 256),  # fp32, D in (128, 256]: every dq config was over
     ("_bwd_dq_kernel", {"DETERMINISTIC": True}, 256),
 ])
@@ -131,8 +131,10 @@ def test_ptxas_log_of_an_entry_and_a_called_function():
 
 def test_jobs_cover_every_mode_precision_and_target(jobs):
     kinds = {(j.kernel, j.dtype, j.precision, j.mode, j.arch) for j in jobs}
-    for mode in ((("PARTIAL", False),), (("PARTIAL", True),)):
-        assert ("_fwd_kernel", "float32", "tf32x3", mode, 80) in kinds
+    for partial in (False, True):
+        assert ("_fwd_kernel", "float32", "tf32x3", (("PARTIAL", partial), ("EXACT_PV", False)), 80) in kinds
+        assert ("_fwd_kernel", "float32", "tf32x3", (("PARTIAL", partial), ("EXACT_PV", True)), 80) not in kinds
+        assert ("_fwd_kernel", "bfloat16", "tf32", (("PARTIAL", partial), ("EXACT_PV", True)), 90) in kinds
     for mode in ((("DETERMINISTIC", False),), (("DETERMINISTIC", True),)):
         assert ("_bwd_dq_kernel", "bfloat16", "tf32", mode, 90) in kinds
     assert {j.head_dim for j in jobs} == {*aot_triton.HEAD_DIMS, aot_triton.UNALIGNED_HEAD_DIM}

@@ -165,12 +165,14 @@ def test_out_of_range_head_writes_only_its_own_rows(compiled):
     assert_bad_kv_head_stays_in_its_rows("cuda", torch.float16, DEVICE, compiled)
 
 
-def test_kv_head_index_out_of_range_gives_nan_not_a_fault():
+@pytest.mark.parametrize("float32_out", [False, True], ids=["float16_out", "float32_out"])
+def test_kv_head_index_out_of_range_gives_nan_not_a_fault(float32_out):
     """Called directly (no Python validation), a bad kv head writes NaN rows instead of reading out of bounds."""
     case = Case(B=1, H=2, L=9, M=7, D=16)
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(case, torch.float16, DEVICE))
     idx = torch.tensor([0, 5], device=DEVICE)
-    out, lse = torch.ops.memtx_C.rel_memory_attention_fwd(q, k, v, r, u, vb, idx, 0, 0, 0.25)
+    out, lse = torch.ops.memtx_C.rel_memory_attention_fwd(q, k, v, r, u, vb, idx, 0, 0, 0.25, float32_out)
+    assert out.dtype == (torch.float32 if float32_out else torch.float16)
     torch.cuda.synchronize()
     assert torch.isfinite(out[:, 0]).all() and torch.isnan(out[:, 1]).all() and torch.isnan(lse[:, 1]).all()
 

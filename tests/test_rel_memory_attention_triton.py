@@ -21,6 +21,7 @@ from helpers import (
     assert_opcheck_passes,
     assert_strided_inputs_reach_backend,
     make_inputs,
+    reference_errors,
 )
 from memtx_ops.backends.triton import interpreter_enabled
 
@@ -176,15 +177,37 @@ def test_unused_kv_head_gets_zero_gradients():
     assert dk[:, 0].any() and dk[:, 2].any() and dr[0].any() and dr[2].any()
 
 
-# Known defect, owed a fix: the backward takes delta = rowsum(dO * O) from the stored 16-bit O. Where queries see only
-# a few keys, O's rounding swamps their gradients: this draw (two queries, scale 0.08) gives 5.4e-2 relative L2 in
-# float16, where SPEC section 1 allows 1e-2; the CUDA kernels do the same (test_rel_memory_attention_cuda_emulated.py).
-# The CPU backend keeps a float32 O for the backward and passes such draws. Strict: once fixed, this fails, to drop
-# the mark.
-@pytest.mark.xfail(strict=True, reason="backward delta from the rounded 16-bit O: gradients of queries with few keys")
+# The backward's delta = rowsum(dO * O) once came from the stored 16-bit O, whose rounding swamped the gradients of
+# queries that see only a few keys: this draw (two queries, scale 0.08) gave 5.4e-2 relative L2 in float16, where SPEC
+# section 1 allows 1e-2. The forward now keeps a float32 O for the backward (float32_out), and takes P.V with P in two
+# 16-bit parts (EXACT_PV): a P rounded once missed the P the backward recomputes, which still left 3.0e-2.
 def test_float16_gradients_of_queries_with_few_keys():
     assert_matches_reference(triton_attention, Case(B=1, H=1, L=2, M=0, D=40, scale=0.08), torch.float16, DEVICE,
                              seed=13)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"splits{n}")
+def test_inference_out(splits, monkeypatch):
+    """Without float32_out (inference) the forward writes its 16-bit out directly, from one 16-bit P.V, split over
+    keys or not: the same lse and, within float16's tolerance, the float32 out of the training call (EXACT_PV)."""
+    from memtx_ops.kernels.rel_memory_attention import fwd
+
+    monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=20, M=50, D=24), torch.float16, DEVICE))
+    idx = torch.tensor([0, 1], device=DEVICE)
+    out32, lse32 = fwd.rel_memory_attention_fwd(q, k, v, r, u, vb, idx, 0, 4, 0.2, float32_out=True)
+    out, lse = fwd.rel_memory_attention_fwd(q, k, v, r, u, vb, idx, 0, 4, 0.2)
+    assert out32.dtype == torch.float32 and out.dtype == torch.float16 and torch.equal(lse, lse32)
+    _, bad = reference_errors({"out": out}, {"out": out32.double()}, torch.float16)
+    assert not bad and not torch.equal(out, out32.to(torch.float16)), bad
+
+
+def test_backward_wants_the_float32_out():
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=1, L=4, M=0, D=16), torch.float16, DEVICE))
+    from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_bwd
+
+    with pytest.raises(TypeError, match="out must be the forward's float32 out"):
+        rel_memory_attention_bwd(q, q, k, v, r, u, vb, q, torch.zeros(1, 1, 4), torch.tensor([0]), 0, 0, 0.25)
 
 
 def test_window_one_attends_to_itself_only():
@@ -193,8 +216,9 @@ def test_window_one_attends_to_itself_only():
     torch.testing.assert_close(out, v[:, :, 90:], rtol=1e-6, atol=1e-6)
 
 
-def test_opcheck():
-    assert_opcheck_passes("triton", torch.float32, DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck(dtype):
+    assert_opcheck_passes("triton", dtype, DEVICE)
 
 
 def test_torch_compile_fullgraph():
@@ -260,7 +284,7 @@ def test_autotune_keys_hold_every_resource_changing_constexpr():
     """A config tuned for one precision or deterministic mode must not be reused for another."""
     from memtx_ops.kernels.rel_memory_attention import bwd, fwd
 
-    assert {"D", "BLOCK_D", "PRECISION", "PARTIAL"} <= set(fwd._fwd_kernel.keys)
+    assert {"D", "BLOCK_D", "PRECISION", "PARTIAL", "EXACT_PV"} <= set(fwd._fwd_kernel.keys)
     assert {"D", "BLOCK_D", "PRECISION", "DETERMINISTIC"} <= set(bwd._bwd_dq_kernel.keys)
     assert {"D", "BLOCK_D", "PRECISION"} <= set(bwd._bwd_dkdv_kernel.keys) & set(bwd._bwd_dr_kernel.keys)
 

@@ -835,9 +835,12 @@ void check_cpu(const at::Tensor& q) {
 }  // namespace
 }  // namespace cpu
 
+// float32_out asks 16-bit inputs for a float32 out (the one the backward reads). The CPU kernels take 16-bit q as
+// float32 (memtx_ops converts it: Backend.compute_dtypes), so out, in q's float32 or float64, always is one.
 std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r, const at::Tensor& u,
-    const at::Tensor& vb, const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset, double scale) {
+    const at::Tensor& vb, const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset, double scale,
+    bool /*float32_out*/) {
   const RelAttnShape s =
       check_rel_attn_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, /*narrow_keys=*/true);
   cpu::check_cpu(q);

@@ -1,7 +1,7 @@
 // Backward of the CUDA relative-position memory attention (SPEC §1): the delta kernel and the pieces the dq and
 // dk/dv passes share (query-side tiles, recomputed dS). Shared with the forward: rel_memory_attention_common.cuh.
 //
-//   delta_kernel one warp per row: delta = rowsum(dout * out) in float32.
+//   delta_kernel one warp per row: delta = rowsum(dout * out) in float32, from the forward's float32 out.
 #pragma once
 
 #include "rel_memory_attention_common.cuh"
@@ -24,7 +24,7 @@ MEMTX_KERNEL(kDeltaThreads) delta_kernel(const KernelArgs args) {
   if (row >= int64_t(p.B) * p.H * p.L) return;  // uniform per warp
   const int i = int(row % p.L), h = int((row / p.L) % p.H), b = int(row / (int64_t(p.L) * p.H));
   const Elem* x = row_of<Elem>(args.bwd.dout, b, h, i);
-  const Elem* y = row_of<Elem>(args.bwd.out, b, h, i);
+  const float* y = row_of<float>(args.bwd.out, b, h, i);
   float acc = 0.f;
   for (int d = lane; d < p.D; d += 32) acc += to_float(x[d]) * to_float(y[d]);
 #pragma unroll

@@ -12,7 +12,6 @@ cudaError_t rel_attn_backward(const RelAttnProblem& problem, const RelAttnBackwa
   args.bwd = bwd;
   const size_t es = element_size(problem.dtype);
   args.vec.dout = vec_ok(bwd.dout, problem.D, es);
-  args.vec.out = vec_ok(bwd.out, problem.D, es);
   const int64_t rows = int64_t(problem.B) * problem.H * problem.L;
 
   if (rows > 0) {

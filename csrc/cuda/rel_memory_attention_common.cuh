@@ -55,7 +55,7 @@ constexpr float kNegInf = -__builtin_huge_valf();
 
 // 16-byte vector loads are allowed per tensor (D and strides multiples of 16 bytes, aligned base).
 struct VecFlags {
-  bool q, k, v, r, dout, out;
+  bool q, k, v, r, dout;
 };
 
 // Everything a kernel reads: the problem, the outputs of the pass, the load flags. Passed by value.

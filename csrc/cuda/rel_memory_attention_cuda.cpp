@@ -1,7 +1,8 @@
 // CUDA implementation of the memtx_C relative-memory-attention operators (SPEC §1): checks, output
 // allocation and the calls into the kernels of rel_memory_attention_*.cu. Compiled only in CUDA builds.
 //
-// The forward writes out and lse (float32). The backward writes dq, dk, dv directly; dr is accumulated in a
+// The forward writes out (of the inputs' dtype, or float32 with float32_out: the out the backward reads) and lse
+// (float32). The backward writes dq, dk, dv directly; dr is accumulated in a
 // float32 buffer with atomics (so it is not bitwise deterministic), du and dvb from per-block partials
 // (deterministic). q, k, v, grad_out and out are read through their strides (last dim contiguous).
 //
@@ -111,16 +112,17 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ?
 
 std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r, const at::Tensor& u,
-    const at::Tensor& vb, const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset, double scale) {
+    const at::Tensor& vb, const at::Tensor& kv_head_index, int64_t window, int64_t mem_offset, double scale,
+    bool float32_out) {
   const RelAttnShape s = check_rel_attn_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset);
   const cuda::DType dtype = check_cuda(q, s);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty({s.B, s.H, s.L, s.D}, q.options());
+  auto out = at::empty({s.B, s.H, s.L, s.D}, float32_out ? q.options().dtype(at::kFloat) : q.options());
   auto lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
   const auto kv_head = kv_head_index.to(q.device(), at::kLong).contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
   const cuda::RelAttnProblem p = make_problem(s, dtype, q, k, v, r, uc, vbc, kv_head, scale);
-  const cuda::RelAttnForward fwd{out.data_ptr(), lse.data_ptr<float>()};
+  const cuda::RelAttnForward fwd{out.data_ptr(), lse.data_ptr<float>(), out.scalar_type() == at::kFloat};
   check_launch(cuda::rel_attn_forward(p, fwd, c10::cuda::getCurrentCUDAStream()), "forward kernel launch");
   return {out, lse};
 }
@@ -133,8 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const cuda::DType dtype = check_cuda(q, s);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "rel_memory_attention_bwd_cuda: grad_out and out must have the shape of q");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "rel_memory_attention_bwd_cuda: grad_out and out must have the dtype of q");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == at::kFloat,
+              "rel_memory_attention_bwd_cuda: grad_out must have the dtype of q, and out must be the forward's float32 "
+              "out (float32_out=True); got grad_out ", grad_out.scalar_type(), ", out ", out.scalar_type());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == s.B * s.H * s.L,
               "rel_memory_attention_bwd_cuda: lse must be float32 [B, H, L]");
   for (const at::Tensor* t : {&grad_out, &out, &lse})

@@ -34,17 +34,20 @@ struct RelAttnProblem {
   DType dtype;
 };
 
-// Outputs of the forward: out [B, H, L, D] contiguous (dtype), lse [B, H, L] float32 (natural log).
+// Outputs of the forward: out [B, H, L, D] contiguous, of dtype or, with out_float32, float32 (the out the
+// backward reads: its delta from a rounded out would swamp the gradients of queries that see few keys);
+// lse [B, H, L] float32 (natural log).
 struct RelAttnForward {
   void* out;
   float* lse;
+  bool out_float32;
 };
 
 // Inputs and outputs of the backward. dq [B, H, L, D] and dk, dv [B, Hk, K, D] are contiguous, of dtype,
 // fully written. dr_acc [Hk, R, D] float32 must be zeroed by the caller (it is accumulated with atomics).
 // du_part, dvb_part [B * query_blocks(D, dtype), H, D] float32 are fully written: sum them over dim 0.
 struct RelAttnBackward {
-  Strided4 dout, out;  // [B, H, L, D]
+  Strided4 dout, out;  // [B, H, L, D]: dout of dtype, out float32 (the forward's, with out_float32)
   const float* lse;    // [B, H, L] contiguous
   float* delta;        // [B, H, L] scratch: rowsum(dout * out)
   void* dq;

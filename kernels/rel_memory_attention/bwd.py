@@ -2,7 +2,8 @@
 
 Kernels, in launch order:
 
-* ``_bwd_preprocess``: ``delta_i = dO_i . O_i``.
+* ``_bwd_preprocess``: ``delta_i = dO_i . O_i``, from the forward's float32 O: a 16-bit O would round it, and
+  ``dP - delta`` cancels where a query sees few keys, so that rounding would swamp their gradients.
 * ``_bwd_dkdv_kernel``: one program per (batch, kv head, key block) owns dk, dv of its keys and sums over every
   query head mapped to that kv head (any ``kv_head_index``; unused kv heads get zeros). No atomics.
 * ``_bwd_dq_kernel``: one program per (batch, head, query block) owns dq and writes per-block partials of du, dvb
@@ -94,7 +95,7 @@ def band_config(block_m: int, block_r: int, num_warps: int = 4, num_stages: int 
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                     H, L, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid ``(B * H, cdiv(L, BLOCK_M))``: ``delta [B, H, L] = sum_d dO * O`` in float32."""
+    """Grid ``(B * H, cdiv(L, BLOCK_M))``: ``delta [B, H, L] = sum_d dO * O`` in float32 (O float32)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -436,12 +437,15 @@ def _bwd_dr_kernel(
 
 
 def rel_memory_attention_bwd(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
-    """Backward. grad_out, out ``[B, H, L, D]``; lse ``[B, H, L]`` float32 from the forward; the other
-    arguments as in :func:`rel_memory_attention_fwd`.
+    """Backward. grad_out ``[B, H, L, D]`` in q.dtype; out ``[B, H, L, D]`` float32 and lse ``[B, H, L]`` float32
+    from the forward (``float32_out=True``); the other arguments as in :func:`rel_memory_attention_fwd`.
 
     -> (dq, dk, dv, dr, du, dvb), each with its input's shape and dtype. Deterministic (no atomics) under
     ``MEMTX_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``. Launches on the inputs' GPU.
     """
+    if out.dtype != torch.float32 or grad_out.dtype != q.dtype:
+        raise TypeError(f"rel_memory_attention_bwd: out must be the forward's float32 out (float32_out=True) and "
+                        f"grad_out in q's dtype {q.dtype}; got out {out.dtype}, grad_out {grad_out.dtype}")
     with on_device(q):
         return _backward(grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale)
 

@@ -43,8 +43,13 @@ FWD_CONFIGS = {
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
               offs_i, offs_d, mask_d, i0, j0, j_hi, offset, L, M, R, WINDOW, qk_scale,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block ``[j0, j0 + BLOCK_N)`` (keys past ``j_hi`` masked; ``offset`` added to its distances)."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+              EXACT_PV: tl.constexpr):
+    """One key block ``[j0, j0 + BLOCK_N)`` (keys past ``j_hi`` masked; ``offset`` added to its distances).
+
+    ``EXACT_PV`` (16-bit inputs, training): P.V takes P as the sum of two 16-bit parts, so that O is the average
+    of V under the very P the backward recomputes (one 16-bit P is off by up to 2^-9 in bfloat16, and the backward's
+    delta = dO . O would miss sum_j P dP by that, which swamps dS where dP - delta cancels)."""
     k = load_rows(k_base, j0, j0, j_hi, stride_kn, offs_d, mask_d, BLOCK_N)
     v = load_rows(v_base, j0, j0, j_hi, stride_vn, offs_d, mask_d, BLOCK_N)
     s, _ = tile_scores(qu, qv, k, r_base, stride_rn, offs_d, mask_d, offs_i, i0, j0, j0, j_hi, offset,
@@ -54,7 +59,12 @@ def _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_v
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    p_high = p.to(v.dtype)
+    if EXACT_PV:
+        p_low = (p - p_high.to(tl.float32)).to(v.dtype)
+    acc = tl.dot(p_high, v, acc * alpha[:, None], input_precision=PRECISION)  # into acc: no second [BM, D] tile
+    if EXACT_PV:
+        acc = tl.dot(p_low, v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -73,7 +83,7 @@ def visited_key_blocks(i0, L, M, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     return mem_first, n_mem, seg_first, n_mem + n_seg
 
 
-@autotune_tiles(FWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "PARTIAL"))
+@autotune_tiles(FWD_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "PARTIAL", "EXACT_PV"))
 @triton.jit
 def _fwd_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, O, LSE, PART_O, PART_ML,
@@ -81,12 +91,12 @@ def _fwd_kernel(
     stride_rh, stride_rn, stride_uh, stride_vbh, stride_ob, stride_oh, stride_om,
     B, H, HK, L, M, R, WINDOW, MEM_OFFSET, qk_scale, SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr, PARTIAL: tl.constexpr, EXACT_PV: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(L, BLOCK_M), SPLITS)``: one query block of one (batch, head), over one of ``SPLITS``
     parts of its key blocks. Without ``PARTIAL`` (one part) it writes ``O`` and ``LSE``; else (split-K, flash-decoding) its
     unnormalised output, row max and row sum (log2 units) go to ``PART_O [SPLITS, B * H, L, BLOCK_D]`` and
-    ``PART_ML [SPLITS, 2, B * H, L]`` (float32) for :func:`merge_key_splits`."""
+    ``PART_ML [SPLITS, 2, B * H, L]`` (float32) for :func:`merge_key_splits`. ``EXACT_PV``: see :func:`_fwd_tile`."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -119,7 +129,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qu, qv, k_base, v_base, r_base, stride_kn, stride_vn, stride_rn,
                                   offs_i, offs_d, mask_d, i0, j0, tl.where(memory, M, M + L),
                                   tl.where(memory, MEM_OFFSET, 0), L, M, R, WINDOW, qk_scale,
-                                  BLOCK_M, BLOCK_N, BLOCK_W, PRECISION)
+                                  BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, EXACT_PV)
 
     if not PARTIAL:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past L see no key
@@ -159,11 +169,13 @@ def merge_key_splits(part_o, part_ml, out, lse, D):
     lse.copy_(((m + torch.log2(total)) / LOG2E).view(lse.shape))
 
 
-def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
+def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out=False):
     """Forward. q ``[B, H, L, D]``; k, v ``[B, Hk, M + L, D]``; r ``[Hk, R, D]``; u, vb ``[H, D]``;
     kv_head_index ``[H]`` int64; ``window`` (0: none), ``mem_offset``, ``scale``.
 
-    -> (out ``[B, H, L, D]`` in q.dtype, lse ``[B, H, L]`` float32, natural log of the softmax denominators).
+    -> (out ``[B, H, L, D]`` in q.dtype, or float32 with ``float32_out`` (the out the backward reads: 16-bit
+    inputs then also take P.V with P in two 16-bit parts, ``EXACT_PV``), lse ``[B, H, L]`` float32, natural log of
+    the softmax denominators).
     Every tensor needs a unit last stride; other strides are arbitrary (q, k, v and r are streamed with rows
     aligned: :func:`aligned_rows`). When the query blocks of all batches and heads are too few to fill the GPU
     (decoding, short segments), each one's keys are split into parts computed by separate programs and merged
@@ -173,7 +185,7 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     M = k.shape[2] - L
     q, k, v, r = (aligned_rows(t) for t in (q, k, v, r))
     kv_head_index = kv_head_index.contiguous()  # the kernel reads KV_HEAD[h] without a stride
-    out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, H, L, D, dtype=torch.float32 if float32_out else q.dtype, device=q.device)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     splits = key_splits(B * H * triton.cdiv(L, smallest_block(_fwd_kernel, "BLOCK_M")), M + L, q.device)
@@ -183,14 +195,14 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
     grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]), splits)  # noqa: E731
     with on_device(q):
         _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml, window, mem_offset, scale,
-                        splits, block_d)
+                        splits, block_d, exact_pv=float32_out and q.dtype != torch.float32)
         if splits > 1:
             merge_key_splits(part_o, part_ml, out, lse, D)
     return out, lse
 
 
 def _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml, window, mem_offset, scale,
-                    splits, block_d):
+                    splits, block_d, exact_pv):
     B, H, L, D = q.shape
     M = k.shape[2] - L
     _fwd_kernel[grid](
@@ -199,5 +211,5 @@ def _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, pa
         v.stride(0), v.stride(1), v.stride(2), r.stride(0), r.stride(1), u.stride(0), vb.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         B, H, k.shape[1], L, M, r.shape[1], window if window > 0 else M + L + 1, mem_offset, scale * LOG2E, splits,
-        D=D, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PARTIAL=splits > 1,
+        D=D, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), PARTIAL=splits > 1, EXACT_PV=exact_pv,
     )

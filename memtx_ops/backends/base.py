@@ -26,9 +26,10 @@ def check_usable(backend, op: str, device: torch.device, dtype: torch.dtype) -> 
 class Backend:
     """A fused implementation of ``rel_memory_attention``.
 
-    ``forward`` returns ``(out [B, H, L, D], lse [B, H, L] float32)``; ``backward`` returns the
-    gradients of ``(q, k, v, r, u, vb)``. Arguments arrive validated: ``kv_head_index`` is a contiguous
-    int64 ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a finite float
+    ``forward`` returns ``(out [B, H, L, D], lse [B, H, L] float32)``, out in float32 for 16-bit inputs when
+    ``float32_out`` (the custom op's call, whose out the backward reads) and else in the inputs' dtype; ``backward``
+    takes that float32 out (with grad_out in the inputs' dtype) and returns the gradients of ``(q, k, v, r, u, vb)``.
+    Arguments arrive validated: ``kv_head_index`` is a contiguous int64 ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a finite float
     > 0, u and vb are contiguous, and q, k, v, r have a contiguous last dimension (other strides are
     arbitrary, stride 0 included). Under ``torch.compile`` the values of ``kv_head_index`` are not checked:
     a backend must never read or write outside its tensors for an index outside ``[0, Hk)``.
@@ -52,7 +53,8 @@ class Backend:
         one the backward reads. The default keeps the tensors as they are."""
         return k, v
 
-    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale) -> Tuple[Tensor, Tensor]:
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, *,
+                float32_out: bool) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def backward(
@@ -87,9 +89,9 @@ class ExtensionBackend(Backend):
             )
         return None
 
-    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, *, float32_out):
         return torch.ops.memtx_C.rel_memory_attention_fwd(
-            q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale
+            q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out
         )
 
     def backward(self, grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):

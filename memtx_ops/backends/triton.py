@@ -27,10 +27,11 @@ class TritonBackend(Backend):
             f"triton is imported; got tensors on {device}"
         )
 
-    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale):
+    def forward(self, q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, *, float32_out):
         from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_fwd
 
-        return rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
+        return rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale,
+                                        float32_out=float32_out)
 
     def backward(self, grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale):
         from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_bwd

@@ -154,10 +154,12 @@ def rel_memory_attention(
 
     ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
     "triton" or "cuda". Float16 and bfloat16 on the CPU run the float32 kernels and round the output back. With
-    a gradient to compute (or under ``torch.compile``) they take float32 copies of q, k, v, r, u, vb, which
-    autograd keeps for the backward with the float32 output (its delta = rowsum(dO * O) would lose the gradients of
-    queries that see few keys to a rounded O); otherwise only q, r, u, vb are copied, and the forward reads k and
-    v in their own dtype, widening each row as it reads it (half the bytes of float32 keys).
+    a gradient to compute (or under ``torch.compile``) they take float32 copies of q, k, v, r, u, vb; otherwise only
+    q, r, u, vb are copied, and the forward reads k and v in their own dtype, widening each row as it reads it
+    (half the bytes of float32 keys). With a gradient to compute, every fused backend keeps the output in float32
+    for the backward and returns it rounded: the backward's delta = rowsum(dO * O) taken from a rounded O would
+    swamp the gradients of queries that see few keys (on the GPU this costs 2 bytes more per element of out kept
+    for the backward; inference writes the 16-bit output directly).
     Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
     gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` runs the backend's
     kernel directly, without the custom op's dispatch (decoding, evaluation).
@@ -188,9 +190,15 @@ def rel_memory_attention(
     if not compiling and not needs_grad:
         # Inference (decoding, evaluation): nothing to differentiate or trace, so the backend's kernel is called
         # directly. The custom op's dispatch costs about 0.1 ms a call here, 15% of a decoding step at M = 640.
-        return impl.forward(*args)[0].to(dtype)
+        return impl.forward(*args, float32_out=False)[0].to(dtype)
     out, _ = _rel_memory_attention_op(*args, backend)
     return out.to(dtype)
+
+
+def _saved_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's out for inputs of ``dtype``: float32 for 16-bit inputs (kept for the backward's delta),
+    else the inputs' own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.library.custom_op("memtx_ops::rel_memory_attention", mutates_args=())
@@ -198,15 +206,16 @@ def _rel_memory_attention_op(
     q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, kv_head_index: Tensor,
     window: int, mem_offset: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
+    """-> (out ``[B, H, L, D]``, float32 for 16-bit inputs (:func:`_saved_out_dtype`); lse ``[B, H, L]``)."""
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])
-    return impl.forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale)
+    return impl.forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out=True)
 
 
 @_rel_memory_attention_op.register_fake
 def _(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend):
     B, H, L, D = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, H, L, D), q.new_empty(B, H, L, dtype=lse_dtype)
+    return q.new_empty(B, H, L, D, dtype=_saved_out_dtype(q.dtype)), q.new_empty(B, H, L, dtype=lse_dtype)
 
 
 @torch.library.custom_op("memtx_ops::rel_memory_attention_backward", mutates_args=())
@@ -234,8 +243,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, r, u, vb, out, lse, kv_head_index = ctx.saved_tensors
+    # grad_out arrives in out's float32 for 16-bit inputs: the gradient of the rounded output the caller got, so
+    # narrowing it back is exact (the kernels multiply dO with v in the inputs' dtype)
     grads = _rel_memory_attention_backward_op(
-        grad_out.contiguous(), q, k, v, r, u, vb, out, lse, kv_head_index,
+        grad_out.to(q.dtype).contiguous(), q, k, v, r, u, vb, out, lse, kv_head_index,
         ctx.window, ctx.mem_offset, ctx.scale, ctx.backend,
     )
     return (*grads, None, None, None, None, None)
