@@ -106,19 +106,22 @@ TF32_TOLERANCE = 5e-3
 ELEMENT_ULPS = {torch.float64: 256, torch.float32: 256, torch.float16: 8, torch.bfloat16: 8}
 
 
-VANISHING = 1e-3  # a gradient whose RMS is below this fraction of its unit is dominated by cancellation
+VANISHING = 1e-3  # a sum whose RMS is below this fraction of its uncancelled size is dominated by cancellation
 
 
-def reference_errors(got, want, dtype, tolerance=None, units=None):
+def reference_errors(got, want, dtype, tolerance=None, units=None, terms=None):
     """Relative L2 and elementwise errors of every entry of ``got`` against the float64 ``want`` (dicts of
     tensors with equal keys) -> (errors by name, failures by name).
 
     ``tolerance``: the SPEC relative L2 bound (default that of ``dtype``; ``TF32_TOLERANCE`` selects TF32's
     epsilon for the elementwise bound). ``units``: by name, the size of the terms an entry is a sum of
-    (:func:`attention_units`), which does not vanish when the sum does. The elementwise bound is taken relative
-    to ``max(max |ref|, unit)``, and a gradient that vanishes in exact arithmetic (RMS below ``VANISHING`` of its
-    unit: dq, dk, dr, du, dvb when every query sees one key or all values are equal, dr and dvb when every
-    visible distance is clamped) has its L2 error taken relative to the unit too, not to its own rounding noise.
+    (:func:`attention_scales`), which does not vanish when the sum does; ``terms``: by name, how many such terms
+    with independent signs each element adds (default 1), so that ``unit * sqrt(terms)`` is the size of the sum
+    uncancelled. The elementwise bound is taken relative to ``max(max |ref|, unit)``, and a gradient that vanishes
+    in exact arithmetic or nearly (RMS below ``VANISHING`` of its uncancelled size: dq, dk, dr, du, dvb when every
+    query sees one key or all values are equal, dr and dvb when every visible distance is clamped, du and dvb when
+    their terms happen to cancel) has its L2 error taken relative to that size too, not to its own rounding noise:
+    each term's rounding adds in quadrature, as the terms do.
     """
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
     tol = tolerance if tolerance is not None else TOLERANCE[dtype]
@@ -131,9 +134,10 @@ def reference_errors(got, want, dtype, tolerance=None, units=None):
         if x.numel() == 0:
             continue
         unit = (units or {}).get(name, 0.0)
+        uncancelled = unit * (terms or {}).get(name, 1) ** 0.5
         diff = (x - ref).abs()
-        vanishing = rms(ref) < VANISHING * unit
-        l2_scale = unit * ref.numel() ** 0.5 if vanishing else ref.norm().item()
+        vanishing = rms(ref) < VANISHING * uncancelled
+        l2_scale = uncancelled * ref.numel() ** 0.5 if vanishing else ref.norm().item()
         inf_scale = max(ref.abs().max().item(), unit)
         rel = diff.norm().item() / max(l2_scale, 1e-300)
         worst = diff.max().item() / max(inf_scale, 1e-300)
@@ -151,22 +155,24 @@ def reference_errors(got, want, dtype, tolerance=None, units=None):
     return errors, bad
 
 
-def assert_close_to_reference(got, want, dtype, tolerance=None, units=None, context=""):
+def assert_close_to_reference(got, want, dtype, tolerance=None, units=None, terms=None, context=""):
     """Asserts that ``reference_errors`` finds nothing: both bounds hold for every entry, and nothing is NaN."""
-    errors, bad = reference_errors(got, want, dtype, tolerance, units)
+    errors, bad = reference_errors(got, want, dtype, tolerance, units, terms)
     assert not bad, f"{context} {dtype}: {bad} (all: {errors})"
 
 
-def attention_units(q, k, v, r, grad_out, scale=None):
-    """Units (:func:`reference_errors`) of the attention output and its six gradients, from the RMS of the
-    inputs: ``s = scale * sqrt(D) * rms(dO) * rms(v)`` is the size of one dS entry (``dP - delta``), so dq's terms
-    are ``s * rms(k | r)``, dk's and dr's ``s * rms(q)``, du's ``s * rms(k)``, dvb's ``s * rms(r)``, dv's
-    ``rms(dO)``. On the feature grid every unit is below the largest element of its gradient (0.1-0.8 of it),
+def attention_scales(q, k, v, r, grad_out, scale=None):
+    """``units`` and ``terms`` (:func:`reference_errors`) of the attention output and its six gradients, from the
+    RMS of the inputs: ``s = scale * sqrt(D) * rms(dO) * rms(v)`` is the size of one dS entry (``dP - delta``), so
+    one query's term of dq is ``s * rms(k | r)``, of dk and dr ``s * rms(q)``, of du ``s * rms(k)``, of dvb
+    ``s * rms(r)``, and dv's unit is ``rms(dO)``. du and dvb (per head) add one term per batch row and query:
+    ``B * L`` terms. On the feature grid every unit is below the largest element of its gradient (0.1-0.8 of it),
     so it changes nothing where the gradient does not vanish."""
-    D = q.shape[-1]
+    B, _, L, D = q.shape
     s = (scale if scale is not None else D ** -0.5) * D ** 0.5 * rms(grad_out) * rms(v)
-    return dict(dq=s * max(rms(k), rms(r)), dk=s * rms(q), dv=rms(grad_out), dr=s * rms(q), du=s * rms(k),
-                dvb=s * rms(r))
+    units = dict(dq=s * max(rms(k), rms(r)), dk=s * rms(q), dv=rms(grad_out), dr=s * rms(q), du=s * rms(k),
+                 dvb=s * rms(r))
+    return dict(units=units, terms=dict(du=B * L, dvb=B * L))
 
 
 def rms(t: torch.Tensor) -> float:
@@ -186,8 +192,8 @@ def assert_matches_reference(fn, case: Case, dtype, device="cpu", strided=False,
     ref_out, ref_grads = reference_float64(inputs, grad_out, case)
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + ref_grads))
-    units = attention_units(*inputs[:4], grad_out, case.scale)
-    assert_close_to_reference(got, want, dtype, tolerance, units=units, context=str(case))
+    scales = attention_scales(*inputs[:4], grad_out, case.scale)
+    assert_close_to_reference(got, want, dtype, tolerance, **scales, context=str(case))
     for name, g, t in zip(GRAD_NAMES, grads, inputs):
         assert g.shape == t.shape and g.dtype == t.dtype, f"{name}: {g.shape}/{g.dtype} vs {t.shape}/{t.dtype}"
 

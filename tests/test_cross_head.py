@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 import memtx_ops
-from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_units, free_port,
-                     gloo_group, make_inputs)
+from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_scales,
+                     free_port, gloo_group, make_inputs)
 from memtx_ops import reference
 from memtx_ops.backends import BACKENDS
 from memtx_ops.nn import CrossHeadPermutation, SkipRetainSchedule
@@ -74,7 +74,7 @@ def test_matches_copying_reference(backend, dtype, case):
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref,) + ref_grads))
     assert_close_to_reference(got, want, dtype, tolerance(dtype, device),
-                              units=attention_units(*inputs[:4], grad_out, case.scale), context=f"{backend} {case}")
+                              **attention_scales(*inputs[:4], grad_out, case.scale), context=f"{backend} {case}")
 
 
 @pytest.mark.parametrize("backend,dtype", backend_params())

@@ -38,6 +38,23 @@ def test_vanishing_gradient_is_judged_against_its_unit():
     assert "g" in reference_errors({"g": wrong}, {"g": ref}, torch.float32, units={"g": 1.0})[1]
 
 
+def test_a_sum_that_nearly_cancels_is_judged_against_its_uncancelled_size():
+    """du of one head adds a term per batch row and query (MEMTX_FUZZ_SEED=11 cpu float32 draw 51: 13 terms of unit
+    size summed to 1.7e-3 of the unit, with an error of 2e-7 units). Each term's rounding adds in quadrature, so the
+    sum carries about ``eps * sqrt(13)`` units of noise however much it cancels: 1e-4 of itself. Judged against
+    its uncancelled size ``sqrt(13)`` units, that noise passes; an error of 5e-4 units (30% of the sum, 1e3 times
+    its rounding) still fails."""
+    eps, count = EPSILON[torch.float32], 13
+    ref = torch.full((1, 1), 1.7e-3, dtype=torch.float64)
+    got = ref + 2 * eps * count ** 0.5
+    units = {"g": 1.0}
+    assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]
+    errors, bad = reference_errors({"g": got}, {"g": ref}, torch.float32, units=units, terms={"g": count})
+    assert not bad and errors["g"]["vanishing"], errors
+    wrong = ref + 5e-4
+    assert "g" in reference_errors({"g": wrong}, {"g": ref}, torch.float32, units=units, terms={"g": count})[1]
+
+
 def test_units_do_not_loosen_a_gradient_that_does_not_vanish():
     ref = torch.randn(100, dtype=torch.float64)
     got = ref.float().clone()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import memtx_ops
-from helpers import GRAD_NAMES, assert_close_to_reference, attention_units
+from helpers import GRAD_NAMES, assert_close_to_reference, attention_scales
 from memtx_ops import reference
 from memtx_ops._extension import extension_error
 from memtx_ops.backends import BACKENDS
@@ -152,10 +152,10 @@ def run_draw(backend, dtype, draw):
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref,) + ref_grads))
     # A base that a view expands sums the gradient over the expanded dimension: its terms add in quadrature.
-    units = attention_units(*views64[:4], grad_out, p["scale"])
+    scales = attention_scales(*views64[:4], grad_out, p["scale"])
     for name, grad_name in zip(shapes, GRAD_NAMES):
-        units[grad_name] *= max(1.0, views64[list(shapes).index(name)].numel() / bases64[name].numel()) ** 0.5
-    assert_close_to_reference(got, want, dtype, units=units, context=described)
+        scales["units"][grad_name] *= max(1.0, views64[list(shapes).index(name)].numel() / bases64[name].numel()) ** 0.5
+    assert_close_to_reference(got, want, dtype, **scales, context=described)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from helpers import (
     assert_opcheck_passes,
     assert_strided_inputs_reach_backend,
     make_inputs,
-    attention_units,
+    attention_scales,
     reference_errors,
     reference_float64,
     rel_error,
@@ -125,7 +125,7 @@ def test_degenerate_cases(case, vanishing, dtype):
     ref_out, ref_grads = reference_float64(inputs, grad_out, case)
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + ref_grads))
-    errors, bad = reference_errors(got, want, dtype, units=attention_units(*inputs[:4], grad_out, case.scale))
+    errors, bad = reference_errors(got, want, dtype, **attention_scales(*inputs[:4], grad_out, case.scale))
     assert not bad, f"{case} {dtype}: {bad} (all: {errors})"
     assert {n for n, e in errors.items() if e.get("vanishing")} == vanishing, errors
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FEATURE_CASES, GRAD_NAMES, Case, attention_units, make_inputs, reference_errors, reference_float64
+from helpers import FEATURE_CASES, GRAD_NAMES, Case, attention_scales, make_inputs, reference_errors, reference_float64
 from memtx_ops.reference import default_kv_head_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def errors_against_reference(case, dtype, inputs, grad_out, out, grads):
         assert g.shape == ref.shape and g.dtype == dtype, name
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + tuple(grads)))
     want = dict(zip(("out",) + GRAD_NAMES, (ref_out,) + tuple(ref_grads)))
-    return reference_errors(got, want, dtype, units=attention_units(*inputs[:4], grad_out, case.scale))
+    return reference_errors(got, want, dtype, **attention_scales(*inputs[:4], grad_out, case.scale))
 
 
 @pytest.mark.parametrize("schedule", range(SCHEDULES), ids=lambda s: f"schedule{s}")
