@@ -8,8 +8,9 @@ Steps, in order, each with its own timeout so that one hang cannot eat the budge
                   ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that a stray access hits unallocated memory (60)
 4. ``racecheck``  compute-sanitizer racecheck, filtered to this library's kernels (60)
 5. ``bench``      rel_memory_attention against the reference, FlexAttention with a table and SDPA flash at
-                  L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward + backward, TFLOP/s and
-                  peak memory, with ``--record-auto`` (backend="auto" choices for this GPU) (170)
+                  L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward (inference, and training:
+                  its exact P.V and float32 out), backward, TFLOP/s and peak memory, with ``--record-auto``
+                  (backend="auto" choices for this GPU) (170)
 6. ``short_query``  the decoding and short-segment shapes (L in {1, 16, 64}, M in {640, 1600, 3800}, bf16): Triton
                   (flash-decoding's split over keys) and CUDA against SDPA with no position term, forward (60), into
                   ``<out>/short_query/``
@@ -167,7 +168,7 @@ def bench_rows(folder: str, op: str) -> List[Dict]:
 
 def ratios(out: str) -> Dict[str, object]:
     """The ratios the GPU issue quotes, at L = M = 2048, D = 64, bf16, fwd+bwd, from the bench's rows (the faster
-    of the triton and cuda backends)."""
+    of the triton and cuda backends), and what each fused backend's training forward costs over inference."""
     rows = bench_rows(out, "rel_memory_attention")
     pick = {r["backend"]: r for r in rows if r.get("case", "").endswith("L=M=2048 D=64") and r.get("fwd_bwd_ms")}
     fused = [pick[b] for b in ("triton", "cuda") if b in pick]
@@ -178,6 +179,10 @@ def ratios(out: str) -> Dict[str, object]:
     for name in ("reference", "flex_table"):
         if name in pick:
             result[f"speedup_vs_{name}"] = round(pick[name]["fwd_bwd_ms"] / best["fwd_bwd_ms"], 2)
+    for backend in ("triton", "cuda"):  # the training forward's extra work for the backward (exact P.V, float32 out)
+        row = pick.get(backend, {})
+        if row.get("train_fwd_ms") and row.get("fwd_ms"):
+            result[f"{backend}_training_fwd_vs_fwd"] = round(row["train_fwd_ms"] / row["fwd_ms"], 2)
     if "sdpa_flash" in pick:
         result["time_vs_sdpa_flash"] = round(best["fwd_bwd_ms"] / pick["sdpa_flash"]["fwd_bwd_ms"], 2)
         result["peak_vs_sdpa_flash"] = round(best["peak_mb"] / pick["sdpa_flash"]["peak_mb"], 3)

@@ -309,8 +309,11 @@ def attention_cases(opts, cfg, device):
         yield f"B={B} H={H} L=M={L} D={D}", dtype_name, inputs, (B, H, L, D)
 
 
-def op_measures(fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor) -> Dict[str, Measure]:
-    """Forward (no grad), backward (after an untimed forward) and forward+backward of ``fn(*inputs)``."""
+def op_measures(fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor,
+                training_forward: bool = False) -> Dict[str, Measure]:
+    """Forward (no grad), backward (after an untimed forward) and forward+backward of ``fn(*inputs)``; with
+    ``training_forward``, also the forward that records the graph for a backward (``train_fwd_ms``: what it saves,
+    and any extra work it does for the backward, against ``fwd_ms``)."""
 
     def forward():
         with torch.no_grad():
@@ -328,20 +331,23 @@ def op_measures(fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor) ->
         clear()
         fn(*inputs).backward(grad)
 
-    return {"fwd_ms": forward, "bwd_ms": (forward_for_backward, lambda out: out.backward(grad)),
-            "fwd_bwd_ms": forward_backward}
+    measures = {"fwd_ms": forward, "bwd_ms": (forward_for_backward, lambda out: out.backward(grad)),
+                "fwd_bwd_ms": forward_backward}
+    if training_forward:
+        measures["train_fwd_ms"] = forward_for_backward  # the graph and what it saved are dropped with the output
+    return measures
 
 
 def measure_ops(op: str, case: str, dtype: str, fns: Dict[str, Optional[Callable]], inputs: List[torch.Tensor],
                 device: torch.device, repeats: int, reasons: Optional[Dict[str, str]] = None,
-                grad: Optional[torch.Tensor] = None):
+                grad: Optional[torch.Tensor] = None, training_forward: bool = False):
     """Rows of every ``{label: fn(*inputs)}`` of one case (its output shaped like ``inputs[0]``, or like ``grad``, the
-    cotangent of its backward, when given): fwd, bwd, fwd+bwd (medians and ranges over interleaved rounds) and the
-    peak tensor memory of one fwd+bwd. A label whose fn is None (``reasons[label]`` says why) or that raises gets a
-    row with the reason."""
+    cotangent of its backward, when given): fwd, bwd, fwd+bwd (medians and ranges over interleaved rounds), the
+    training forward with ``training_forward`` (:func:`op_measures`), and the peak tensor memory of one fwd+bwd. A
+    label whose fn is None (``reasons[label]`` says why) or that raises gets a row with the reason."""
     reasons = dict(reasons or {})
     grad = torch.randn_like(inputs[0]) if grad is None else grad
-    runnable = {label: op_measures(fn, inputs, grad) for label, fn in fns.items() if fn is not None}
+    runnable = {label: op_measures(fn, inputs, grad, training_forward) for label, fn in fns.items() if fn is not None}
     timings, failed = time_interleaved(runnable, device, repeats)
     reasons.update(failed)
     rows = []

@@ -70,3 +70,24 @@ def test_report_shows_the_load_and_warns_when_busy():
     busy = dict(quiet, busy=True, foreign_cores=1.5)
     text = report.markdown([], {}, "t", {"suite_a": quiet, "suite_b": busy})
     assert "## Machine load" in text and "WARNING: the machine was busy during suite_b" in text
+
+
+def test_the_training_forward_records_the_graph_and_only_where_asked():
+    """``train_fwd_ms`` times the forward a backward follows (grad on: what the op saves and any work it does for
+    the backward); ``fwd_ms`` the inference one (no grad)."""
+    x = torch.randn(4, 8, requires_grad=True)
+    seen = []
+
+    def op(t):
+        seen.append(torch.is_grad_enabled())
+        return t * 2
+
+    grad = torch.ones(4, 8)
+    assert "train_fwd_ms" not in harness.op_measures(op, [x], grad)
+    measures = harness.op_measures(op, [x], grad, training_forward=True)
+    measures["fwd_ms"]()
+    out = measures["train_fwd_ms"]()
+    assert seen == [False, True] and out.requires_grad
+    rows = harness.measure_ops("op", "case", "float32", {"op": op}, [x], CPU, repeats=2, training_forward=True)
+    assert rows[0]["train_fwd_ms"] > 0 and "train_fwd_ms_range" in rows[0]
+    assert "training fwd ms" in report.markdown(rows, {"op": "op"}, "t")

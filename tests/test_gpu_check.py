@@ -29,10 +29,12 @@ def test_ratios_from_bench_rows(tmp_path):
                               ("flex_table", 16.0, 2000.0), ("sdpa_flash", 5.0, 280.0))]
     rows.append(dict(op="rel_memory_attention", case="B=4 H=16 L=M=1024 D=64", backend="triton", fwd_bwd_ms=1.0,
                      peak_mb=1.0))
+    rows[1].update(fwd_ms=2.0, train_fwd_ms=2.5)  # triton's training forward: exact P.V and a float32 out
     (tmp_path / "gpu.json").write_text(json.dumps(dict(meta={}, rows=rows)))
     assert gpu_check.ratios(str(tmp_path)) == {
         "fused_backend": "triton", "fused_fwd_bwd_ms": 8.0, "speedup_vs_reference": 10.0,
-        "speedup_vs_flex_table": 2.0, "time_vs_sdpa_flash": 1.6, "peak_vs_sdpa_flash": round(300 / 280, 3)}
+        "speedup_vs_flex_table": 2.0, "triton_training_fwd_vs_fwd": 1.25, "time_vs_sdpa_flash": 1.6,
+        "peak_vs_sdpa_flash": round(300 / 280, 3)}
 
 
 def test_model_ratios_from_bench_rows(tmp_path):
