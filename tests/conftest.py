@@ -1,6 +1,7 @@
 """Test session set-up.
 
 * Without a GPU, Triton kernels run in its CPU interpreter (set before triton loads).
+* Under pytest-xdist (``make test`` runs a worker per core) each worker takes its share of torch's threads.
 * Every test starts from a torch seed of its own, drawn from the run's seed (pytest-randomly's ``--randomly-seed``,
   0 without the plugin) and the test's node id, as pytest-randomly seeds ``random`` and numpy: a test draws the
   same inputs in any order and alone, so ``pytest -p randomly --randomly-seed=N <node id>`` reproduces a failure,
@@ -19,6 +20,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (``-n N``) the workers share the cores: each takes its share of torch's threads, as one process
+# would have all of them. Tests of the thread-dependent work splits set their thread counts themselves.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 # Set by pytest itself, or by torch once per process on first use (not by a test).
