@@ -23,7 +23,7 @@ bench: install
 
 # GPU readiness without a GPU (see bench/aot_triton.py, bench/cuda_resources.py, bench/check_cuda_build.sh).
 # check-aot compiles every Triton kernel config for sm_90 and sm_80 with the GPU image's Triton, installed beside
-# the one the tests use (about 7 min on 2 cores from scratch, cached after; AOT_FLAGS=--sample: of the float32
+# the one the tests use (4.4-7.7 min on 2 cores from scratch, cached after; AOT_FLAGS=--sample: of the float32
 # configs of a group only the first that fits).
 AOT_TRITON ?= 3.6.0
 AOT_DIR ?= $(HOME)/.cache/memtx-aot/triton-$(AOT_TRITON)

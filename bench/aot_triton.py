@@ -19,10 +19,9 @@ Speed: ptxas dominates. Compiles run in a process pool; their result rows are ca
 (default ``~/.cache/memtx-aot``), keyed by the job (kernel, dtype, precision, mode, D, target, config) and a hash of
 the sources it compiles from (its package under ``kernels/`` and ``kernels/*.py``): an unchanged kernel costs a
 lookup, an edit recompiles that package's kernels. The committed table records those hashes, so a test sees when it
-is stale. A full run from scratch takes about 7 minutes on 2 cores (607 compiles; CI runs it, mostly from the
-cache). ``--sample`` (a quicker look) compiles every
-16-bit config but, of the float32 configs of a group, only the first that fits (the rest are listed as not
-compiled). ``--explore KERNEL`` prints a grid of candidate tiles for choosing a table.
+is stale. A full run from scratch took 4.4-7.7 minutes on 2 cores (685 compiles). ``--sample`` (a quicker look)
+compiles every 16-bit config but, of the float32 configs of a group, only the first that fits
+(the rest are listed as not compiled). ``--explore KERNEL`` prints a grid of candidate tiles for choosing a table.
 """
 
 from __future__ import annotations
