@@ -300,12 +300,15 @@ def test_half_precision_torch_compile_fullgraph(dtype):
     # over time-major keys: groups of batches whose chunks fit the L2 budget (1 or 2 of 3 batches at D=256), GQA
     Case(B=3, H=4, L=2, M=500, D=256, R=400),
     Case(B=2, H=4, Hk=2, L=4, M=1500, D=24, window=1000, mem_offset=20, kv_head_index=(1, 0, 0, 1)),
+    # lane tiles over time-major keys: every head per task over each key block, groups of up to 32 query rows
+    Case(B=5, H=2, L=16, M=1200, D=16),  # groups of 2 batches, the last one short
+    Case(B=3, H=4, Hk=2, L=9, M=700, D=24, window=600, mem_offset=11, kv_head_index=(1, 0, 0, 1)),  # GQA, 3 batches
 ], ids=str)
 @pytest.mark.parametrize("strided", [False, "time-major"], ids=["contiguous", "time-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_short_queries_every_work_split(case, threads, dtype, strided):
-    """The forward's plan (whole batch groups, smaller groups, split-K; every head per task when decoding over
-    time-major keys) depends on the thread count and the layout; every plan gives the float64 reference, and the
+    """The forward's plan (whole batch groups, smaller groups, split-K; every head per task over time-major keys
+    with one query tile) depends on the thread count and the layout; every plan gives the float64 reference, and the
     backward (from the forward's lse) too, with each kind of tile (float32 takes the lane tiles from 5 rows on)."""
     previous = torch.get_num_threads()
     try:

@@ -19,7 +19,8 @@
 // (lane_rows_block): a key's scores for the tile's up to 64 rows are up to four vectors, and k and v stream with
 // software prefetch. The BLAS tiles serve float64 and builds without AVX-512. Decoding over time-major keys (views
 // of a [K, B, ...] projection), a task takes every head of a group of batches over chunks of keys
-// (staged_heads_block), so that the heads read each key's neighbouring rows one after another. Under float32
+// (staged_heads_block), so that the heads read each key's neighbouring rows one after another; lane tiles of one
+// query block take every head in turn over each key block (TimeMajorTiles). Under float32
 // arithmetic the forward also reads bfloat16 or float16 k and v rows (inference of a half-precision model), widening
 // them as it reads: the key-by-key tiles a vector at a time, the lane tiles a chunk of keys at a time.
 //
@@ -512,8 +513,25 @@ void lane_rows_block_for(int64_t registers, const QueryTile<float>& tile, const 
 // kScoreTile scores of a tile (kForwardBlockN to kMaxBlockN keys). A task takes one head, but when decoding over
 // time-major keys (staged_heads_block): then it takes every head, of a group of batches whose chunk of k and v rows
 // fits kStagedBytes, over one of enough split-K ranges (of kBlockN-key blocks) to give every thread four tasks.
+// Lane tiles of one query block over time-major keys take every head too, of a group of at most kFewRows query
+// rows per head, over enough split-K ranges (of kForwardBlockN-key blocks) for four tasks per thread.
 struct ForwardPlan {
   int64_t group, groups, splits, block_n, heads;
+};
+
+// How the forward's tasks read time-major keys (keys_outermost), by the kind of its tiles.
+// interleaved_heads: the rows of a (batch, head) sit a key stride apart, a page each, as for staged_heads_block.
+// Streamed head by head over key blocks of 4096 keys, one head's pass at M = 3800 touched 7.6k pages, more than the
+// 3072-entry L2 TLB of a Zen 4 holds. Instead every head of the task takes each key block of kForwardBlockN keys in
+// turn: 1024 pages for a group of two batches, still mapped for the next head. Measured side by side in three
+// alternations of the two builds (B=8 H=8 D=64, float32, 2-core AMD EPYC; medians of the time over that of dense
+// rows): L = 16 M = 3800 1.23x (head by head 1.38x), L = 64 M = 3800 1.15x (1.25x); at M = 640 1.18x and 1.16x
+// (1.22x and 1.14x: within the noise). Key blocks of 512 keys did as well within the noise; of 128, the setup of
+// each call made L = 16 M = 640 1.58x.
+enum class TimeMajorTiles {
+  none,               // dense keys, or tiles that stream each head on its own
+  staged_heads,       // key-by-key tiles: staged_heads_block
+  interleaved_heads,  // lane tiles of one query block: every head in turn over each key block
 };
 
 // Query rows of a group's position GEMM, at most: its scores (kGroupRows x the band) stay in the L2 cache. Measured
@@ -521,13 +539,22 @@ struct ForwardPlan {
 // 1.11-1.12x; at L = 512 1.20x and 1.13x; at L = 1 every batch still shares one GEMM.
 constexpr int64_t kGroupRows = 128;
 
-ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, bool staged_heads, int64_t element_bytes) {
+ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, TimeMajorTiles time_major,
+                         int64_t element_bytes) {
   const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  if (staged_heads) {
+  const int64_t n_blocks = static_cast<int64_t>(key_blocks(s, kBlockN).size());
+  if (time_major == TimeMajorTiles::interleaved_heads) {  // groups of at most kFewRows rows per head
+    const int64_t group = std::clamp<int64_t>(kFewRows / std::min(kBlockM, s.L), 1, s.B);
+    const int64_t groups = (s.B + group - 1) / group;
+    const int64_t interleaved_blocks = static_cast<int64_t>(key_blocks(s, kForwardBlockN).size());
+    const int64_t splits =
+        std::clamp<int64_t>((wanted + n_qblocks * groups - 1) / (n_qblocks * groups), 1, interleaved_blocks);
+    return {group, groups, splits, kForwardBlockN, s.H};
+  }
+  if (time_major == TimeMajorTiles::staged_heads) {
     const int64_t chunk_bytes_per_batch = 2 * kStagedKeys * s.Hk * s.D * element_bytes;  // k and v
     const int64_t group = std::clamp<int64_t>(kStagedBytes / chunk_bytes_per_batch, 1, s.B);
     const int64_t groups = (s.B + group - 1) / group;
-    const int64_t n_blocks = static_cast<int64_t>(key_blocks(s, kBlockN).size());
     const int64_t splits = std::clamp<int64_t>((wanted + n_qblocks * groups - 1) / (n_qblocks * groups), 1, n_blocks);
     return {group, groups, splits, kBlockN, s.H};
   }
@@ -542,7 +569,6 @@ ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, bool staged_h
     const int64_t groups = std::min(s.B, (wanted + tiles - 1) / tiles), group = (s.B + groups - 1) / groups;
     return {group, (s.B + group - 1) / group, 1, long_block_n, 1};
   }
-  const int64_t n_blocks = static_cast<int64_t>(key_blocks(s, kBlockN).size());
   const int64_t splits = std::clamp<int64_t>((wanted + tiles * s.B - 1) / (tiles * s.B), 1, n_blocks);
   return {1, s.B, splits, splits > 1 ? kBlockN : long_block_n, 1};
 }
@@ -565,8 +591,18 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   // allocate and clear tiles of kBlockM rows)
   const int64_t tile_rows = std::min(kBlockM, s.L);
   const bool fused = tile_rows <= kFusedRows;
-  const bool staged_heads = fused && keys_outermost(Kt, s) && keys_outermost(V, s);
-  const ForwardPlan plan = forward_plan(s, n_qblocks, staged_heads, sizeof(E));
+  // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool lanes = std::is_same_v<T, float> && !fused;
+#else
+  const bool lanes = false;
+#endif
+  const TimeMajorTiles time_major =
+      !(keys_outermost(Kt, s) && keys_outermost(V, s)) ? TimeMajorTiles::none
+      : fused                                           ? TimeMajorTiles::staged_heads
+      : lanes && n_qblocks == 1                         ? TimeMajorTiles::interleaved_heads
+                                                        : TimeMajorTiles::none;
+  const ForwardPlan plan = forward_plan(s, n_qblocks, time_major, sizeof(E));
   // no key block is longer than K: the tiles are sized to it
   const int64_t block_n = std::min(plan.block_n, std::max<int64_t>(s.K, 1));
   const auto blocks = key_blocks(s, block_n);
@@ -582,9 +618,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
   const int64_t head_tasks = s.H / plan.heads;
   at::parallel_for(0, head_tasks * n_qblocks * plan.groups * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = plan.group * tile_rows;  // of one head
-    bool lanes = false;  // lane tiles: float32 under AVX-512 only (lane_rows_block); otherwise BLAS tiles
 #if defined(CPU_CAPABILITY_AVX512)
-    lanes = std::is_same_v<T, float> && !fused;
     const int64_t lane_registers = (tile_rows + 15) / 16;  // the fewest that hold the tile's rows
     std::vector<LaneRow> lane_scratch(lanes ? lane_scratch_rows(s.D, lane_registers, !std::is_same_v<E, T>) : 0);
     float* lane_buffer = lane_scratch.empty() ? nullptr : lane_scratch.front().v;
@@ -623,7 +657,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
       for (int64_t index = split * n_blocks / splits; index < (split + 1) * n_blocks / splits; ++index) {
         if (!tile.sees(blocks[index])) continue;
         const KeyBlock kb = tile.clip(blocks[index]);
-        if (staged_heads) {
+        if (time_major == TimeMajorTiles::staged_heads) {
           staged_heads_block(tile, kb, kv_head + h0, plan.heads, qu.data(), qv.data(), rows, b0, nb, Kt, V, r_data,
                              r.stride(0), r.stride(1), acc.data(), plan.group);
           continue;
@@ -634,37 +668,42 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
         }
         const int64_t n = kb.j1 - kb.j0;
         const Band band = tile.band(kb);
-        const PositionScores<T> group_pos = tile.position(band, qv.data(), nb * bm, r_head, r.stride(1), pos.data());
-        for (int64_t gb = 0; gb < nb; ++gb) {
-          const int64_t b = b0 + gb;
-          const OnlineSoftmax<T>& a = acc[gb];
+        for (int64_t hh = 0; hh < plan.heads; ++hh) {  // the heads of a task in turn over the block
+          const QueryTile<T> head{s, tile.i0, bm, kv_head[h0 + hh], block_n};
+          const T* head_qu = qu.data() + hh * rows * s.D;
+          const PositionScores<T> group_pos = head.position(band, qv.data() + hh * rows * s.D, nb * bm,
+                                                            r_data + head.g * r.stride(0), r.stride(1), pos.data());
+          for (int64_t gb = 0; gb < nb; ++gb) {
+            const int64_t b = b0 + gb;
+            const OnlineSoftmax<T>& a = acc[hh * plan.group + gb];
 #if defined(CPU_CAPABILITY_AVX512)
-          if constexpr (std::is_same_v<T, float>) {
-            if (lanes) {
-              lane_rows_block_for(lane_registers, tile, kb, band, qu.data() + gb * bm * s.D,
-                                  group_pos.rows_from(gb * bm), Kt.row(b, tile.g, kb.j0), Kt.s2,
-                                  V.row(b, tile.g, kb.j0), V.s2, a, lane_buffer);
-              continue;
-            }
-          }
-#endif
-          if constexpr (std::is_same_v<E, T>) {  // BLAS tiles: rows of T (narrower ones take the lane tiles)
-            tile.content_scores(kb, qu.data() + gb * bm * s.D, Kt.row(b, tile.g, kb.j0), Kt.s2, score.data());
-            const PositionScores<T> batch_pos = group_pos.rows_from(gb * bm);
-            for (int64_t ii = 0; ii < bm; ++ii) {
-              T* row = score.data() + ii * block_n;
-              int64_t lo, hi;
-              tile.visible_range(kb, ii, lo, hi);
-              if (lo > hi) {
-                std::fill(row, row + n, T(0));
+            if constexpr (std::is_same_v<T, float>) {
+              if (lanes) {
+                lane_rows_block_for(lane_registers, head, kb, band, head_qu + gb * bm * s.D,
+                                    group_pos.rows_from(gb * bm), Kt.row(b, head.g, kb.j0), Kt.s2,
+                                    V.row(b, head.g, kb.j0), V.s2, a, lane_buffer);
                 continue;
               }
-              tile.add_position(kb, band, batch_pos, ii, lo, hi, row);
-              a.absorb(ii, row + lo, hi - lo + 1, s.D);
-              zero_outside(row, lo, hi, n);
             }
-            gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, tile.g, kb.j0), V.s2, T(1), a.out,
-                    s.D);
+#endif
+            if constexpr (std::is_same_v<E, T>) {  // BLAS tiles: rows of T (narrower ones take the lane tiles)
+              head.content_scores(kb, head_qu + gb * bm * s.D, Kt.row(b, head.g, kb.j0), Kt.s2, score.data());
+              const PositionScores<T> batch_pos = group_pos.rows_from(gb * bm);
+              for (int64_t ii = 0; ii < bm; ++ii) {
+                T* row = score.data() + ii * block_n;
+                int64_t lo, hi;
+                head.visible_range(kb, ii, lo, hi);
+                if (lo > hi) {
+                  std::fill(row, row + n, T(0));
+                  continue;
+                }
+                head.add_position(kb, band, batch_pos, ii, lo, hi, row);
+                a.absorb(ii, row + lo, hi - lo + 1, s.D);
+                zero_outside(row, lo, hi, n);
+              }
+              gemm<T>(false, false, bm, s.D, n, T(1), score.data(), block_n, V.row(b, head.g, kb.j0), V.s2, T(1),
+                      a.out, s.D);
+            }
           }
         }
       }
