@@ -55,26 +55,9 @@ def test_a_sum_that_nearly_cancels_is_judged_against_its_uncancelled_size():
     assert "g" in reference_errors({"g": wrong}, {"g": ref}, torch.float32, units=units, terms={"g": count})[1]
 
 
-def test_an_element_of_a_vanishing_sum_is_judged_against_its_uncancelled_size():
-    """A base expanded 40 times along q's last dimension sums 40 terms of dq into each element (MEMTX_FUZZ_SEED=43
-    cpu float32 draw 15, where dq vanishes): its rounding, 472 eps of one term there, is 75 eps of the uncancelled
-    size sqrt(40). That passes the elementwise bound (256 eps); an element off by 1e-3 of a term does not."""
-    eps, count = EPSILON[torch.float32], 40
-    ref = torch.zeros(4, 4, dtype=torch.float64)
-    got = ref.clone()
-    got[1, 2] = 472 * eps
-    units, terms = {"g": 1.0}, {"g": count}
-    assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]
-    errors, bad = reference_errors({"g": got}, {"g": ref}, torch.float32, units=units, terms=terms)
-    assert not bad and errors["g"]["vanishing"], errors
-    got[1, 2] = 1e-3
-    assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units, terms=terms)[1]
-
-
 def test_units_do_not_loosen_a_gradient_that_does_not_vanish():
     ref = torch.randn(100, dtype=torch.float64)
     got = ref.float().clone()
     got[0] += 2 * ELEMENT_ULPS[torch.float32] * EPSILON[torch.float32] * ref.abs().max().item()
-    unit = {"g": 0.5 * ref.abs().max().item()}
-    for units, terms in ((None, None), (unit, None), (unit, {"g": 16})):  # 16 terms: uncancelled twice max |ref|
-        assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units, terms=terms)[1]
+    for units in (None, {"g": 0.5 * ref.abs().max().item()}):
+        assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]

@@ -151,11 +151,11 @@ def run_draw(backend, dtype, draw):
 
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref,) + ref_grads))
-    # A base that a view expands sums its gradient over the copies: each copy adds its terms to every element.
+    # A base that a view expands sums the gradient over its copies: each entry's size (the elementwise scale) adds
+    # in quadrature, sqrt(copies) units.
     scales = attention_scales(*views64[:4], grad_out, p["scale"])
     for view, name, grad_name in zip(views64, shapes, GRAD_NAMES):
-        copies = max(1.0, view.numel() / bases64[name].numel())
-        scales["terms"][grad_name] = scales["terms"].get(grad_name, 1) * copies
+        scales["units"][grad_name] *= max(1.0, view.numel() / bases64[name].numel()) ** 0.5
     assert_close_to_reference(got, want, dtype, **scales, context=described)
 
 
