@@ -113,6 +113,8 @@ struct QueryTile {
   int64_t block_n;  // longest key block: row stride of the score tiles; band tiles have band_columns(block_n)
 
   int64_t band_stride() const { return band_columns(block_n); }
+  // The same query block against the keys of kv head `kv_head`.
+  QueryTile with_kv_head(int64_t kv_head) const { return {s, i0, bm, kv_head, block_n}; }
 
   int64_t first_visible(int64_t i) const { return s.window > 0 ? std::max<int64_t>(0, s.M + i - s.window + 1) : 0; }
   bool sees(const KeyBlock& kb) const {
@@ -326,7 +328,7 @@ void staged_heads_block(const QueryTile<T>& tile, const KeyBlock& kb, const int6
   for (int64_t c0 = kb.j0; c0 < kb.j1; c0 += kStagedKeys) {
     const KeyBlock chunk{c0, std::min(c0 + kStagedKeys, kb.j1), kb.offset};
     for (int64_t hh = 0; hh < n_heads; ++hh) {
-      const QueryTile<T> head_tile{s, tile.i0, tile.bm, kv_head[hh], tile.block_n};
+      const QueryTile<T> head_tile = tile.with_kv_head(kv_head[hh]);
       fused_key_block(head_tile, chunk, qu + hh * rows * s.D, qv + hh * rows * s.D, b0, nb, K, V,
                       r_data + head_tile.g * r_head_stride, r_stride, acc + hh * group);
     }
@@ -543,21 +545,18 @@ ForwardPlan forward_plan(const RelAttnShape& s, int64_t n_qblocks, TimeMajorTile
                          int64_t element_bytes) {
   const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t n_blocks = static_cast<int64_t>(key_blocks(s, kBlockN).size());
-  if (time_major == TimeMajorTiles::interleaved_heads) {  // groups of at most kFewRows rows per head
-    const int64_t group = std::clamp<int64_t>(kFewRows / std::min(kBlockM, s.L), 1, s.B);
+  // Every head per task, groups of `group` batches, over enough split-K ranges of block_n-key blocks.
+  const auto every_head = [&](int64_t group, int64_t block_n) -> ForwardPlan {
+    group = std::clamp<int64_t>(group, 1, s.B);
     const int64_t groups = (s.B + group - 1) / group;
-    const int64_t interleaved_blocks = static_cast<int64_t>(key_blocks(s, kForwardBlockN).size());
-    const int64_t splits =
-        std::clamp<int64_t>((wanted + n_qblocks * groups - 1) / (n_qblocks * groups), 1, interleaved_blocks);
-    return {group, groups, splits, kForwardBlockN, s.H};
-  }
-  if (time_major == TimeMajorTiles::staged_heads) {
-    const int64_t chunk_bytes_per_batch = 2 * kStagedKeys * s.Hk * s.D * element_bytes;  // k and v
-    const int64_t group = std::clamp<int64_t>(kStagedBytes / chunk_bytes_per_batch, 1, s.B);
-    const int64_t groups = (s.B + group - 1) / group;
-    const int64_t splits = std::clamp<int64_t>((wanted + n_qblocks * groups - 1) / (n_qblocks * groups), 1, n_blocks);
-    return {group, groups, splits, kBlockN, s.H};
-  }
+    const int64_t blocks = static_cast<int64_t>(key_blocks(s, block_n).size());
+    const int64_t splits = std::clamp<int64_t>((wanted + n_qblocks * groups - 1) / (n_qblocks * groups), 1, blocks);
+    return {group, groups, splits, block_n, s.H};
+  };
+  if (time_major == TimeMajorTiles::interleaved_heads)  // groups of at most kFewRows rows per head
+    return every_head(kFewRows / std::min(kBlockM, s.L), kForwardBlockN);
+  if (time_major == TimeMajorTiles::staged_heads)  // k and v rows of a group's chunk within kStagedBytes
+    return every_head(kStagedBytes / (2 * kStagedKeys * s.Hk * s.D * element_bytes), kBlockN);
   const int64_t tiles = s.H * n_qblocks;
   const int64_t tile_rows = std::min(kBlockM, s.L);
   const int64_t long_block_n =
@@ -669,7 +668,7 @@ void forward_impl(const RelAttnShape& s, const at::Tensor& q, const at::Tensor& 
         const int64_t n = kb.j1 - kb.j0;
         const Band band = tile.band(kb);
         for (int64_t hh = 0; hh < plan.heads; ++hh) {  // the heads of a task in turn over the block
-          const QueryTile<T> head{s, tile.i0, bm, kv_head[h0 + hh], block_n};
+          const QueryTile<T> head = tile.with_kv_head(kv_head[h0 + hh]);
           const T* head_qu = qu.data() + hh * rows * s.D;
           const PositionScores<T> group_pos = head.position(band, qv.data() + hh * rows * s.D, nb * bm,
                                                             r_data + head.g * r.stride(0), r.stride(1), pos.data());
