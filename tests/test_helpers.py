@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import ELEMENT_ULPS, EPSILON, TOLERANCE, reference_errors, rel_error
+from helpers import ELEMENT_ULPS, EPSILON, TOLERANCE, reference_errors, rel_error, rms
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -39,20 +39,37 @@ def test_vanishing_gradient_is_judged_against_its_unit():
 
 
 def test_a_sum_that_nearly_cancels_is_judged_against_its_uncancelled_size():
-    """du of one head adds a term per batch row and query (MEMTX_FUZZ_SEED=11 cpu float32 draw 51: 13 terms of unit
-    size summed to 1.7e-3 of the unit, with an error of 2e-7 units). Each term's rounding adds in quadrature, so the
-    sum carries about ``eps * sqrt(13)`` units of noise however much it cancels: 1e-4 of itself. Judged against
-    its uncancelled size ``sqrt(13)`` units, that noise passes; an error of 5e-4 units (30% of the sum, 1e3 times
-    its rounding) still fails."""
-    eps, count = EPSILON[torch.float32], 13
+    """du of one head adds a term per batch row and query (B=8, L=50: 400 terms of unit size), and each term's
+    rounding adds in quadrature, so the sum carries a few ``eps * sqrt(400)`` units of noise however much it cancels
+    (MEMTX_FUZZ_SEED=11 cpu float32 draw 51 summed 13 terms to 1.7e-3 of the unit). Judged against its uncancelled
+    size, ``sqrt(400)`` units, noise of 3 eps of it passes; judged against one unit, as if it were a single term, it
+    would not. An error of 5e-4 units (30% of the sum) still fails."""
+    eps, count = EPSILON[torch.float32], 400
     ref = torch.full((1, 1), 1.7e-3, dtype=torch.float64)
-    got = ref + 2 * eps * count ** 0.5
+    got = ref + 3 * eps * count ** 0.5
     units = {"g": 1.0}
     assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]
     errors, bad = reference_errors({"g": got}, {"g": ref}, torch.float32, units=units, terms={"g": count})
     assert not bad and errors["g"]["vanishing"], errors
     wrong = ref + 5e-4
     assert "g" in reference_errors({"g": wrong}, {"g": ref}, torch.float32, units=units, terms={"g": count})[1]
+
+
+def test_the_rounding_floor_is_continuous():
+    """MEMTX_FUZZ_SEED=64 cpu float32 draw 50: dvb cancelled to 1.4e-3 of its uncancelled size, just above
+    ``VANISHING``, and carried 1.7 eps of that size in rounding (float32 PyTorch: 0.9 eps), 1.3e-4 of itself. Judged
+    relative to itself it failed, where a sum that cancelled a little further passed against its uncancelled size;
+    the floor judges both alike. An error of 64 eps of that size still fails, and so does one of twice the SPEC's
+    bound of a sum that does not cancel (the floor is 0.038 of its uncancelled size in float32)."""
+    eps, unit = EPSILON[torch.float32], 1.0
+    noise = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    noise /= rms(noise)
+    for size, error, fails in ((1.4e-3, 1.7 * eps, False), (1e-4, 1.7 * eps, False), (1.4e-3, 64 * eps, True),
+                               (0.5, 2 * TOLERANCE[torch.float32] * 0.5, True)):
+        ref = size * unit * torch.ones(64, dtype=torch.float64)
+        got = ref + error * unit * noise
+        bad = reference_errors({"g": got}, {"g": ref}, torch.float32, units={"g": unit})[1]
+        assert ("g" in bad) == fails, (size, error / eps, bad)
 
 
 def test_units_do_not_loosen_a_gradient_that_does_not_vanish():

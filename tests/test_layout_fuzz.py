@@ -151,11 +151,13 @@ def run_draw(backend, dtype, draw):
 
     got = dict(zip(("out",) + GRAD_NAMES, (out,) + grads))
     want = dict(zip(("out",) + GRAD_NAMES, (ref,) + ref_grads))
-    # A base that a view expands sums the gradient over its copies: each entry's size (the elementwise scale) adds
-    # in quadrature, sqrt(copies) units.
+    # A base that a view expands sums the gradient over its C copies, and the kernel rounds identical copies alike
+    # (an expanded D: every column of a product against those rows is the same sums in the same order), so their
+    # errors add up coherently: C units, the triangle inequality's bound, not the sqrt(C) of independent ones
+    # (MEMTX_FUZZ_SEED=107 cpu float32 draw 21, vb expanded 40 times along D: 56 eps of C units, 352 of sqrt(C)).
     scales = attention_scales(*views64[:4], grad_out, p["scale"])
     for view, name, grad_name in zip(views64, shapes, GRAD_NAMES):
-        scales["units"][grad_name] *= max(1.0, view.numel() / bases64[name].numel()) ** 0.5
+        scales["units"][grad_name] *= max(1.0, view.numel() / bases64[name].numel())
     assert_close_to_reference(got, want, dtype, **scales, context=described)
 
 

@@ -119,6 +119,20 @@ inline T exp_sub_sum(T* x, T m, int64_t n) {
   return sum;
 }
 
+// x[i] = exp((x[i] - m) - m_low), where m + m_low is a log-sum-exp held to twice T's precision (the backward's
+// float64 lse split into two floats): x[i] - m is exact for every x[i] within a factor 2 of m, the scores whose
+// probabilities matter, so they carry no rounding of the lse, which would scale the whole row alike.
+template <typename T>
+inline void exp_sub_pair(T* x, T m, T m_low, int64_t n) {
+  int64_t i = 0;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    using V = Vectorized<T>;
+    const V vm(m), vm_low(m_low);
+    for (; i + V::size() <= n; i += V::size()) ((V::loadu(x + i) - vm) - vm_low).exp_u20().store(x + i);
+  }
+  for (; i < n; ++i) x[i] = std::exp((x[i] - m) - m_low);
+}
+
 // k and v rows may come narrower than the arithmetic: float32 arithmetic on bfloat16 or float16 rows (a half-precision
 // model's inference reads half the bytes). widen<T>(x) is one element in T, load_widened<T>(x) one vector of them.
 template <typename T, typename E>

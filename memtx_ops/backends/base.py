@@ -26,13 +26,15 @@ def check_usable(backend, op: str, device: torch.device, dtype: torch.dtype) -> 
 class Backend:
     """A fused implementation of ``rel_memory_attention``.
 
-    ``forward`` returns ``(out [B, H, L, D], lse [B, H, L] float32)``, out in float32 for 16-bit inputs when
-    ``float32_out`` (the custom op's call, whose out the backward reads) and else in the inputs' dtype; ``backward``
-    takes that float32 out (with grad_out in the inputs' dtype) and returns the gradients of ``(q, k, v, r, u, vb)``.
-    Arguments arrive validated: ``kv_head_index`` is a contiguous int64 ``[H]`` tensor on the inputs' device, ``window`` is 0 for "no window", ``scale`` a finite float
-    > 0, u and vb are contiguous, and q, k, v, r have a contiguous last dimension (other strides are
-    arbitrary, stride 0 included). Under ``torch.compile`` the values of ``kv_head_index`` are not checked:
-    a backend must never read or write outside its tensors for an index outside ``[0, Hk)``.
+    ``forward`` returns ``(out [B, H, L, D], lse [B, H, L])``, lse in :meth:`lse_dtype`, out in float32 for 16-bit
+    inputs when ``float32_out`` (the custom op's call, whose out the backward reads) and else in the inputs' dtype;
+    ``backward`` takes that float32 out and that lse (with grad_out in the inputs' dtype) and returns the gradients
+    of ``(q, k, v, r, u, vb)``.
+    Arguments arrive validated: ``kv_head_index`` is a contiguous int64 ``[H]`` tensor on the inputs' device,
+    ``window`` is 0 for "no window", ``scale`` a finite float > 0, u and vb are contiguous, and q, k, v, r have a
+    contiguous last dimension (other strides are arbitrary, stride 0 included). Under ``torch.compile`` the values
+    of ``kv_head_index`` are not checked: a backend must never read or write outside its tensors for an index
+    outside ``[0, Hk)``.
     """
 
     name: str = ""
@@ -46,6 +48,10 @@ class Backend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
         raise NotImplementedError
+
+    def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the saved log-sum-exp for inputs computed in ``dtype``: float64 for float64, else float32."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
 
     def arrange_keys(self, k: Tensor, v: Tensor, query_len: int, needs_grad: bool) -> Tuple[Tensor, Tensor]:
         """k and v ``[B, Hk, K, D]`` in the layout this backend reads fastest for a call with ``query_len`` queries

@@ -9,6 +9,11 @@ QUERY_TILE = 64
 
 
 class CpuBackend(ExtensionBackend):
+    def lse_dtype(self, dtype):
+        """Float64 in every dtype: the backward's probabilities then carry no rounding of the lse
+        (``csrc/cpu/rel_memory_attention.cpp``'s header)."""
+        return torch.float64
+
     def arrange_keys(self, k, v, query_len, needs_grad):
         """Training calls of more than one query tile get k and v with dense rows: a model hands them as views of
         its fused time-major projection ``[K, B, 2, Hk, D]``, whose rows of one (batch, head) lie a page or more

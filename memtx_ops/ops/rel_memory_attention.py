@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from memtx_ops import reference
-from memtx_ops.backends import BACKEND_NAMES, get_backend, resolve_backend
+from memtx_ops.backends import BACKEND_NAMES, BACKENDS, get_backend, resolve_backend
 
 Tensor = torch.Tensor
 
@@ -206,7 +206,8 @@ def _rel_memory_attention_op(
     q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, kv_head_index: Tensor,
     window: int, mem_offset: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    """-> (out ``[B, H, L, D]``, float32 for 16-bit inputs (:func:`_saved_out_dtype`); lse ``[B, H, L]``)."""
+    """-> (out ``[B, H, L, D]``, float32 for 16-bit inputs (:func:`_saved_out_dtype`); lse ``[B, H, L]`` in the
+    backend's ``lse_dtype``)."""
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])
     return impl.forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out=True)
 
@@ -214,7 +215,7 @@ def _rel_memory_attention_op(
 @_rel_memory_attention_op.register_fake
 def _(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend):
     B, H, L, D = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = BACKENDS[backend].lse_dtype(q.dtype)
     return q.new_empty(B, H, L, D, dtype=_saved_out_dtype(q.dtype)), q.new_empty(B, H, L, dtype=lse_dtype)
 
 
