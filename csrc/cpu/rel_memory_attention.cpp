@@ -346,19 +346,45 @@ void staged_heads_block(const QueryTile<T>& tile, const KeyBlock& kb, const int6
 // Tiles of more than kFusedRows query rows, float32 under AVX-512: the tile's rows are the lanes of R registers (R =
 // 1 to 4, 16 rows each), so a key's scores for every row are R vectors. Per key block and batch: q' is transposed
 // once to [D, 16 R]; the scores of a group of keys are 16 accumulators, summed over d as broadcast(k[t][d]) * q'[d]
-// (no reduction, no packing of k; with R registers one broadcast feeds R FMAs); the position term is gathered from
-// the group's band GEMM (lane ii reads its own diagonal column); the online softmax runs lane-wise over chunks of
-// kLaneChunk keys; the output, transposed to [D, 16 R], gains broadcast(v[t][d]) * p[t] (a block of 16 / R
-// output columns held in registers over the chunk's keys). MKL's GEMMs for 16-row tiles ran at about 37%
-// (q k^T) and 60% (p v) of the FMA peak, and packed k on every 64-row tile (a tenth of the time at L = 64).
-// Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and v rows
-// are prefetched a line at a time between the FMAs that use the matching rows of this chunk (LinePrefetcher): side
-// by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16 keys 1.05x (the
+// (no reduction, no packing of k; with R registers one broadcast feeds R FMAs); the position term comes from the
+// group's band GEMM, where lane ii reads its own diagonal column: laid out by rows, 16 rows' columns for 16 keys
+// load as vectors and transpose to the keys' lanes (transposed_diagonals), else a gather per key; the online softmax
+// runs lane-wise over chunks of kLaneChunk keys; the output, transposed to [D, 16 R], gains broadcast(v[t][d]) *
+// p[t] (a block of 16 / R output columns held in registers over the chunk's keys). MKL's GEMMs for 16-row tiles ran
+// at about 37% (q k^T) and 60% (p v) of the FMA peak, and packed k on every 64-row tile (a tenth of the time at L =
+// 64). Element-wise broadcasts stall on a missed line where BLAS's vector loads do not, so the next chunk's k and v
+// rows are prefetched a line at a time between the FMAs that use the matching rows of this chunk (LinePrefetcher):
+// side by side at L = 16, M = 1600 no prefetch took 1.52x SDPA's time, a burst of prefetches per 16 keys 1.05x (the
 // samples sat on the prefetches: they filled the line fill buffers), spread ones 0.88x; at M = 640, 1.26x and 1.12x
 // for the last two.
 constexpr int64_t kLaneRegisters = 4;  // registers of a lane tile, at most: 64 rows, every forward tile
 static_assert(kBlockM <= 16 * kLaneRegisters, "a forward tile fits the lane tiles' registers");
 constexpr int64_t kLaneChunk = 64;    // keys per softmax update: their scores, [kLaneChunk, 16 R], stay in L1
+
+// v[i] <- column i of the 16 x 16 matrix whose rows are v: lane j of the result is lane i of the input row j.
+inline void transpose16x16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(v[h + i], v[h + i + 4], 0xDD);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
 
 // Scratch of lane_rows_block, in 64-byte aligned rows of 16 floats (its aligned loads and stores): q' and the output
 // transposed ([D, 16 R] each), the chunk's scores [kLaneChunk, 16 R].
@@ -416,6 +442,34 @@ template <int R, typename E>
   }
   const __m512i col_stride = _mm512_set1_epi32(static_cast<int>(pos.col_stride));
   const __m512i last_col = _mm512_set1_epi32(static_cast<int>(s.R - 1 - band.d0));
+  // Whether register r takes the position term of keys [j, j + 16) by rows (16 vector loads and a transpose) rather
+  // than by a gather per key: when the band is laid out by rows and no distance there is clamped (each row's 16
+  // columns are then consecutive). Side by side (B=8 H=8 D=64, dense rows, 5 alternations of the builds, medians):
+  // at L = 64 the forward went from 9.51 to 8.56 ms at M = 640 (1.28x to 1.14x SDPA's time), 47.6 to 46.1 ms at
+  // M = 3800; tiles of at most kFewRows rows lay the band out by columns and keep the gathers.
+  const auto diagonals_by_rows = [&](int64_t j, int r) {
+    return pos.col_stride == 1 && top0 + 16 * r + 15 - j <= s.R - 1 - band.d0;
+  };
+  // block_pos [16, W] <- the position term of keys [j, j + 16) for the registers that take it by rows: row ii's band
+  // row holds the 16 keys' terms in consecutive columns, the last key's first, so 16 rows load as 16 vectors whose
+  // transpose is the keys' lanes (columns outside the band read 0: no visible pair reads them).
+  alignas(64) float block_pos[16 * W];
+  const auto transposed_diagonals = [&](int64_t j) {
+    for (int r = 0; r < R; ++r) {
+      if (!diagonals_by_rows(j, r)) continue;
+      const int64_t first = top0 + 16 * r - (j + 15);  // column of row 16 r's lane 0
+      __m512 v[16];
+      for (int b = 0; b < 16; ++b) {
+        const int64_t ii = 16 * r + b, c = first + b;  // lane e: column c + e, key j + 15 - e
+        const int64_t lo = std::clamp<int64_t>(-c, 0, 16), hi = std::clamp<int64_t>(band.cols - c, 0, 16);
+        const __mmask16 in_band =
+            ii < bm && lo < hi ? static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1)) : __mmask16(0);
+        v[b] = in_band ? _mm512_maskz_loadu_ps(in_band, pos.data + ii * pos.row_stride + c) : _mm512_setzero_ps();
+      }
+      transpose16x16(v);
+      for (int e = 0; e < 16; ++e) _mm512_store_ps(block_pos + (15 - e) * W + 16 * r, v[e]);
+    }
+  };
 
   // The `count` rows of the next chunk that match rows [row, row + count) of this one, prefetched while these are
   // used.
@@ -452,17 +506,23 @@ template <int R, typename E>
         for (int64_t t = 0; t < tn; ++t) lanes_dot<1, R>(q_cols, k0 + t * k_step, k_step, D, acc + t * R, none);
       }
       for (int64_t t = 0; t < tn; ++t) {
-        const int64_t jj = c0 + t0 + t;
+        const int64_t jj = c0 + t0 + t, key = t0 + t;
+        if (key % 16 == 0) transposed_diagonals(jj);
         const __m512i diag = _mm512_set1_epi32(static_cast<int>(diag0 + jj));
         const __m512i diag_end = _mm512_set1_epi32(static_cast<int>(diag0 + jj + window - 1));
         const __m512i top = _mm512_set1_epi32(static_cast<int>(top0 - jj));
         for (int r = 0; r < R; ++r) {
           const __mmask16 visible = row_lanes[r] & _mm512_cmp_epi32_mask(diag, rows[r], _MM_CMPINT_LE) &
                                     _mm512_cmp_epi32_mask(rows[r], diag_end, _MM_CMPINT_LE);
-          const __m512i col = _mm512_min_epi32(_mm512_add_epi32(top, rows[r]), last_col);
-          const __m512i offset = _mm512_add_epi32(pos_rows[r], _mm512_mullo_epi32(col, col_stride));
-          const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), visible, offset, pos.data, 4);
-          _mm512_store_ps(chunk + (t0 + t) * W + 16 * r, _mm512_mask_add_ps(minus_inf, visible, acc[t * R + r], p));
+          __m512 p;
+          if (diagonals_by_rows(jj & ~int64_t(15), r)) {
+            p = _mm512_load_ps(block_pos + (key % 16) * W + 16 * r);
+          } else {
+            const __m512i col = _mm512_min_epi32(_mm512_add_epi32(top, rows[r]), last_col);
+            const __m512i offset = _mm512_add_epi32(pos_rows[r], _mm512_mullo_epi32(col, col_stride));
+            p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), visible, offset, pos.data, 4);
+          }
+          _mm512_store_ps(chunk + key * W + 16 * r, _mm512_mask_add_ps(minus_inf, visible, acc[t * R + r], p));
         }
       }
     }
