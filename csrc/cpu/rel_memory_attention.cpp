@@ -450,13 +450,15 @@ template <int R, typename E>
   const auto diagonals_by_rows = [&](int64_t j, int r) {
     return pos.col_stride == 1 && top0 + 16 * r + 15 - j <= s.R - 1 - band.d0;
   };
-  // block_pos [16, W] <- the position term of keys [j, j + 16) for the registers that take it by rows: row ii's band
-  // row holds the 16 keys' terms in consecutive columns, the last key's first, so 16 rows load as 16 vectors whose
-  // transpose is the keys' lanes (columns outside the band read 0: no visible pair reads them).
+  // block_pos [16, W] <- the position term of keys [j, j + 16) for the registers that take it by rows (block_by_rows):
+  // row ii's band row holds the 16 keys' terms in consecutive columns, the last key's first, so 16 rows load as 16
+  // vectors whose transpose is the keys' lanes (columns outside the band read 0: no visible pair reads them).
   alignas(64) float block_pos[16 * W];
+  bool block_by_rows[R];
   const auto transposed_diagonals = [&](int64_t j) {
     for (int r = 0; r < R; ++r) {
-      if (!diagonals_by_rows(j, r)) continue;
+      block_by_rows[r] = diagonals_by_rows(j, r);
+      if (!block_by_rows[r]) continue;
       const int64_t first = top0 + 16 * r - (j + 15);  // column of row 16 r's lane 0
       __m512 v[16];
       for (int b = 0; b < 16; ++b) {
@@ -515,7 +517,7 @@ template <int R, typename E>
           const __mmask16 visible = row_lanes[r] & _mm512_cmp_epi32_mask(diag, rows[r], _MM_CMPINT_LE) &
                                     _mm512_cmp_epi32_mask(rows[r], diag_end, _MM_CMPINT_LE);
           __m512 p;
-          if (diagonals_by_rows(jj & ~int64_t(15), r)) {
+          if (block_by_rows[r]) {
             p = _mm512_load_ps(block_pos + (key % 16) * W + 16 * r);
           } else {
             const __m512i col = _mm512_min_epi32(_mm512_add_epi32(top, rows[r]), last_col);
