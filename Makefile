@@ -39,6 +39,9 @@ check-cuda-resources:
 check-cuda-build:
 	bench/check_cuda_build.sh
 
-# On a machine with a GPU: the one prepared check (build, GPU tests, sanitizers, reduced bench), at most 8 min.
+# On a machine with a GPU: the one prepared check (build, GPU tests, decoding, model, generation, sanitizers, reduced
+# bench), at most 9.5 min. GPU_CHECK_ARGS="--steps build,tests --budget 300" runs some steps (bench/gpu_check.py).
+GPU_CHECK_ARGS ?=
+
 gpu-check:
-	$(PYTHON) -m bench.gpu_check
+	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)

@@ -69,6 +69,7 @@ setup(
     packages=find_packages(include=["memtx_ops", "memtx_ops.*"])
     + ["memtx_ops.kernels"] + [f"memtx_ops.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"memtx_ops.kernels": "kernels"},
+    package_data={"memtx_ops.backends": ["cuda_choices.json"]},  # backend="auto" per GPU (bench --record-auto)
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest"], "bench": ["pytest-benchmark", "matplotlib"]},

@@ -1,24 +1,32 @@
 """One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 9 min 20 s on an H200.
 
-Steps, in order, each with its own timeout so that one hang cannot eat the budget (times in seconds):
+Steps, in order of what they are owed (the issues' open GPU targets first), each with its own timeout so that one
+hang cannot eat the budget (times in seconds):
 
-1. ``build``      ``MEMTX_CUDA=1 MEMTX_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e .`` (150)
-2. ``tests``      the CUDA and Triton GPU tests, parallel under pytest-xdist (bf16, fp16 and the fp32 cases) (150)
-3. ``memcheck``   compute-sanitizer memcheck of one forward + backward per backend and dtype, with
-                  ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that a stray access hits unallocated memory (60)
-4. ``racecheck``  compute-sanitizer racecheck, filtered to this library's kernels (60)
-5. ``bench``      rel_memory_attention against the reference, FlexAttention with a table and SDPA flash at
-                  L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward (inference, and training:
-                  its exact P.V and float32 out), backward, TFLOP/s and peak memory, with ``--record-auto``
-                  (backend="auto" choices for this GPU) (170)
-6. ``short_query``  the decoding and short-segment shapes (L in {1, 16, 64}, M in {640, 1600, 3800}, bf16): Triton
+1. ``build``      ``MEMTX_CUDA=1 MEMTX_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e .`` (200);
+                  passes at once when ``memtx_ops._C`` already holds CUDA kernels (a second call on a warm machine)
+2. ``tests``      the CUDA and Triton GPU tests, parallel under pytest-xdist (bf16, fp16 and the fp32 cases), with
+                  up to 20 failures reported (150)
+3. ``short_query``  the decoding and short-segment shapes (L in {1, 16, 64}, M in {640, 1600, 3800}, bf16): Triton
                   (flash-decoding's split over keys) and CUDA against SDPA with no position term, forward (60), into
                   ``<out>/short_query/``
-7. ``generation``   ``TransformerXL.generate`` and the hourglass model's, and evaluation with ``kv_caches``, against
+4. ``launch_profile``  host and device time of the Triton and CUDA short-query forwards under torch.profiler
+                  (``bench/launch_profile.py``) (45)
+5. ``model``        a TransformerXL training step (B = 8, L = M = 512, 8 layers, d = 512, bf16), fused and eager
+                  Transformer-XL, each eager and under ``torch.compile(fullgraph=True)`` (150), into ``<out>/model/``
+6. ``generation``   ``TransformerXL.generate`` and the hourglass model's, and evaluation with ``kv_caches``, against
                   a forward per token (M in {640, 3800}, bf16) (60), into ``<out>/generation/``
-8. ``model``        a TransformerXL training step (B = 8, L = M = 512, 8 layers, d = 512, bf16), fused and eager
-                  Transformer-XL, each eager and under ``torch.compile(fullgraph=True)`` (150), into ``<out>/model/``;
-                  last, as it compiles two models: it runs on what the budget has left
+7. ``memcheck``   compute-sanitizer memcheck of one forward + backward per backend and dtype, with
+                  ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that a stray access hits unallocated memory (60)
+8. ``racecheck``  compute-sanitizer racecheck, filtered to this library's kernels (60)
+9. ``bench``      rel_memory_attention against the reference, FlexAttention with a table and SDPA flash at
+                  L = M in {1024, 2048, 4096}, D in {64, 128}, bf16, B = 4, H = 16, forward (inference, and training:
+                  its exact P.V and float32 out), backward, TFLOP/s and peak memory, with ``--record-auto``
+                  (backend="auto" choices for this GPU) (170); last: it runs on what the budget has left
+
+``--steps`` runs some of them (in this order) and ``--budget`` sets the seconds they share, so that the check can
+be split over two calls of a warm machine; each call adds its rows to the folder's ``summary.json``. A step that
+runs past its timeout is interrupted first (pytest then still prints its failures), killed 15 s later.
 
 Every log and result goes to one folder (``--out``, default ``bench/results/gpu-check-<device>``): ``<step>.log``,
 the bench's report and ``summary.json`` (each step's status, seconds and exit code, and the ratios the GPU issue
@@ -34,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +50,9 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 560  # under the device's 600 s per command
+GRACE_S = 15  # from a step's interrupt at its timeout to its kill
+STEP_NAMES = ("build", "tests", "short_query", "launch_profile", "model", "generation", "memcheck", "racecheck",
+              "bench")
 
 # A forward and backward of every backend and dtype, small enough for the sanitizers (they run ~100x slower).
 SANITIZED_CALLS = """
@@ -58,7 +70,8 @@ for backend in ("cuda", "triton"):
         print(backend, dtype, "ok")
 """
 # The library's kernels: CUDA (fwd_kernel, delta_kernel, dq_kernel, dkv_kernel) and Triton (_fwd_kernel, _bwd_*).
-KERNEL_FILTER = "regex:(fwd_kernel|delta_kernel|dq_kernel|dkv_kernel|_bwd_preprocess|_bwd_dkdv|_bwd_dq|_bwd_dr)"
+# compute-sanitizer's filter syntax is key=value (kns=, kne=, regex=); "regex:" (Nsight Compute's) is refused.
+KERNEL_FILTER = "regex=(fwd_kernel|delta_kernel|dq_kernel|dkv_kernel|_bwd_preprocess|_bwd_dkdv|_bwd_dq|_bwd_dr)"
 
 
 class Step:
@@ -75,15 +88,35 @@ class Step:
         timeout = max(1, min(self.timeout, int(deadline - time.monotonic())))
         start = time.monotonic()
         with open(os.path.join(out, f"{self.name}.log"), "w") as log:
+            proc = subprocess.Popen(self.command, cwd=ROOT, env={**os.environ, **self.env}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                proc = subprocess.run(self.command, cwd=ROOT, env={**os.environ, **self.env}, stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True)
-                status, code = ("passed" if proc.returncode == 0 else "failed"), proc.returncode
+                code = proc.wait(timeout=timeout)
+                status = "passed" if code == 0 else "failed"
             except subprocess.TimeoutExpired:
                 status, code = "timeout", None
+                interrupt(proc)
+            signal_group(proc, signal.SIGKILL)  # whatever the step left running (pytest-xdist workers, say)
         seconds = round(time.monotonic() - start, 1)
         print(f"[{self.name}] {status} in {seconds} s (limit {timeout} s): {out}/{self.name}.log", flush=True)
         return dict(row, status=status, returncode=code, seconds=seconds, limit_s=timeout)
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT to the step's process group (pytest prints the failures it has seen), SIGKILL after ``GRACE_S``."""
+    signal_group(proc, signal.SIGINT)
+    try:
+        proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def gpu() -> Optional[str]:
@@ -112,27 +145,47 @@ def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
                   "--lengths", "1024,2048,4096", "--head-dims", "64,128", "--batch", "4", "--heads", "16",
                   "--repeats", "5", "--no-plots", "--record-auto", "--out", out]
     sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    build = [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."]
+    if device and built_with_cuda(python):
+        build = [python, "-c", "print('memtx_ops._C already holds its CUDA kernels: no rebuild')"]
     return [
-        Step("build", 150, [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
-             env={"MEMTX_CUDA": "1", "MEMTX_CUDA_ARCHS": gpu_arch() if device else "90",
-                  "MAX_JOBS": str(os.cpu_count() or 4)}, skip=no_gpu),
-        Step("tests", 150, [python, "-m", "pytest", "-q", "-x", "-n", str(min(8, os.cpu_count() or 1)),
-                            "-p", "no:randomly", "tests/test_rel_memory_attention_cuda.py",
-                            "tests/test_rel_memory_attention_triton.py"], skip=no_gpu),
+        Step("build", 200, build, env={"MEMTX_CUDA": "1", "MEMTX_CUDA_ARCHS": gpu_arch() if device else "90",
+                                       "MAX_JOBS": str(os.cpu_count() or 4), "CUDA_HOME": cuda_home()}, skip=no_gpu),
+        Step("tests", 150, [python, "-m", "pytest", "-q", "--maxfail=20", "-rfE", "--tb=short", "--durations=15",
+                            "-n", str(min(8, os.cpu_count() or 1)), "-p", "no:randomly",
+                            "tests/test_rel_memory_attention_cuda.py", "tests/test_rel_memory_attention_triton.py"],
+             skip=no_gpu),
+        Step("short_query", 60, [python, "-m", "bench", "--ops", "short_query", "--device", "cuda",
+                                 "--backends", "triton,cuda,sdpa", "--repeats", "5", "--no-plots",
+                                 "--out", os.path.join(out, "short_query")], skip=no_gpu),
+        Step("launch_profile", 45, [python, "-m", "bench.launch_profile"], skip=no_gpu),
+        Step("model", 150, [python, "-m", "bench", "--ops", "model", "--device", "cuda", "--repeats", "5",
+                            "--no-plots", "--out", os.path.join(out, "model")], skip=no_gpu),
+        Step("generation", 60, [python, "-m", "bench", "--ops", "generation", "--device", "cuda", "--repeats", "3",
+                                "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu),
         Step("memcheck", 60, [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                               python, "-c", SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
         Step("racecheck", 60, [sanitizer or "compute-sanitizer", "--tool", "racecheck", "--racecheck-report", "hazard",
                                "--kernel-name", KERNEL_FILTER, "--error-exitcode", "1", python, "-c",
                                SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
         Step("bench", 170, [python, "-m", "bench", *bench_args], skip=no_gpu),
-        Step("short_query", 60, [python, "-m", "bench", "--ops", "short_query", "--device", "cuda",
-                                 "--backends", "triton,cuda,sdpa", "--repeats", "5", "--no-plots",
-                                 "--out", os.path.join(out, "short_query")], skip=no_gpu),
-        Step("generation", 60, [python, "-m", "bench", "--ops", "generation", "--device", "cuda", "--repeats", "3",
-                                "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu),
-        Step("model", 150, [python, "-m", "bench", "--ops", "model", "--device", "cuda", "--repeats", "5",
-                            "--no-plots", "--out", os.path.join(out, "model")], skip=no_gpu),
     ]
+
+
+def built_with_cuda(python: str) -> bool:
+    """Whether the checkout's ``memtx_ops._C`` already holds its CUDA kernels (an earlier call built it)."""
+    probe = subprocess.run([python, "-c", "import sys, memtx_ops._extension as e; sys.exit(not e.has_cuda_kernels())"],
+                           cwd=ROOT, capture_output=True)
+    return probe.returncode == 0
+
+
+def cuda_home() -> str:
+    """CUDA_HOME for the build: the environment's, else the toolkit above the ``nvcc`` on PATH (resolving links, so
+    that a link in /usr/local/bin does not make torch guess /usr/local), else /usr/local/cuda."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else "/usr/local/cuda"
 
 
 def rehearsal(python: str, out: str) -> List[Step]:
@@ -143,16 +196,18 @@ def rehearsal(python: str, out: str) -> List[Step]:
         Step("build", 1, [], skip="rehearsal: the build needs a CUDA torch (make check-cuda-build does it here)"),
         Step("tests", 120, [python, "-m", "pytest", "-q", "--collect-only", "-p", "no:randomly",
                             "tests/test_rel_memory_attention_cuda.py", "tests/test_rel_memory_attention_triton.py"]),
-        Step("memcheck", 30, [python, "-c", f"compile({SANITIZED_CALLS!r}, 'sanitized', 'exec')"]),
-        Step("racecheck", 1, [], skip="rehearsal: compute-sanitizer needs a GPU"),
-        Step("bench", 120, [python, "-m", "bench", *bench_args]),
         Step("short_query", 120, [python, "-m", "bench", "--ops", "short_query", "--device", "cpu", "--lengths", "1",
                                   "--memories", "64", "--backends", "cpu,sdpa", "--repeats", "1", "--no-plots",
                                   "--out", os.path.join(out, "short_query")]),
-        Step("generation", 1, [], skip="rehearsal: tests/test_hourglass_bench.py runs the generation suite small"),
+        Step("launch_profile", 60, [python, "-m", "bench.launch_profile", "--device", "cpu", "--backends", "cpu",
+                                    "--calls", "2"]),
         Step("model", 120, [python, "-m", "bench", "--ops", "model", "--device", "cpu", "--lengths", "16", "--batch",
                             "1", "--backends", "reference,cpu", "--repeats", "1", "--no-plots",
                             "--out", os.path.join(out, "model")]),
+        Step("generation", 1, [], skip="rehearsal: tests/test_hourglass_bench.py runs the generation suite small"),
+        Step("memcheck", 30, [python, "-c", f"compile({SANITIZED_CALLS!r}, 'sanitized', 'exec')"]),
+        Step("racecheck", 1, [], skip="rehearsal: compute-sanitizer needs a GPU"),
+        Step("bench", 120, [python, "-m", "bench", *bench_args]),
     ]
 
 
@@ -210,28 +265,53 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder for every log and result (default bench/results/gpu-check-<device>)")
-    p.add_argument("--rehearse", action="store_true", help="CPU stand-ins of every step (no GPU needed): shows the check starts")
+    p.add_argument("--rehearse", action="store_true",
+                   help="CPU stand-ins of every step (no GPU needed): shows the check starts")
+    p.add_argument("--steps", help=f"comma-separated steps to run, of {','.join(STEP_NAMES)} (default: all)")
+    p.add_argument("--budget", type=int, default=BUDGET_S, help=f"seconds the steps share (default {BUDGET_S})")
     opts = p.parse_args(argv)
+    wanted = opts.steps.split(",") if opts.steps else list(STEP_NAMES)
+    unknown = sorted(set(wanted) - set(STEP_NAMES))
+    if unknown:
+        p.error(f"--steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEP_NAMES)}")
     device = gpu()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device or "no-gpu").strip("-")
     out = opts.out or os.path.join(ROOT, "bench", "results", f"gpu-check-{slug}")
     os.makedirs(out, exist_ok=True)
-    deadline = time.monotonic() + BUDGET_S
+    deadline = time.monotonic() + opts.budget
     start = time.monotonic()
-    summary = dict(device=device or "none", budget_s=BUDGET_S, steps=[])
+    rows = []
     for step in steps(device, opts.rehearse, out):
+        if step.name not in wanted:
+            continue
         row = step.run(out, deadline)
-        summary["steps"].append(row)
+        rows.append(row)
         if step.name == "build" and row["status"] in ("failed", "timeout"):
             break  # nothing after it can run
-    summary["seconds"] = round(time.monotonic() - start, 1)
+    summary = merged_summary(os.path.join(out, "summary.json"), device or "none", rows)
+    summary["seconds"] = round(sum(s.get("seconds", 0) for s in summary["steps"]), 1)
     summary["ratios_L2048_D64_bf16"] = ratios(out) if device else {}
     summary["model_ratios_B8_L512_bf16"] = model_ratios(out) if device else {}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary["ratios_L2048_D64_bf16"]), json.dumps(summary["model_ratios_B8_L512_bf16"]),
-          f"{summary['seconds']} s in all: {out}/summary.json")
-    return 0 if all(s["status"] in ("passed", "skipped") for s in summary["steps"]) else 1
+          f"{round(time.monotonic() - start, 1)} s in this call: {out}/summary.json")
+    return 0 if all(s["status"] in ("passed", "skipped") for s in rows) else 1
+
+
+def merged_summary(path: str, device: str, rows: List[Dict]) -> Dict:
+    """The folder's summary with this call's step rows in place of earlier rows of the same steps (a check split
+    over calls adds up in one summary), in step order."""
+    summary = dict(device=device, budget_s=BUDGET_S, steps=[])
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier.get("device") == device:
+            summary["steps"] = earlier.get("steps", [])
+    by_step = {row["step"]: row for row in summary["steps"]}
+    by_step.update({row["step"]: row for row in rows})
+    summary["steps"] = [by_step[name] for name in STEP_NAMES if name in by_step]
+    return summary
 
 
 if __name__ == "__main__":

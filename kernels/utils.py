@@ -59,12 +59,14 @@ def autotune_tiles(gpu_tables, make_config=tile_config, key=("BLOCK_D",), reset_
     """``triton.autotune`` over the configs of ``gpu_tables`` (:func:`table_configs`) that fit the call: the table of
     the inputs' dtype kind (:func:`dtype_kind` of the first tensor argument), the row of the smallest bound ``>=
     BLOCK_D``. ``key`` names the arguments whose values select a tuning result (with the dtypes): every constexpr
-    that changes a kernel's resources belongs there. Under the interpreter there is exactly one config:
-    ``make_config(32, 32)``.
+    that changes a kernel's resources belongs there. ``reset_to_zero`` names every buffer that a run adds to, or
+    fills in parts that depend on the config (slots per block): the autotuner zeroes them before each trial and
+    before the real run. Under the interpreter there is exactly one config: ``make_config(32, 32)``.
     """
     key = list(key)
     if interpreter_enabled():
-        return triton.autotune([make_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK)], key=key)
+        return triton.autotune([make_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK)], key=key,
+                               reset_to_zero=reset_to_zero)
     tagged = table_configs(gpu_tables, make_config)
 
     def prune(configs, named_args, **kwargs):

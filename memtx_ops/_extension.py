@@ -26,8 +26,13 @@ def extension_error() -> Optional[str]:
     )
 
 
+# Read once, at import (the extension registers its kernels as it loads): torch.compile traces has_cuda_kernels() as
+# a constant, where the dispatcher query itself, a torch function returning a bool, would break the graph.
+_HAS_CUDA_KERNELS = _load_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "memtx_C::rel_memory_attention_fwd", "CUDA"
+)
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return _load_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "memtx_C::rel_memory_attention_fwd", "CUDA"
-    )
+    return _HAS_CUDA_KERNELS

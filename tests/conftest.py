@@ -27,8 +27,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-# Set by pytest itself, or by torch once per process on first use (not by a test).
-_INTERNAL_ENVIRONMENT = ("PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_")
+# Set by pytest itself, or by torch once per process on first use (not by a test): inductor's first compile for a
+# GPU points Triton at its cache and at torch's ptxas.
+_INTERNAL_ENVIRONMENT = ("PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_", "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH")
 
 
 def _environment():

@@ -236,6 +236,24 @@ def backend_forward_calls(backend: str, monkeypatch) -> list:
     return calls
 
 
+@contextlib.contextmanager
+def tf32_allowed(api: str = "legacy"):
+    """TF32 for CUDA float32 matmuls within the block, set through torch's ``"legacy"`` flag (``allow_tf32``) or its
+    ``"new"`` one (``fp32_precision``); both precision settings are restored after it (the legacy setter also
+    changes ``fp32_precision`` and the float32 matmul precision, which a plain restore of the flag leaves changed)."""
+    matmul = torch.backends.cuda.matmul
+    previous = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    try:
+        if api == "new":
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        matmul.fp32_precision = previous[1]
+
+
 def assert_strided_inputs_reach_backend(backend: str, fn, dtype, device, monkeypatch):
     """Strided q, k, v (views of a fused projection) reach ``backend``'s forward as they are, uncopied."""
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=8, M=8, D=16), dtype, device, strided=True))

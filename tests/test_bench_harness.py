@@ -62,6 +62,29 @@ def test_a_failing_candidate_is_a_row_with_its_reason():
     assert "OutOfResources" in text and "runs on CUDA tensors only" in text
 
 
+def test_a_model_whose_compile_fails_is_a_row_and_the_other_models_still_run(monkeypatch):
+    """On a GPU one graph break under fullgraph once ended the model suite with no row at all."""
+    import argparse
+
+    import torch._dynamo.exc
+
+    from bench.suites import model
+
+    built = model.train_step_of
+
+    def train_step_of(label, *args):
+        if label.endswith(":compiled"):
+            raise torch._dynamo.exc.Unsupported("a graph break")
+        return built(label, *args)
+
+    monkeypatch.setattr(model, "train_step_of", train_step_of)
+    opts = argparse.Namespace(device=CPU, lengths=[8], batch=1, dtypes=None, backends=["reference", "cpu:compiled"],
+                              repeats=1)
+    rows = {r["backend"]: r for r in model.run(opts)}
+    assert rows["reference"]["fwd_bwd_ms"] > 0
+    assert rows["cpu:compiled"]["note"].startswith("Unsupported: a graph break")
+
+
 def test_report_shows_the_load_and_warns_when_busy():
     with harness.MachineLoad() as load:
         sum(range(10**5))

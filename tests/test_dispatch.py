@@ -12,8 +12,8 @@ from bench.suites import rel_memory_attention as suite
 def test_recorded_choice_is_used_and_written(monkeypatch, tmp_path):
     path = tmp_path / "cuda_choices.json"
     monkeypatch.setattr(backends, "CUDA_CHOICES_FILE", str(path))
+    monkeypatch.setattr(backends, "_CUDA_CHOICES", {})  # restored, with what the module read, after the test
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    backends._cuda_choices.cache_clear()
     rows = [dict(op="rel_memory_attention", case=f"B=1 H=1 L=M={L} D={D}", backend=b, dtype="bfloat16",
                  fwd_bwd_ms=ms) for L, D, b, ms in [(512, 64, "triton", 1.0), (512, 64, "cuda", 2.0),
                                                      (512, 128, "triton", 3.0), (512, 128, "cuda", 2.5)]]
@@ -22,7 +22,45 @@ def test_recorded_choice_is_used_and_written(monkeypatch, tmp_path):
     device = torch.device("cuda")
     assert backends.measured_cuda_choice(device, torch.bfloat16, 128) == "cuda"
     assert backends.measured_cuda_choice(device, torch.bfloat16, 32) is None
-    backends._cuda_choices.cache_clear()
+
+
+def test_auto_resolves_on_cuda_inside_one_compiled_graph(monkeypatch):
+    """backend="auto" on CUDA tensors reads the recorded choice and asks whether the CUDA kernels are built: under
+    torch.compile(fullgraph=True) neither may break the graph (a file read and the dispatcher query once did, in
+    every model's compile on a GPU). The GPU's name comes from a torch function dynamo cannot trace, as on a GPU."""
+    monkeypatch.setattr(backends, "_CUDA_CHOICES", {"Test GPU": {"bfloat16": {"64": "cuda"}}})
+
+    def gpu_name(device=None):
+        traced_would_break = torch._C._dispatch_has_kernel_for_dispatch_key("aten::add.Tensor", "CPU")
+        return "Test GPU" if traced_would_break else "other"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", gpu_name)
+    device = torch.device("cuda", 0)
+
+    def resolved(x):
+        cuda_reason = backends.BACKENDS["cuda"].unavailable_reason(device)
+        choice = backends.measured_cuda_choice(device, torch.bfloat16, 64)
+        return x + len(backends.resolve_backend("auto", device, torch.bfloat16, 64)) + len(cuda_reason or "") + len(
+            choice)
+
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(torch.compile(resolved, fullgraph=True, backend="eager")(torch.zeros(1)),
+                           resolved(torch.zeros(1)))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_auto_without_a_recorded_choice_prefers_the_cuda_kernels_then_triton(monkeypatch):
+    monkeypatch.setattr(backends, "_CUDA_CHOICES", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(backends.BACKENDS["cuda"], "unavailable_reason", lambda device: None)
+    device = torch.device("cuda")
+    assert backends.resolve_backend("auto", device, torch.float16, 64) == "cuda"
+    assert backends.resolve_backend("auto", device, torch.float16, 192) == "triton"  # over the CUDA kernels' 128
+    monkeypatch.setattr(backends.BACKENDS["cuda"], "unavailable_reason", lambda device: "built without CUDA")
+    assert backends.resolve_backend("auto", device, torch.float16, 64) == "triton"
 
 
 def test_cuda_backend_head_dim_limit_is_checked_before_launch(monkeypatch):

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from bench import gpu_check
 
 
@@ -15,6 +17,35 @@ def test_a_hanging_step_is_stopped_at_its_timeout(tmp_path):
     row = step.run(str(tmp_path), deadline=time.monotonic() + 100)
     assert row["status"] == "timeout" and time.monotonic() - start < 10
     assert (tmp_path / "hang.log").exists()
+
+
+def test_a_step_interrupted_at_its_timeout_reports_and_leaves_no_process(tmp_path):
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)'])\n"  # a child that outlives the interrupt
+        "print(child.pid, flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('summary after the interrupt', flush=True)\n"
+    )
+    row = gpu_check.Step("interrupted", 2, [sys.executable, "-c", script]).run(str(tmp_path),
+                                                                              deadline=time.monotonic() + 100)
+    assert row["status"] == "timeout"
+    child_pid, message = (tmp_path / "interrupted.log").read_text().split("\n")[:2]
+    assert message == "summary after the interrupt"  # SIGINT first: pytest prints what it has seen
+    time.sleep(0.5)
+    assert not alive(int(child_pid))  # the step's own children are ended with it
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie that nobody has reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_step_never_outlives_the_budget(tmp_path):
@@ -52,8 +83,37 @@ def test_rehearsal_starts_every_step(tmp_path):
     assert gpu_check.main(["--rehearse", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    assert list(status) == ["build", "tests", "memcheck", "racecheck", "bench", "short_query", "generation",
-                            "model"]
-    assert all(status[step] == "passed" for step in ("tests", "memcheck", "bench", "short_query", "model")), summary
+    assert list(status) == ["build", "tests", "short_query", "launch_profile", "model", "generation", "memcheck",
+                            "racecheck", "bench"]
+    assert all(status[step] == "passed" for step in ("tests", "memcheck", "bench", "short_query", "launch_profile",
+                                                     "model")), summary
     for step in ("short_query", "model"):
         assert any(path.suffix == ".json" for path in (tmp_path / step).iterdir())
+
+
+def test_a_check_split_over_calls_adds_up_in_one_summary(tmp_path):
+    assert gpu_check.main(["--rehearse", "--steps", "tests,short_query", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--rehearse", "--steps", "model,build", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["build", "tests", "short_query", "model"]
+    assert summary["steps"][0]["status"] == "skipped"
+
+
+def test_an_unknown_step_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--rehearse", "--steps", "tests,benchmark"])
+    assert "unknown step(s) benchmark" in capsys.readouterr().err
+
+
+def test_the_racecheck_filter_is_in_compute_sanitizers_syntax_and_names_every_kernel():
+    """compute-sanitizer takes ``--kernel-name key=value`` (kns, kne or regex; on a GPU "regex:..." was refused and
+    the step failed at once); the regex matches the mangled names of the CUDA kernels and the Triton kernels."""
+    import re
+
+    key, _, expr = gpu_check.KERNEL_FILTER.partition("=")
+    assert key == "regex"
+    kernels = ["_ZN9memtx_ops4cuda10fwd_kernelILi64EEEvNS0_10FwdParamsE", "_ZN9memtx_ops4cuda9dq_kernelILi64EEEvv",
+               "_ZN9memtx_ops4cuda10dkv_kernelILi64EEEvv", "_ZN9memtx_ops4cuda12delta_kernelEv", "_fwd_kernel",
+               "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_dr_kernel"]
+    assert all(re.search(expr, name) for name in kernels)
+    assert not re.search(expr, "void at::native::vectorized_elementwise_kernel<4>")

@@ -33,6 +33,7 @@ from helpers import (
     reference_errors,
     reference_float64,
     rel_error,
+    tf32_allowed,
 )
 from memtx_ops._extension import extension_error, has_cuda_kernels
 
@@ -99,12 +100,8 @@ def test_strided_fused_projection_views(case, dtype):
 
 def test_float32_ignores_tf32_setting():
     """3xTF32 keeps float32 accuracy when TF32 matmuls are allowed."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with tf32_allowed():
         assert_matches_reference(cuda_attention, FEATURE_CASES[2], torch.float32, DEVICE)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def test_strided_inputs_are_not_copied(monkeypatch):

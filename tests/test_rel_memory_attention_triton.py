@@ -6,6 +6,7 @@ when CUDA is absent; alone: ``TRITON_INTERPRET=1 python -m pytest tests/test_rel
 The interpreter runs float32 and float16 only: its bfloat16 arithmetic is wrong.
 """
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -22,6 +23,7 @@ from helpers import (
     assert_strided_inputs_reach_backend,
     make_inputs,
     reference_errors,
+    tf32_allowed,
 )
 from memtx_ops.backends.triton import interpreter_enabled
 
@@ -149,12 +151,8 @@ def test_deterministic_backward_is_reproducible(monkeypatch):
 @pytest.mark.skipif(not ON_CUDA, reason="TF32 needs a CUDA device")
 def test_tf32_when_allowed():
     """float32 dots use TF32 only when torch allows it; the SPEC tolerance is then 5e-3."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with tf32_allowed():
         assert_matches_reference(triton_attention, CUDA_CASES[0], torch.float32, DEVICE, tolerance=5e-3)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def test_deterministic_follows_torch_setting():
@@ -189,9 +187,16 @@ def test_float16_gradients_of_queries_with_few_keys():
 @pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"splits{n}")
 def test_inference_out(splits, monkeypatch):
     """Without float32_out (inference) the forward writes its 16-bit out directly, from one 16-bit P.V, split over
-    keys or not: the same lse and, within float16's tolerance, the float32 out of the training call (EXACT_PV)."""
-    from memtx_ops.kernels.rel_memory_attention import fwd
+    keys or not: with the same tiles, the same lse and, within float16's tolerance, the float32 out of the training
+    call (EXACT_PV). On a GPU the two calls are tuned apart (EXACT_PV is in the key) and may pick different tiles,
+    which sum the scores in another order: one config here makes the tiles the same."""
+    import triton
 
+    from memtx_ops.kernels.rel_memory_attention import fwd
+    from memtx_ops.kernels.utils import tile_config
+
+    kernel = fwd._fwd_kernel
+    monkeypatch.setattr(fwd, "_fwd_kernel", triton.autotune([tile_config(32, 32)], key=list(kernel.keys))(kernel.fn))
     monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=2, L=20, M=50, D=24), torch.float16, DEVICE))
     idx = torch.tensor([0, 1], device=DEVICE)
@@ -266,18 +271,10 @@ def test_float32_dots_follow_torch_precision_without_mixing_apis(api):
     through torch's new fp32_precision API, which never raises 'mix of the legacy and new APIs'."""
     from memtx_ops.kernels.utils import dot_precision
 
-    matmul = torch.backends.cuda.matmul
-    previous = torch.get_float32_matmul_precision(), matmul.fp32_precision
-    try:
-        if api == "new":
-            matmul.fp32_precision = "tf32"
-        elif api == "legacy":
-            matmul.allow_tf32 = True
+    context = tf32_allowed(api) if api != "none" else contextlib.nullcontext()
+    with context:
         assert dot_precision(torch.float32) == ("tf32x3" if api == "none" else "tf32")
         assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(previous[0])  # the legacy setter changed it
-        matmul.fp32_precision = previous[1]
 
 
 def test_autotune_keys_hold_every_resource_changing_constexpr():
@@ -287,6 +284,45 @@ def test_autotune_keys_hold_every_resource_changing_constexpr():
     assert {"D", "BLOCK_D", "PRECISION", "PARTIAL", "EXACT_PV"} <= set(fwd._fwd_kernel.keys)
     assert {"D", "BLOCK_D", "PRECISION", "DETERMINISTIC"} <= set(bwd._bwd_dq_kernel.keys)
     assert {"D", "BLOCK_D", "PRECISION"} <= set(bwd._bwd_dkdv_kernel.keys) & set(bwd._bwd_dr_kernel.keys)
+
+
+# (module, kernel, make_config, deterministic mode): every autotuned kernel, tuned over two tile sizes.
+TUNED_KERNELS = [("fwd", "_fwd_kernel", "tile_config", False), ("bwd", "_bwd_dkdv_kernel", "tile_config", False),
+                 ("bwd", "_bwd_dq_kernel", "tile_config", False), ("bwd", "_bwd_dq_kernel", "tile_config", True),
+                 ("bwd", "_bwd_dr_kernel", "band_config", True)]
+
+
+@pytest.mark.parametrize("module_name, kernel_name, make_config, deterministic", TUNED_KERNELS,
+                         ids=lambda v: v if isinstance(v, str) and v.startswith("_") else None)
+def test_results_do_not_depend_on_the_trials_of_autotuning(module_name, kernel_name, make_config, deterministic,
+                                                           monkeypatch):
+    """On a GPU the autotuner runs every config of a kernel once on the real buffers before the one it keeps. A
+    config with 16-row blocks runs first, the 32-row one wins: whatever the trial leaves behind (a slot per block
+    that the winner does not write, an atomic sum) must not reach the result. The interpreter, with one config,
+    never tunes; this test makes it tune (once, du and dvb came out wrong on a GPU and right here)."""
+    import triton
+
+    from memtx_ops.kernels import utils
+    from memtx_ops.kernels.rel_memory_attention import bwd, fwd
+
+    module = {"fwd": fwd, "bwd": bwd}[module_name]
+    kernel = getattr(module, kernel_name)
+    make = getattr(module if make_config == "band_config" else utils, make_config)
+    timings = iter([2.0, 1.0])  # in the order benchmarked: the second config is the faster
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        return [next(timings)] * len(quantiles)
+
+    tuner = triton.autotune([make(16, 16), make(32, 32)], key=list(kernel.keys), reset_to_zero=kernel.reset_to_zero,
+                            do_bench=bench)(kernel.fn)
+    monkeypatch.setattr(module, kernel_name, tuner)
+    if deterministic:
+        monkeypatch.setenv("MEMTX_DETERMINISTIC", "1")
+    if ON_CUDA:
+        torch.cuda.synchronize()
+    assert_matches_reference(triton_attention, Case(B=1, H=2, L=70, M=45, D=16, R=60), torch.float32, DEVICE)
+    assert next(timings, None) is None, "the kernel was not tuned over both configs"
 
 
 def test_batch_times_heads_goes_on_the_grid_axis_without_the_65535_limit(monkeypatch):

@@ -16,7 +16,8 @@ import itertools
 
 import torch
 
-from bench.harness import lm_model, lm_training_step, measure_training_steps
+from bench.harness import (BENCH_ERRORS, describe_error, failure_row, lm_model, lm_training_step,
+                           measure_training_steps)
 
 NAME = "model"
 BASELINE = "reference"
@@ -52,8 +53,12 @@ def run(opts):
         autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype_name)) if dtype_name != "float32"
                     else contextlib.nullcontext())
         case = f"B={B} L=M={L} layers={cfg['n_layer']} d={cfg['d_model']} heads={cfg['n_head']}"
-        steps = {backend: train_step_of(backend, cfg, B, L, device, autocast)
-                 for backend in opts.backends or cfg["backends"]}
+        steps = {}
+        for backend in opts.backends or cfg["backends"]:
+            try:  # the first step compiles: a graph break under fullgraph is a row, and the other rows still run
+                steps[backend] = train_step_of(backend, cfg, B, L, device, autocast)
+            except BENCH_ERRORS as exc:
+                rows.append(failure_row(NAME, case, backend, dtype_name, describe_error(exc)))
         rows += measure_training_steps(NAME, case, dtype_name, steps, B * L, device, opts.repeats)
         del steps
     return rows

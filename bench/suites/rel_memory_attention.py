@@ -110,21 +110,21 @@ def record_auto(rows, device):
     import json
     from collections import defaultdict
 
-    from memtx_ops.backends import CUDA_CHOICES_FILE, _cuda_choices
+    from memtx_ops import backends
 
     totals = defaultdict(lambda: defaultdict(float))
     for r in rows:
         if r["op"] == NAME and r["backend"] in ("triton", "cuda") and "fwd_bwd_ms" in r:
             totals[(r["dtype"], r["case"].split("D=")[1])][r["backend"]] += r["fwd_bwd_ms"]
-    choices = {k: dict(v) for k, v in _cuda_choices().items()}
+    choices = {k: dict(v) for k, v in backends.cuda_choices().items()}
     gpu = choices.setdefault(torch.cuda.get_device_name(device), {})
     for (dtype, head_dim), by_backend in totals.items():
         if len(by_backend) == 2:  # both measured on every length
             gpu.setdefault(dtype, {})[head_dim] = min(by_backend, key=by_backend.get)
-    with open(CUDA_CHOICES_FILE, "w") as f:
+    with open(backends.CUDA_CHOICES_FILE, "w") as f:
         json.dump(choices, f, indent=1, sort_keys=True)
-    _cuda_choices.cache_clear()
-    return CUDA_CHOICES_FILE
+    backends.reload_cuda_choices()
+    return backends.CUDA_CHOICES_FILE
 
 
 def plot(rows, out_dir, stem):

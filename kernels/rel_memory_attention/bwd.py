@@ -276,7 +276,9 @@ def _dq_tile(dq_c, dq_p, clamped, qu, qv, do, lse2, delta, k_base, v_base, r_bas
     return dq_c, dq_p, clamped
 
 
-@autotune_tiles(DQ_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "DETERMINISTIC"), reset_to_zero=["DR"])
+# Every buffer this kernel adds to or fills by query block is zeroed before each config's trial run and the real one:
+# a trial of a smaller BLOCK_M fills slots that the chosen config leaves alone (du and dvb came out wrong on a GPU).
+@autotune_tiles(DQ_CONFIGS, key=("D", "BLOCK_D", "PRECISION", "DETERMINISTIC"), reset_to_zero=["DR", "DU", "DVB", "CQ"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, R_, U, VB, KV_HEAD, DO, LSE, DELTA, DQ, DU, DVB, DR, CQ,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Dict, Optional
@@ -16,13 +15,14 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (cpu.BACKEND, triton.BACKEND,
 BACKEND_NAMES = ("auto", "reference") + tuple(BACKENDS)
 
 # backend="auto" on CUDA tensors: the faster of "triton" and "cuda" measured by `python -m bench
-# --record-auto` on that GPU, per dtype and head dim (this file); otherwise this order.
+# --record-auto` on that GPU, per dtype and head dim (this file); otherwise this order: on the one GPU measured (an
+# H200, bf16) the CUDA kernels were the faster in every training case and in decoding, where Triton's forward is
+# host-bound (bench/results/gpu-check-NVIDIA-H200).
 CUDA_CHOICES_FILE = os.path.join(os.path.dirname(__file__), "cuda_choices.json")
-_CUDA_PREFERENCE = ("triton", "cuda")
+_CUDA_PREFERENCE = ("cuda", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
+def _load_cuda_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
     """{GPU name: {dtype: {head dim: backend}}} from CUDA_CHOICES_FILE (empty when absent)."""
     try:
         with open(CUDA_CHOICES_FILE) as f:
@@ -31,9 +31,30 @@ def _cuda_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
         return {}
 
 
+# Read at import, not per call: torch.compile traces a call of the op, and a file read would break its graph.
+_CUDA_CHOICES = _load_cuda_choices()
+
+
+def cuda_choices() -> Dict[str, Dict[str, Dict[str, str]]]:
+    """The recorded choices that backend="auto" follows ({GPU name: {dtype: {head dim: backend}}})."""
+    return _CUDA_CHOICES
+
+
+def reload_cuda_choices() -> None:
+    """Reads CUDA_CHOICES_FILE again (after ``python -m bench --record-auto`` rewrote it)."""
+    global _CUDA_CHOICES
+    _CUDA_CHOICES = _load_cuda_choices()
+
+
+@torch.compiler.assume_constant_result
+def _gpu_name(index: Optional[int]) -> str:
+    """The name of CUDA device ``index`` (None: the current one); torch.compile runs it once, as a constant."""
+    return torch.cuda.get_device_name(index)
+
+
 def measured_cuda_choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """The backend recorded as fastest for this GPU, dtype and head dim, or None."""
-    by_dtype = _cuda_choices().get(torch.cuda.get_device_name(device), {})
+    by_dtype = _CUDA_CHOICES.get(_gpu_name(device.index), {})
     return by_dtype.get(str(dtype).replace("torch.", ""), {}).get(str(head_dim))
 
 
