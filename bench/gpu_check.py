@@ -302,7 +302,7 @@ def main(argv=None) -> int:
 def merged_summary(path: str, device: str, rows: List[Dict]) -> Dict:
     """The folder's summary with this call's step rows in place of earlier rows of the same steps (a check split
     over calls adds up in one summary), in step order."""
-    summary = dict(device=device, budget_s=BUDGET_S, steps=[])
+    summary = dict(device=device, steps=[])  # budgets differ per call: each row has its limit_s
     if os.path.exists(path):
         with open(path) as f:
             earlier = json.load(f)

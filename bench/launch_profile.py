@@ -14,12 +14,11 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
 import memtx_ops
-from bench.harness import synchronize
+from bench.harness import burst, median_time, synchronize
 
 
 def inputs(B, H, L, M, D, dtype, device):
@@ -38,12 +37,8 @@ def profile(backend: str, args, calls: int) -> str:
 
     for _ in range(5):  # compile, autotune, warm the caches
         call()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    synchronize(device)
-    wall_us = (time.perf_counter() - start) / calls * 1e6
+    measure, burst_calls = burst(call, device)
+    wall = median_time(measure, device).per_call(burst_calls)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -54,7 +49,9 @@ def profile(backend: str, args, calls: int) -> str:
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0) / calls
     table = events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
-    return f"wall {wall_us:.1f} us/call, device {device_us:.1f} us/call\n{table}\n{python_profile(call, calls)}"
+    return (f"wall {1e6 * wall.median:.1f} us/call ({1e6 * wall.low:.1f}-{1e6 * wall.high:.1f}, median of "
+            f"{wall.rounds} rounds of {burst_calls} calls), device {device_us:.1f} us/call\n"
+            f"{table}\n{python_profile(call, calls)}")
 
 
 def python_profile(call, calls: int) -> str:
