@@ -124,7 +124,7 @@ def describe(row: Dict, name: str, requests) -> None:
     policy = args.split(",")[0].replace("memtx::cuda::kernels::", "").strip()
     row.update(kernel=kind, dtype=POLICY[policy])
     tile = TILE.search(args)
-    if tile is None:  # delta_kernel<Elem>: kDeltaThreads threads, no dynamic shared memory
+    if tile is None:  # delta_kernel, merge_key_splits_kernel<Elem>: 256 threads, no dynamic shared memory
         row.update(tile="-", threads=256, dynamic_shared=0)
         return
     dp, bn, nw = map(int, tile.groups())

@@ -72,6 +72,15 @@ LARGE_CASES = [
     Case(B=1, H=8, Hk=2, L=512, M=512, D=64, R=129),
 ]
 SUBSET = [FEATURE_CASES[2], FEATURE_CASES[8], FEATURE_CASES[12], EXTRA_CASES[1]]
+# The forward splits keys (flash-decoding, forward_key_splits) when B x H x query blocks fill at most half a wave of
+# the device, so on a current GPU every case above takes the split path. The first case here has enough blocks
+# (320 of 64 rows in 16 bits, 640 of 32 in float32) to keep the unsplit path on GPUs of up to about 150
+# multiprocessors; the decoding ones split into many parts, the last with parts that see no key (window).
+KEY_SPLIT_CASES = [
+    (Case(B=8, H=8, L=300, M=200, D=64), False),
+    (Case(B=2, H=4, L=1, M=3000, D=64), True),
+    (Case(B=1, H=2, Hk=1, L=16, M=2000, D=128, window=700, R=900, mem_offset=3), True),
+]
 
 
 def cuda_attention(*args, **kwargs):
@@ -89,6 +98,19 @@ def test_matches_reference(case, dtype):
 @pytest.mark.parametrize("case", LARGE_CASES, ids=str)
 def test_matches_reference_large(case, dtype):
     assert_matches_reference(cuda_attention, case, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,split", KEY_SPLIT_CASES, ids=[str(c) for c, _ in KEY_SPLIT_CASES])
+def test_key_splits(case, split, dtype):
+    """Both forward paths against the reference, and the path each one takes: the split one launches the merge."""
+    assert_matches_reference(cuda_attention, case, dtype, DEVICE)
+    inputs = make_inputs(case, dtype, DEVICE, False)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda_attention(*inputs, **case.kwargs(DEVICE))
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages()]
+    assert any("merge_key_splits" in k for k in kernels) == split, kernels
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

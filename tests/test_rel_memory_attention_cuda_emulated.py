@@ -130,6 +130,7 @@ def emulator(tmp_path_factory):
     torch.ops.load_library(str(path))
     lib = ctypes.CDLL(str(path))
     lib.emu_message.restype = ctypes.c_char_p
+    lib.emu_launches.restype = ctypes.c_uint
     lib.emu_device_memory_check.restype = ctypes.c_char_p
     return lib
 
@@ -255,6 +256,58 @@ def test_matches_reference(emulator, case, strided, zero_grads, dtype, schedule)
     assert {n for n, e in errors.items() if e.get("vanishing")} == set(zero_grads), errors
     for g in set(range(case.kv_heads)) - set(kv_head_index.tolist()):  # kv heads no query head reads
         assert not grads[1][:, g].any() and not grads[2][:, g].any() and not grads[3][g].any(), f"kv head {g}"
+
+
+# Key splits (flash-decoding, forward_key_splits in rel_memory_attention_fwd.cu): on an emulated device of 64
+# multiprocessors (one resident block each) the forward of every case here has at most 16 blocks, so it splits each
+# query block's keys into up to min(64 / blocks, key blocks) parts and merges them in a second kernel (CASES but the
+# last, whose 16-bit keys fit one block). The decoding cases add: one key block a part (L=1), MQA with a clamp, parts
+# that see no key at all (a window of 40 keys over 17 key blocks), 16-bit tiles of 32 keys (D=80), and query blocks
+# whose visible ranges differ.
+SPLIT_CASES = [(case, strided) for case, strided, _ in CASES[:-1]] + [
+    (Case(B=2, H=2, L=1, M=700, D=64), False),
+    (Case(B=1, H=4, Hk=1, L=1, M=300, D=32, R=200), True),
+    (Case(B=1, H=2, L=3, M=1000, D=16, window=40, mem_offset=5), False),
+    (Case(B=1, H=1, L=16, M=500, D=80), True),
+    (Case(B=1, H=2, L=100, M=150, D=32, window=120), False),
+]
+SPLIT_MULTIPROCESSORS = 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,strided", SPLIT_CASES, ids=[f"{c}{',strided' if s else ''}" for c, s in SPLIT_CASES])
+def test_key_splits_match_reference(emulator, case, strided, dtype):
+    """The split forward (partials, then the merge: two launches) for training (float32 out, whose lse the backward
+    reads: all six gradients are checked) and for inference (out of q's dtype, the same lse)."""
+    inputs, qkvruvb, grad_out, _, options, seed = case_inputs(case, strided, dtype)
+    emulator.emu_set_seed(seed)
+    with emulated_device(emulator):
+        emulator.emu_set_multiprocessors(SPLIT_MULTIPROCESSORS)
+        out, lse = fwd(*qkvruvb, *options)
+        assert emulator.emu_launches() == 2, "the forward did not split its keys"
+        grads = bwd(grad_out, *qkvruvb, out, lse, *options)
+        out16, lse16 = fwd(*qkvruvb, *options, float32_out=False)
+    errors, bad = errors_against_reference(case, dtype, inputs, grad_out, out, grads)
+    assert not bad, f"{case} {dtype}: {bad} (all: {errors})"
+    ref_out, _ = reference_float64(inputs, grad_out, case)
+    _, bad = reference_errors({"out": out16}, {"out": ref_out}, dtype)
+    assert not bad and out16.dtype == dtype and torch.equal(lse16, lse), bad
+
+
+def test_key_splits_only_where_the_blocks_cannot_fill_the_device(emulator):
+    """The same call splits on a device of many multiprocessors and not on one that its blocks fill; both agree."""
+    case = CASES[2][0]  # float32 at D=64: 3 query blocks of 32 rows x 2 heads, 6 blocks
+    _, qkvruvb, _, _, options, seed = case_inputs(case, False, torch.float32)
+    results = {}
+    for multiprocessors, launches in ((11, 1), (12, 2), (SPLIT_MULTIPROCESSORS, 2)):
+        emulator.emu_set_seed(seed)
+        with emulated_device(emulator):
+            emulator.emu_set_multiprocessors(multiprocessors)
+            results[multiprocessors] = fwd(*qkvruvb, *options)
+            assert emulator.emu_launches() == launches, multiprocessors
+    for multiprocessors in (12, SPLIT_MULTIPROCESSORS):
+        for got, want in zip(results[multiprocessors], results[11]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # The backward's delta = rowsum(dO * O) once came from a rounded 16-bit O, which swamped the gradients of queries that

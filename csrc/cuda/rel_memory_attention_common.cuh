@@ -555,6 +555,21 @@ MEMTX_DEVICE bool tile_visible(const RelAttnProblem& p, int i0, int BM, const Ke
   return true;
 }
 
+// Key blocks [first, end) of those some query of [i0, min(i0 + BM, L)) sees: tile_visible holds on a prefix (keys
+// up to M + i_last) and a suffix (keys past the window) of the blocks, so on a contiguous range. Empty: first = end.
+struct KeyBlockRange {
+  int first, end;
+};
+
+MEMTX_DEVICE KeyBlockRange visible_key_blocks(const RelAttnProblem& p, int i0, int BM, int BN) {
+  KeyBlockRange range{0, 0};
+  const int n_kb = num_key_blocks(p, BN);
+  while (range.first < n_kb && !tile_visible(p, i0, BM, key_block(p, range.first, BN))) ++range.first;
+  range.end = range.first;
+  while (range.end < n_kb && tile_visible(p, i0, BM, key_block(p, range.end, BN))) ++range.end;
+  return range;
+}
+
 // SPEC visible(i, j), with i < L and j inside the block.
 MEMTX_DEVICE bool visible(const RelAttnProblem& p, int i, int j, int j1) {
   return i < p.L && j < j1 && j <= p.M + i && (p.window == 0 || j > p.M + i - p.window);

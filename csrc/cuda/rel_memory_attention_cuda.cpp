@@ -2,7 +2,8 @@
 // allocation and the calls into the kernels of rel_memory_attention_*.cu. Compiled only in CUDA builds.
 //
 // The forward writes out (of the inputs' dtype, or float32 with float32_out: the out the backward reads) and lse
-// (float32). The backward writes dq, dk, dv directly; dr is accumulated in a
+// (float32); where its query blocks cannot fill the device it splits their keys (forward_key_splits) into parts
+// whose float32 scratch it allocates here. The backward writes dq, dk, dv directly; dr is accumulated in a
 // float32 buffer with atomics (so it is not bitwise deterministic), du and dvb from per-block partials
 // (deterministic). q, k, v, grad_out and out are read through their strides (last dim contiguous).
 //
@@ -117,12 +118,24 @@ std::tuple<at::Tensor, at::Tensor> rel_memory_attention_fwd_cuda(
   const RelAttnShape s = check_rel_attn_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset);
   const cuda::DType dtype = check_cuda(q, s);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty({s.B, s.H, s.L, s.D}, float32_out ? q.options().dtype(at::kFloat) : q.options());
-  auto lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto out = at::empty({s.B, s.H, s.L, s.D}, float32_out ? f32 : q.options());
+  auto lse = at::empty({s.B, s.H, s.L}, f32);
   const auto kv_head = kv_head_index.to(q.device(), at::kLong).contiguous();
   const auto uc = u.contiguous(), vbc = vb.contiguous();
   const cuda::RelAttnProblem p = make_problem(s, dtype, q, k, v, r, uc, vbc, kv_head, scale);
-  const cuda::RelAttnForward fwd{out.data_ptr(), lse.data_ptr<float>(), out.scalar_type() == at::kFloat};
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int splits = cuda::forward_key_splits(p, multiprocessors);
+  // the parts' float32 scratch (forward_key_splits): unnormalised outputs, then row maxima and sums
+  at::Tensor part_o, part_ml;
+  if (splits > 1) {
+    part_o = at::empty({splits, s.B * s.H * s.L, s.D}, f32);
+    part_ml = at::empty({splits, 2, s.B * s.H * s.L}, f32);
+  }
+  const cuda::RelAttnForward fwd{out.data_ptr(), lse.data_ptr<float>(), out.scalar_type() == at::kFloat, splits,
+                                 splits > 1 ? part_o.data_ptr<float>() : nullptr,
+                                 splits > 1 ? part_ml.data_ptr<float>() : nullptr};
   check_launch(cuda::rel_attn_forward(p, fwd, c10::cuda::getCurrentCUDAStream()), "forward kernel launch");
   return {out, lse};
 }

@@ -36,11 +36,16 @@ struct RelAttnProblem {
 
 // Outputs of the forward: out [B, H, L, D] contiguous, of dtype or, with out_float32, float32 (the out the
 // backward reads: its delta from a rounded out would swamp the gradients of queries that see few keys);
-// lse [B, H, L] float32 (natural log).
+// lse [B, H, L] float32 (natural log). With key_splits S > 1 (forward_key_splits) the keys of every query block
+// are split into S parts, whose float32 scratch part_o [S, B * H * L, D] and part_ml [S, 2, B * H * L] the caller
+// allocates (unused, may be null, with S = 1).
 struct RelAttnForward {
   void* out;
   float* lse;
   bool out_float32;
+  int key_splits;
+  float* part_o;
+  float* part_ml;
 };
 
 // Inputs and outputs of the backward. dq [B, H, L, D] and dk, dv [B, Hk, K, D] are contiguous, of dtype,
@@ -67,6 +72,12 @@ int query_block_rows(int D, DType dtype);
 // Largest dynamic shared memory (bytes) one block of the kernels for (D, dtype) needs; compare it with the
 // device's cudaDevAttrMaxSharedMemoryPerBlockOptin (every configuration fits sm_80 and sm_90).
 int shared_memory_bytes(int D, DType dtype);
+
+// Parts to split each query block's keys into (flash-decoding) on a device of `multiprocessors`: as many as keep
+// the forward's blocks (B x H x query blocks x parts) within one wave (multiprocessors x the blocks resident on
+// one, by cudaOccupancyMaxActiveBlocksPerMultiprocessor), at most one per key block and 64; 1 when the unsplit
+// blocks fill more than half a wave, and for an unsupported D.
+int forward_key_splits(const RelAttnProblem& problem, int multiprocessors);
 
 // Launch on `stream`; return the first CUDA error (cudaErrorInvalidValue for an unsupported D).
 cudaError_t rel_attn_forward(const RelAttnProblem& problem, const RelAttnForward& fwd, cudaStream_t stream);

@@ -21,7 +21,9 @@
 //  * Launch limits: 1-D blocks of at most 1024 threads, grid y, z <= 65535, dynamic shared memory above 48 KB
 //    only as far as cudaFuncSetAttribute raised it (at most the device's opt-in limit, sm_80's 163 KB).
 //  * What the host code sees (runner.cpp, shim/): one device, an sm_80 by default, whose memory is the CPU's
-//    (cudaDeviceGetAttribute: compute capability, opt-in shared memory); cudaGetLastError, cudaFuncSetAttribute,
+//    (cudaDeviceGetAttribute: compute capability, opt-in shared memory, multiprocessors, one by default);
+//    cudaOccupancyMaxActiveBlocksPerMultiprocessor (one block, if the kernel may have its shared memory, else
+//    none); cudaGetLastError, cudaFuncSetAttribute,
 //    cudaGetErrorString (with the emulator's message); c10/cuda's CUDAGuard, current stream and C10_CUDA_CHECK.
 //    Device memory: during the test's calls, torch's CPU allocator hands out buffers that start as NaN bytes
 //    between guard zones, checked when they are freed and at the end of the calls.
@@ -121,7 +123,9 @@ struct Emulator {
   cudaError_t last_error = cudaSuccess;
   std::map<const void*, int> smem_optin;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
   // The device cudaDeviceGetAttribute describes (an sm_80 by default; emu_set_device), and the injected fault.
-  int device_major = 8, device_smem_optin = kMaxSmemOptin;
+  // One multiprocessor by default (emu_set_multiprocessors), so that the forward splits keys only where the
+  // test asks for it (see forward_key_splits).
+  int device_major = 8, device_smem_optin = kMaxSmemOptin, device_multiprocessors = 1;
   Fault fault = Fault::None;
 };
 

@@ -118,9 +118,23 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = e.device_smem_optin;
       return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = e.device_multiprocessors;
+      return cudaSuccess;
     default:
       return cudaErrorInvalidValue;  // not emulated
   }
+}
+
+// One block per multiprocessor, or none when the block needs more dynamic shared memory than the kernel may have
+// (48 KB unless cudaFuncSetAttribute raised it), as the runtime answers then.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func, int block_size,
+                                                          size_t smem_bytes) {
+  const memtx::emu::Emulator& e = memtx::emu::E();
+  if (block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
+  const auto optin = e.smem_optin.find(func);
+  *blocks = smem_bytes <= (optin == e.smem_optin.end() ? memtx::emu::kDefaultSmemBytes : size_t(optin->second));
+  return cudaSuccess;
 }
 
 // The runtime's description of the error, followed by the emulator's message where the last launch left one (it
@@ -170,10 +184,17 @@ void emu_set_device(int major, int smem_optin) {
   memtx::emu::E().device_smem_optin = smem_optin;
 }
 
-// No fault, the default device (an sm_80).
+// The multiprocessors of the emulated device (cudaDevAttrMultiProcessorCount).
+void emu_set_multiprocessors(int count) { memtx::emu::E().device_multiprocessors = count; }
+
+// Launches run since the last emu_set_seed.
+unsigned emu_launches() { return memtx::emu::E().launches; }
+
+// No fault, the default device (an sm_80 of one multiprocessor).
 void emu_reset() {
   emu_set_fault(0);
   emu_set_device(8, memtx::emu::kMaxSmemOptin);
+  emu_set_multiprocessors(1);
 }
 
 // 1: the emulator's device memory becomes torch's CPU allocator; 0: the allocator it replaced is back. -> 0, or -1
