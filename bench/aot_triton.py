@@ -66,6 +66,8 @@ class KernelSpec:
     make_config: str = "tile_config"
     modes: Tuple[Tuple[Tuple[str, object], ...], ...] = ((),)
     fixed: Tuple[Tuple[str, object], ...] = ()  # constexprs of a kernel without a table
+    warps: int = 4  # num_warps and num_stages of a kernel without a table (Triton's defaults)
+    stages: int = 3
     precisions: bool = True  # float32 compiled with both dot precisions (kernels with tl.dot)
 
 
@@ -87,6 +89,9 @@ ROWS = dict(make_config="row_tiles", precisions=False)  # the resampling kernels
 KERNELS = [
     KernelSpec("_fwd_kernel", FWD, dict(ATTN, O=OUT, LSE=F32, PART_O=F32, PART_ML=F32), ("qk_scale",),
                "FWD_CONFIGS", modes=_flags("PARTIAL", "EXACT_PV")),
+    # EXACT_PV is not one of its constexprs: the mode of the forward it merges, which makes O float32
+    KernelSpec("_merge_key_splits_kernel", FWD, dict(PART_O=F32, PART_ML=F32, O=OUT, LSE=F32), (), None,
+               fixed=(("BLOCK_R", 16),), warps=2, stages=1, modes=_flags("EXACT_PV"), precisions=False),
     KernelSpec("_bwd_preprocess", BWD, dict(O=F32, DO=IN, DELTA=F32), (), None, fixed=(("BLOCK_M", 64),),
                precisions=False),
     KernelSpec("_bwd_dkdv_kernel", BWD, dict(ATTN, DO=IN, LSE=F32, DELTA=F32, DK=IN, DV=IN), ("scale", "qk_scale"),
@@ -168,7 +173,7 @@ def configs_of(spec: KernelSpec, module, dtype: str, head_dim: int, tables=None)
         block_m, block_d = module.tile_sizes(head_dim, interpreted=False)
         return [(dict(BLOCK_M=block_m, BLOCK_D=block_d), 4, 3, head_dim)]
     if spec.table is None:
-        return [(dict(spec.fixed), 4, 3, head_dim)]
+        return [(dict(spec.fixed), spec.warps, spec.stages, head_dim)]
     table = (tables or {}).get(spec.name) or getattr(module, spec.table)["fp32" if dtype == "float32" else "16bit"]
     bound = next(b for b in sorted(table) if b >= head_dim)
     make = getattr(module, spec.make_config, None) or getattr(utils, spec.make_config)

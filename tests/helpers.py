@@ -288,8 +288,8 @@ def assert_compiled_matches_eager(fn, case: Case, dtype, device, window, compile
 
 def assert_bad_kv_head_stays_in_its_rows(backend: str, dtype, device, compiled: bool):
     """A kv head index outside [0, Hk) reaches the kernels when the Python value check is skipped (the custom op
-    called directly, or torch.compile). That query head's out, dq, du, dvb must be NaN, and nothing else may change:
-    the dk, dv, dr of every real kv head and query head 0's dq are those of the valid head alone."""
+    called directly, or torch.compile). That query head's out (and lse), dq, du, dvb must be NaN, and nothing else may
+    change: the dk, dv, dr of every real kv head and query head 0's dq are those of the valid head alone."""
     case = Case(B=1, H=2, Hk=2, L=20, M=12, D=16)
     inputs = make_inputs(case, dtype, device)
     bad = torch.tensor([1, 5], device=device)
@@ -298,7 +298,8 @@ def assert_bad_kv_head_stays_in_its_rows(backend: str, dtype, device, compiled: 
                            fullgraph=True, backend="aot_eager")
         out = fn(*inputs)
     else:
-        out, _ = torch.ops.memtx_ops.rel_memory_attention(*inputs, bad, 0, 0, case.D ** -0.5, backend)
+        out, lse = torch.ops.memtx_ops.rel_memory_attention(*inputs, bad, 0, 0, case.D ** -0.5, backend)
+        assert lse[:, 1].isnan().all() and not lse[:, 0].isnan().any()
     grad_out = torch.randn_like(out)
     dq, dk, dv, dr, du, dvb = torch.autograd.grad(out, inputs, grad_out)
     assert out[:, 1].isnan().all() and dq[:, 1].isnan().all() and du[1].isnan().all() and dvb[1].isnan().all()

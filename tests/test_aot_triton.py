@@ -137,9 +137,11 @@ def test_jobs_cover_every_mode_precision_and_target(jobs):
         assert ("_fwd_kernel", "bfloat16", "tf32", (("PARTIAL", partial), ("EXACT_PV", True)), 90) in kinds
     for mode in ((("DETERMINISTIC", False),), (("DETERMINISTIC", True),)):
         assert ("_bwd_dq_kernel", "bfloat16", "tf32", mode, 90) in kinds
+    for exact_pv in (False, True):  # the merge of the split forward, writing a 16-bit out or the training's float32 one
+        assert ("_merge_key_splits_kernel", "float16", "tf32", (("EXACT_PV", exact_pv),), 80) in kinds
     assert {j.head_dim for j in jobs} == {*aot_triton.HEAD_DIMS, aot_triton.UNALIGNED_HEAD_DIM}
     unaligned = {(j.kernel, j.dtype, j.arch) for j in jobs if j.head_dim == aot_triton.UNALIGNED_HEAD_DIM}
-    assert {k for k, _, _ in unaligned} == {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                                            "_bwd_dr_kernel"}
-    assert {j.kernel for j in jobs} >= {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                                        "_bwd_dr_kernel", "_downsample_fwd_kernel", "_upsample_bwd_kernel"}
+    attention = {"_fwd_kernel", "_merge_key_splits_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                 "_bwd_dr_kernel"}
+    assert {k for k, _, _ in unaligned} == attention
+    assert {j.kernel for j in jobs} >= attention | {"_downsample_fwd_kernel", "_upsample_bwd_kernel"}

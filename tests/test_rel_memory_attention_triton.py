@@ -248,8 +248,12 @@ def test_kv_head_index_layout_does_not_matter(layout):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"splits{n}")
 @pytest.mark.parametrize("compiled", [False, True], ids=["custom_op", "torch.compile"])
-def test_out_of_range_head_writes_only_its_own_rows(compiled):
+def test_out_of_range_head_writes_only_its_own_rows(compiled, splits, monkeypatch):
+    from memtx_ops.kernels.rel_memory_attention import fwd
+
+    monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
     assert_bad_kv_head_stays_in_its_rows("triton", torch.float32, DEVICE, compiled)
 
 

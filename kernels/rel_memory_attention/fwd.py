@@ -94,9 +94,10 @@ def _fwd_kernel(
     PRECISION: tl.constexpr, PARTIAL: tl.constexpr, EXACT_PV: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(L, BLOCK_M), SPLITS)``: one query block of one (batch, head), over one of ``SPLITS``
-    parts of its key blocks. Without ``PARTIAL`` (one part) it writes ``O`` and ``LSE``; else (split-K, flash-decoding) its
-    unnormalised output, row max and row sum (log2 units) go to ``PART_O [SPLITS, B * H, L, BLOCK_D]`` and
-    ``PART_ML [SPLITS, 2, B * H, L]`` (float32) for :func:`merge_key_splits`. ``EXACT_PV``: see :func:`_fwd_tile`."""
+    parts of its key blocks. Without ``PARTIAL`` (one part) it writes ``O`` and ``LSE``; else (split-K,
+    flash-decoding) its unnormalised output, row max and row sum (log2 units) go to ``PART_O [SPLITS, B * H, L,
+    BLOCK_D]`` and ``PART_ML [SPLITS, 2, B * H, L]`` (float32) for :func:`_merge_key_splits_kernel`. ``EXACT_PV``:
+    see :func:`_fwd_tile`."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,11 +140,11 @@ def _fwd_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * L + offs_i, lse, mask=offs_i < L)
     else:
         rows = (split * B * H + pid_bh).to(tl.int64) * L  # first row of this (split, batch, head)
-        acc = tl.where(g_valid, acc, float("nan"))
         store_rows(PART_O + rows * BLOCK_D, i0, L, BLOCK_D, offs_d, offs_d < BLOCK_D, acc, BLOCK_M)
         ml = (split * 2 * B * H + pid_bh).to(tl.int64) * L + offs_i  # [split, 0 (max) | 1 (sum), bh, i]
         tl.store(PART_ML + ml, m_i, mask=offs_i < L)
-        tl.store(PART_ML + ml + B * H * L, l_i, mask=offs_i < L)
+        # a bad kv head: a NaN sum, so that the merged out and lse are NaN
+        tl.store(PART_ML + ml + B * H * L, tl.where(g_valid, l_i, float("nan")), mask=offs_i < L)
 
 
 def key_splits(programs: int, keys: int, device: torch.device) -> int:
@@ -156,17 +157,38 @@ def key_splits(programs: int, keys: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * processors, programs), triton.cdiv(keys, 64)))
 
 
-def merge_key_splits(part_o, part_ml, out, lse, D):
-    """Out ``[B, H, L, D]`` and lse ``[B, H, L]`` from the split-K partials of :func:`_fwd_kernel`: every part's
-    output weighted by ``2 ** (max_part - max)``, over the weighted sum of the row sums. A part that saw no visible
-    key (max -inf, sum 0) weighs 0."""
-    m_parts, l_parts = part_ml[:, 0], part_ml[:, 1]  # [S, B*H, L]
-    m = m_parts.max(0).values
-    weight = torch.exp2(m_parts - m).nan_to_num(0.0)  # -inf - -inf only where no part saw a key (padding rows)
-    total = (l_parts * weight).sum(0)
-    merged = (part_o[..., :D] * weight[..., None]).sum(0) / total[..., None]
-    out.copy_(merged.view(out.shape))
-    lse.copy_(((m + torch.log2(total)) / LOG2E).view(lse.shape))
+@triton.jit
+def _merge_key_splits_kernel(PART_O, PART_ML, O, LSE, ROWS, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    """Grid ``(cdiv(ROWS, BLOCK_R),)``, ``ROWS = B * H * L``: rows of out ``[ROWS, D]`` (contiguous, its dtype) and
+    lse ``[ROWS]`` from the ``SPLITS`` partials of :func:`_fwd_kernel`: every part's output weighted by
+    ``2 ** (max_part - max)``, over the weighted sum of the row sums. A part that saw no visible key (max -inf,
+    sum 0) weighs 0; a NaN sum (bad kv head) makes the row NaN."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < ROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(PART_ML + 2 * s * ROWS + rows, mask=mask_r, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows past ROWS only: every row sees its own key
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(SPLITS):
+        weight = tl.math.exp2(tl.load(PART_ML + 2 * s * ROWS + rows, mask=mask_r, other=float("-inf")) - m_safe)
+        total += tl.load(PART_ML + (2 * s + 1) * ROWS + rows, mask=mask_r, other=0.0) * weight
+        part = tl.load(PART_O + (s * ROWS + rows)[:, None] * BLOCK_D + offs_d[None, :], mask=mask_r[:, None],
+                       other=0.0)
+        acc += part * weight[:, None]
+    total_safe = tl.where(mask_r, total, 1.0)
+    out = acc / total_safe[:, None]
+    tl.store(O + rows[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask_r[:, None] & (offs_d < D)[None, :])
+    tl.store(LSE + rows, (m_safe + tl.math.log2(total_safe)) / 1.4426950408889634, mask=mask_r)
+
+
+# Rows of out per program of _merge_key_splits_kernel, with 2 warps and no software pipelining: spill-free for every
+# head dim on sm_80 and sm_90, where 4 warps (8 elements a thread at D = 64) spilled 4 bytes on sm_80 in 16 bits.
+MERGE_ROWS = 16
 
 
 def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out=False):
@@ -197,7 +219,10 @@ def rel_memory_attention_fwd(q, k, v, r, u, vb, kv_head_index, window, mem_offse
         _launch_forward(grid, q, k, v, r, u, vb, kv_head_index, out, lse, part_o, part_ml, window, mem_offset, scale,
                         splits, block_d, exact_pv=float32_out and q.dtype != torch.float32)
         if splits > 1:
-            merge_key_splits(part_o, part_ml, out, lse, D)
+            rows = B * H * L
+            _merge_key_splits_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+                part_o, part_ml, out, lse, rows, splits, D=D, BLOCK_D=block_d, BLOCK_R=MERGE_ROWS, num_warps=2,
+                num_stages=1)
     return out, lse
 
 
