@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import socket
 from typing import Optional, Sequence
 
 import torch
@@ -314,22 +313,17 @@ def assert_bad_kv_head_stays_in_its_rows(backend: str, dtype, device, compiled: 
     assert not dk[:, 0].any() and not dr[0].any()  # nothing reached kv head 0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a multi-process gloo group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def gloo_group(rank: int, world_size: int, port: int, timeout_s: float = 60.0):
-    """One rank's membership of a gloo group on 127.0.0.1:``port`` for the body of the ``with``. On success the ranks
-    meet at a barrier before the group is torn down: a rank that destroys it while a peer's gloo pair is still
-    sending aborts the peer ("terminate called without an active exception", seen in CI under FSDP2). On an error
-    the group is torn down at once (``mp.spawn`` then stops the other ranks)."""
+def gloo_group(rank: int, world_size: int, store_file: str, timeout_s: float = 60.0):
+    """One rank's membership of a gloo group that meets in ``store_file`` (a path no earlier group used: a
+    ``tmp_path`` file), for the body of the ``with``. A file store, not a TCP port: a port picked free and then bound
+    by the group races with every other test's, and a rank that joined another test's group waited out its timeout.
+    On success the ranks meet at a barrier before the group is torn down: a rank that destroys it while a peer's gloo
+    pair is still sending aborts the peer ("terminate called without an active exception", seen in CI under FSDP2).
+    On an error the group is torn down at once (``mp.spawn`` then stops the other ranks)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield

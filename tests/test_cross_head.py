@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import memtx_ops
 from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_scales,
-                     free_port, gloo_group, make_inputs)
+                     gloo_group, make_inputs)
 from memtx_ops import reference
 from memtx_ops.backends import BACKENDS
 from memtx_ops.nn import CrossHeadPermutation, SkipRetainSchedule
@@ -188,14 +188,14 @@ def rank_draws(rank):
     return perms, [schedule.decide(True) for _ in range(20)]
 
 
-def _rank_main(rank, world_size, port, out_dir):
-    with gloo_group(rank, world_size, port):
+def _rank_main(rank, world_size, store_file, out_dir):
+    with gloo_group(rank, world_size, store_file):
         torch.save(rank_draws(rank), os.path.join(out_dir, f"{rank}.pt"))
 
 
 def test_draws_identical_on_every_rank(tmp_path):
     """Cross-head draws and skip decisions (same mechanism) agree across ranks and follow rank 0's generator."""
-    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     (perms0, skips0), (perms1, skips1) = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
     assert same_draws(perms0, perms1) and skips0 == skips1
     alone = {rank: rank_draws(rank) for rank in (0, 1)}  # no process group: each rank's own generator

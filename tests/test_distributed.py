@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import assert_close_to_reference, free_port, gloo_group
+from helpers import assert_close_to_reference, gloo_group
 from memtx_ops.nn import SegmentRollout, TransformerXL
 
 B, L, STEPS, SEGMENTS = 4, 6, 3, 3
@@ -59,8 +59,8 @@ def train(model, step_fn, path, rows):
     return draws
 
 
-def _rank_main(rank, world, port, out_dir, wrapper, path):
-    with gloo_group(rank, world, port, timeout_s=300):
+def _rank_main(rank, world, store_file, out_dir, wrapper, path):
+    with gloo_group(rank, world, store_file, timeout_s=300):
         model = make_model(path)
         rows = slice(rank * B // world, (rank + 1) * B // world)
         unit = SegmentRollout(model) if path == "replay" else model
@@ -84,7 +84,7 @@ def _rank_main(rank, world, port, out_dir, wrapper, path):
 @pytest.mark.parametrize("path", ["forward", "replay"])
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, wrapper, path):
-    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), wrapper, path), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path), wrapper, path), nprocs=2, join=True)
     model = make_model(path)
     unit = SegmentRollout(model) if path == "replay" else model
     want_draws = train(model, unit, path, slice(0, B))

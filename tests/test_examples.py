@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -71,9 +72,18 @@ def test_resume_refuses_other_settings(tmp_path):
     assert result.returncode != 0 and "was written with other settings" in result.stderr + result.stdout
 
 
-def run(*args, env=None):
-    cmd = [sys.executable, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+def run(*args, env=None, timeout_s=600):
+    """``python *args`` in its own session -> the completed process (asserted to succeed). On the timeout its whole
+    process group is killed: torchrun's ranks, which would otherwise keep the output pipes open and the wait going."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{args} did not finish in {timeout_s} s\n{stdout}{stderr}")
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -106,9 +116,7 @@ def test_progress_bar(tmp_path, kind):
 @pytest.mark.parametrize("extra", [[], ["--replay-segments", "2"]], ids=["segments", "replay"])
 def test_torchrun_two_processes(tmp_path, extra):
     """The example under torchrun: 2 CPU processes (gloo) share the batch; rank 0 evaluates and writes."""
-    from helpers import free_port
-
-    result = run("-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}",
+    result = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                  os.path.join(ROOT, "examples", "train_char_lm.py"), *TINY, "--out", str(tmp_path), "--steps", "2",
                  *extra)
     assert "2 process(es)" in result.stdout and "step 2: validation" in result.stdout

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memtx_ops
-from helpers import assert_close_to_reference, free_port, gloo_group, rel_error
+from helpers import assert_close_to_reference, gloo_group, rel_error
 
 DTYPE = torch.float64
 B, L, M, D, HEADS, VOCAB, T = 2, 4, 4, 16, 2, 11, 5
@@ -458,8 +458,8 @@ def test_error_when_the_memory_changes_later_or_is_modified_in_place():
         memtx_ops.memory_replay(in_place, torch.ones(2, requires_grad=True), [torch.ones(2)] * 3)
 
 
-def _ddp_rank(rank, world_size, port, out_dir):
-    with gloo_group(rank, world_size, port):
+def _ddp_rank(rank, world_size, store_file, out_dir):
+    with gloo_group(rank, world_size, store_file):
         model = make_model(SlotMemory)
         rollout = nn.parallel.DistributedDataParallel(Rollout(model))
         counts = {name: 0 for name, _ in model.named_parameters()}
@@ -485,7 +485,7 @@ class Rollout(nn.Module):
 
 
 def test_ddp_gloo_two_processes_match_single_process_bptt(tmp_path):
-    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     model = make_model(SlotMemory)
     want = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for rank in (0, 1):
