@@ -13,11 +13,24 @@ TINY = ["--batch-size", "2", "--tgt-len", "16", "--mem-len", "16", "--n-layer", 
         "--d-model", "16", "--d-inner", "32", "--eval-every", "2", "--eval-chars", "400", "--device", "cpu"]
 
 
-def train(out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_char_lm.py"), *TINY, "--out", str(out), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def run(*args, env=None, timeout_s=600):
+    """``python *args`` in its own session -> the completed process (asserted to succeed). On the timeout its whole
+    process group is killed: torchrun's ranks, which would otherwise keep the output pipes open and the wait going."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{args} did not finish in {timeout_s} s\n{stdout}{stderr}")
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return result
+
+
+def train(out, *extra):
+    return run(os.path.join(ROOT, "examples", "train_char_lm.py"), *TINY, "--out", str(out), *extra).stdout
 
 
 @pytest.mark.parametrize("extra", [["--skip-retain-p", "0.5", "--finetune-at", "3"],
@@ -70,22 +83,6 @@ def test_resume_refuses_other_settings(tmp_path):
            "--steps", "4", "--resume", "--lr", "0.01"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode != 0 and "was written with other settings" in result.stderr + result.stdout
-
-
-def run(*args, env=None, timeout_s=600):
-    """``python *args`` in its own session -> the completed process (asserted to succeed). On the timeout its whole
-    process group is killed: torchrun's ranks, which would otherwise keep the output pipes open and the wait going."""
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{args} did not finish in {timeout_s} s\n{stdout}{stderr}")
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 def test_eval_only_and_sample_from_the_checkpoint(tmp_path):
