@@ -274,6 +274,57 @@ def test_chained_rollouts_match_bptt_over_both():
     assert_close(got, want)
 
 
+class PassThroughMemory(nn.Module):
+    """A memory whose cotangent reaches the segment input unchanged: ``mem_next = decay * mem + x`` (``decay`` 0:
+    the input itself), so autograd hands back dmem_{t+1} itself as x_t's gradient. y, read off the memory only: a
+    loss, or (``empty_y``) per-token losses of no token, an empty tensor. mem, x ``[B, D]``."""
+
+    def __init__(self, decay, empty_y=False):
+        super().__init__()
+        self.decay, self.empty_y = decay, empty_y
+        self.w = nn.Parameter(torch.randn(B, D))
+
+    def forward(self, mem, x, need_output=True):
+        mem_next = x if self.decay == 0 else self.decay * mem + x
+        if not need_output:
+            return None, mem_next
+        y = torch.tanh(mem * self.w)
+        return (y[x > 1e9] if self.empty_y else y.sum()), mem_next
+
+
+def row_inputs(segments, seed=1):
+    """mem0 ``[B, D]`` and ``segments`` inputs ``[B, D]``, all requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(B, D, generator=gen, dtype=DTYPE).requires_grad_() for _ in range(segments + 1)]
+    return rows[0], rows[1:]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_input_gradient_that_is_the_carried_memory_gradient_is_its_own(decay):
+    """x_t's gradient is dmem_{t+1} passed through: it must not stay a view of the buffer that carries dmem from
+    step to step, which step t - 1 overwrites (x_2 .. x_{T-2} got x_0's gradient)."""
+    model = make_model(PassThroughMemory, decay=decay)
+    mem0, xs = row_inputs(segments=6)
+    with pytest.warns(UserWarning, match="not the same scalar"):  # random cotangents of every y and of mem_T
+        compare_with_bptt(model, mem0, xs, memory_path_rng=True)
+
+
+def test_need_output_with_empty_outputs_matches_bptt():
+    """Outputs with no element (no token counted in any segment): sum(ys) + mem_T.sum() gives BPTT's gradients
+    through the memory and none to w, instead of failing to read a scale off an empty cotangent."""
+    model = make_model(PassThroughMemory, decay=0.5, empty_y=True)
+    mem0, xs = row_inputs(segments=4)
+    grads = []
+    for run in (lambda: bptt(model, mem0, xs), lambda: memtx_ops.memory_replay(model, mem0, xs)):
+        for v in (mem0, *xs):
+            v.grad = None
+        ys, mem_T = run()
+        (sum(y.sum() for y in ys) + mem_T.sum()).backward()
+        assert model.w.grad is None or not model.w.grad.any()
+        grads.append({f"x{t}": v.grad for t, v in enumerate((mem0, *xs))})
+    assert_close(grads[1], grads[0])
+
+
 def test_need_output_forward_skips_the_output_and_backward_reuses_the_replay():
     """Forward: T memory-only calls, then T replays that give the losses; sum(ys).backward() calls nothing."""
     model = make_model(LossXL)

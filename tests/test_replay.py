@@ -338,6 +338,11 @@ def test_bad_arguments_raise_before_any_work():
         PrioritizedReplay(4, rule="td_error")
     with pytest.raises(ValueError, match="eps"):
         PrioritizedReplay(4, eps=0)
+    for name, value in (("alpha", math.inf), ("eps", math.inf), ("alpha", math.nan)):
+        with pytest.raises(ValueError, match=name):
+            PrioritizedReplay(4, **{name: value})
+    with pytest.raises(ValueError, match=r"eps \*\* alpha"):
+        PrioritizedReplay(4, eps=1e-200, alpha=2.0)  # the mass of a zero loss would underflow to 0
     with pytest.raises(ValueError, match="structure"):
         PrioritizedReplay(4, structure="heap")
     with pytest.raises(ValueError, match="branching"):
@@ -374,4 +379,11 @@ def test_bad_arguments_raise_before_any_work():
         buffer.update(torch.tensor([0, 3]), torch.tensor([1.0, 2.0]))
     with pytest.raises(RuntimeError, match="finite"):
         buffer.update(torch.tensor([0]), torch.tensor([math.nan]))
+    with pytest.raises(RuntimeError, match=r"priority \*\* alpha"):  # 1e300 ** 0.6 is finite, but not **2
+        PrioritizedReplay(4, alpha=2.0, seed=0).add(torch.zeros(1, 2), priorities=torch.tensor([1e300], dtype=torch.float64))
+    squaring = PrioritizedReplay(4, alpha=2.0, rule="loss_difference", seed=0)
+    squaring.add(torch.zeros(2, 2), losses=torch.tensor([0.5, 0.5]))
+    with pytest.raises(RuntimeError, match=r"priority \*\* alpha"):
+        squaring.update(torch.tensor([0]), torch.tensor([1e300], dtype=torch.float64))
+    assert squaring.last_losses[:2].tolist() == [0.5, 0.5]
     assert buffer.priorities[:3].tolist() == [1.0, 1.0, 1.0]  # nothing was written by the failed calls

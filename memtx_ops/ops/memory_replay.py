@@ -64,6 +64,12 @@ def _none_if_empty(cotangents: Optional[Sequence[Optional[Tensor]]]) -> Optional
     return tuple(cotangents)
 
 
+def _shares_storage(t: Tensor, buffers: Sequence[Optional[Tensor]]) -> bool:
+    """Whether ``t`` is a view of one of ``buffers`` (None entries skipped)."""
+    storage = t.untyped_storage().data_ptr()
+    return any(b is not None and b.untyped_storage().data_ptr() == storage for b in buffers)
+
+
 def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
     if term is None:
         return total
@@ -363,7 +369,9 @@ class _Tape:
                             g = carried[slot][t % 2].copy_(g)
                         next_dmem[slot] = g
                     elif slot < param_slots.start:
-                        grads[slot] = g
+                        # A segment input whose gradient is dmem_{t+1} passed through (mem_next = mem + x, or x
+                        # itself) gets autograd's alias of that carried slot, which step t - 1 overwrites.
+                        grads[slot] = g.clone() if g is not None and _shares_storage(g, carried) else g
                     else:
                         grads[slot] = _add(grads[slot], g)
                 if t == 0:
@@ -384,6 +392,9 @@ def _uniform_scale(dys: List, y_requires_grad: List[Tuple[bool, ...]]) -> Option
                 if d is None:
                     return None
                 cotangents.append(d)
+    cotangents = [d for d in cotangents if d.numel() > 0]  # an empty output contributes no term, whatever its scale
+    if not cotangents:
+        return torch.ones(())  # no output element: the replayed gradients hold no term of ys to scale
     scale = cotangents[0].reshape(-1)[0]
     return scale if bool(torch.stack([(d == scale).all() for d in cotangents]).all()) else None
 

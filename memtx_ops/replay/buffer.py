@@ -76,8 +76,10 @@ def _describe(value) -> str:
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        bounds = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+    """``value`` as a float, or a ValueError naming ``name`` unless it is a finite number in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):
+        bounds = f"in [{low}, {high}]" if high < math.inf else f">= {low} and finite"
         raise ValueError(f"{name} must be a number {bounds}, got {_describe(value)}")
     return float(value)
 
@@ -113,6 +115,10 @@ class PrioritizedReplay:
         self.eps = _check_number("eps", eps, 0.0)
         if self.eps == 0:
             raise ValueError("eps must be > 0 (it keeps every priority positive), got 0")
+        smallest_mass = torch.tensor(self.eps, dtype=torch.float64).pow(self.alpha)  # of any updated priority
+        if not (smallest_mass > 0 and smallest_mass.isfinite()):
+            raise ValueError(f"eps ** alpha must be positive and finite in float64, got eps={self.eps}, "
+                             f"alpha={self.alpha}")
         if structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         if isinstance(branching, bool) or not isinstance(branching, int) or branching < 2:
@@ -204,6 +210,7 @@ class PrioritizedReplay:
         seen = None if losses is None else self._check_values("losses", losses, k)
         if given is not None:
             torch._assert_async(((given > 0) & given.isfinite()).all(), "add: priorities must be positive and finite")
+            self._masses(given, "add")  # checked before anything is written
             self.max_priority = torch.maximum(self.max_priority, given.amax())
         if self._storage is None:
             self._storage = tuple(t.new_zeros((self.capacity, *t.shape[1:])) for t in tensors)
@@ -225,7 +232,7 @@ class PrioritizedReplay:
                     store[start:stop].copy_(t[part])
                 self.priorities[start:stop].copy_(new_priorities[part])
                 self.last_losses[start:stop] = math.nan if seen is None else seen[part]
-        self.structure.set(slots, new_priorities.pow(self.alpha))
+        self.structure.set(slots, self._masses(new_priorities, "add"))
         self.position = (self.position + k) % self.capacity
         self.filled = min(self.filled + k, self.capacity)
         return slots
@@ -277,13 +284,24 @@ class PrioritizedReplay:
         if self.rule == "loss_difference":
             previous = self.last_losses.index_select(0, slots)
             raw = torch.where(previous.isnan(), values.abs(), (values - previous).abs())
-            self.last_losses.index_copy_(0, slots, values.index_select(0, last))
         else:
             raw = values.abs()
         new_priorities = raw.index_select(0, last) + self.eps
+        masses = self._masses(new_priorities, "update")  # checked before anything is written
+        if self.rule == "loss_difference":
+            self.last_losses.index_copy_(0, slots, values.index_select(0, last))
         self.priorities.index_copy_(0, slots, new_priorities)
-        self.structure.set(slots, new_priorities.pow(self.alpha))
+        self.structure.set(slots, masses)
         self.max_priority = torch.maximum(self.max_priority, new_priorities.amax())
+
+    def _masses(self, priorities: Tensor, op: str) -> Tensor:
+        """``priorities ** alpha`` ``[k]`` float64, asserted positive and finite: the structures draw correctly and
+        the importance weights exist only while every filled slot has a positive mass and their sum is finite."""
+        masses = priorities.pow(self.alpha)
+        torch._assert_async(((masses > 0) & masses.isfinite()).all(),
+                            f"{op}: priority ** alpha must be positive and finite in float64 (alpha={self.alpha}); "
+                            f"a priority that far from 1 under this alpha cannot be sampled by its mass")
+        return masses
 
     # -- views and checkpoints --------------------------------------------------------------------------------------
 
