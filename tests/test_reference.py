@@ -37,6 +37,9 @@ LOOP_CASES = [
     Case(B=1, H=4, Hk=2, L=4, M=5, D=4, R=3),
     Case(B=1, H=3, L=6, M=4, D=4, window=3, mem_offset=5, kv_head_index=(2, 0, 1)),
     Case(B=1, H=2, L=3, M=6, D=4, window=7, mem_offset=2, R=40, scale=0.7),
+    # offsets from just below r's rows to far past them (the reference bounds its table at R), windows past 2**31
+    *(Case(B=1, H=2, L=4, M=5, D=4, R=6, mem_offset=offset, window=window)
+      for offset, window in ((3, None), (4, 9), (5, 2**31), (40, 3), (10**12, 10**12))),
 ]
 
 

@@ -38,6 +38,28 @@ def test_matches_reference(case, dtype):
     assert_matches_reference(cpu_attention, case, dtype)
 
 
+# Windows of all the keys or more, and memory offsets past r's rows, far past 32 bits: the kernels index distances in
+# 32 bits, and such values wrapped (wrong results from 2**31, NaN, reads before r) until the op bounded them exactly.
+HUGE_SPAN_CASES = [
+    Case(B=1, H=2, L=L, M=30, D=16, R=7, window=window, mem_offset=mem_offset)
+    for L in (3, 16, 64)  # key-by-key rows, lane tiles
+    for window, mem_offset in ((46, 0), (2**31, 0), (2**32 + 1, 2**31 - 5), (10**12, 2**32 + 3), (None, 2**62 - 1))
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", HUGE_SPAN_CASES, ids=str)
+def test_huge_window_and_memory_offset_match_reference(case, dtype):
+    assert_matches_reference(cpu_attention, case, dtype)
+    if dtype != torch.bfloat16:  # the op proper takes the kernels' dtypes (the public function converts 16 bits)
+        assert_matches_reference(cpu_custom_op, case, dtype)
+    with torch.no_grad():  # the inference path, which calls the kernel without the custom op
+        inputs = make_inputs(case, dtype)
+        assert_close_to_reference({"out": cpu_attention(*inputs, **case.kwargs())},
+                                  {"out": memtx_ops.reference.rel_memory_attention(
+                                      *(t.double() for t in inputs), **case.kwargs())}, dtype)
+
+
 def cpu_custom_op(q, k, v, r, u, vb, kv_head_index=None, window=None, mem_offset=0, scale=None):
     """The custom op itself, which hands its arguments to the kernels as they come (the public function may first
     give k, v dense rows: :func:`test_training_copies_time_major_keys_to_dense_rows`)."""
@@ -140,6 +162,18 @@ def test_auto_picks_cpu_backend_for_float32():
     assert resolve_backend("auto", torch.device("cpu"), torch.float32, 64) == "cpu"
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 64) == "cpu"
     assert resolve_backend("auto", torch.device("cpu"), torch.float16, 64) == "cpu"
+
+
+def test_training_after_a_call_under_inference_mode():
+    """The default kv_head_index is cached per (H, Hk, device): made by a call under inference_mode it was an inference
+    tensor, which every later training call failed to save for backward."""
+    from memtx_ops.ops.rel_memory_attention import _default_kv_heads
+
+    _default_kv_heads.cache_clear()
+    case = Case(B=1, H=4, Hk=2, L=5, M=7, D=8)
+    with torch.inference_mode():
+        cpu_attention(*make_inputs(case))
+    assert_matches_reference(cpu_attention, case, torch.float32)
 
 
 def test_opcheck():

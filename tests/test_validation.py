@@ -62,6 +62,8 @@ BAD_OPTIONS = [
     ("window 0", dict(window=0), ValueError, r"window must be >= 1"),
     ("window float", dict(window=2.5), TypeError, r"window must be an int"),
     ("mem_offset < 0", dict(mem_offset=-1), ValueError, r"mem_offset must be >= 0"),
+    ("mem_offset 2**63", dict(mem_offset=2**63), ValueError, r"mem_offset must be >= 0 and < 2\*\*62, got 9223"),
+    ("window 2**62", dict(window=2**62), ValueError, r"window must be >= 1 .* and < 2\*\*62"),
     ("scale str", dict(scale="0.1"), TypeError, r"scale must be a float"),
     ("scale nan", dict(scale=float("nan")), ValueError, r"scale must be a finite float > 0"),
     ("scale inf", dict(scale=float("inf")), ValueError, r"scale must be a finite float > 0"),

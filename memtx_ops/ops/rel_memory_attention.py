@@ -14,6 +14,7 @@ from memtx_ops.backends import BACKEND_NAMES, BACKENDS, get_backend, resolve_bac
 Tensor = torch.Tensor
 
 MAX_HEAD_DIM = 256
+MAX_SPAN = 2**62  # window and mem_offset lie below it (int64 arithmetic on distances never overflows)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -87,12 +88,12 @@ def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, ba
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int):
             _fail(f"window must be an int or None, got {type(window).__name__}", TypeError)
-        if window < 1:
-            _fail(f"window must be >= 1 (the query itself is always visible), got {window}")
+        if not 1 <= window < MAX_SPAN:
+            _fail(f"window must be >= 1 (the query itself is always visible) and < 2**62, got {window}")
     if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
         _fail(f"mem_offset must be an int, got {type(mem_offset).__name__}", TypeError)
-    if mem_offset < 0:
-        _fail(f"mem_offset must be >= 0, got {mem_offset}")
+    if not 0 <= mem_offset < MAX_SPAN:
+        _fail(f"mem_offset must be >= 0 and < 2**62, got {mem_offset}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             _fail(f"scale must be a float or None, got {type(scale).__name__}", TypeError)
@@ -102,6 +103,14 @@ def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, ba
         _fail(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend != "reference" and D > MAX_HEAD_DIM:
         _fail(f"head dim D={D} is not supported by the fused backends (D <= {MAX_HEAD_DIM}); use backend='reference'")
+
+
+def kernel_span(window: int, mem_offset: int, keys: int, rows: int) -> Tuple[int, int]:
+    """``(window, mem_offset)`` (window 0: none) bounded for the kernels without changing what they compute, for
+    ``keys`` keys and ``rows`` rows of r: a window of all the keys or more is none, and once ``mem_offset >= rows -
+    2`` every memory distance reads r's last row, so a larger offset is taken as ``rows``. The kernels compute
+    distances in 32 bits: a window or offset past 2**31 wrapped (wrong results, reads before r)."""
+    return (0 if window >= keys else window), min(mem_offset, rows)
 
 
 def unit_last_stride(t: Tensor) -> Tensor:
@@ -127,8 +136,11 @@ def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _default_kv_heads(num_heads: int, num_kv_heads: int, device: torch.device) -> Tensor:
     """``reference.default_kv_head_index``, made once per (H, Hk, device): the kernels only read it, and its three
-    small allocations cost a decoding step about 40 us more than their own time (measured at L=1, M=640)."""
-    return reference.default_kv_head_index(num_heads, num_kv_heads, device)
+    small allocations cost a decoding step about 40 us more than their own time (measured at L=1, M=640). Made
+    outside inference mode: an inference tensor cached by a call under ``torch.inference_mode`` could not be saved
+    for the backward of a later training call."""
+    with torch.inference_mode(False):
+        return reference.default_kv_head_index(num_heads, num_kv_heads, device)
 
 
 def rel_memory_attention(
@@ -185,13 +197,13 @@ def rel_memory_attention(
                          if compiling else _default_kv_heads(q.shape[1], k.shape[1], q.device))
     q, k, v, r = (unit_last_stride(t) for t in (q, k, v, r))
     k, v = impl.arrange_keys(k, v, q.shape[2], needs_grad)
-    args = (q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous(),
-            window or 0, mem_offset, float(scale))
+    tensors = (q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous())
     if not compiling and not needs_grad:
         # Inference (decoding, evaluation): nothing to differentiate or trace, so the backend's kernel is called
         # directly. The custom op's dispatch costs about 0.1 ms a call here, 15% of a decoding step at M = 640.
-        return impl.forward(*args, float32_out=False)[0].to(dtype)
-    out, _ = _rel_memory_attention_op(*args, backend)
+        span = kernel_span(window or 0, mem_offset, k.shape[2], r.shape[1])
+        return impl.forward(*tensors, *span, float(scale), float32_out=False)[0].to(dtype)
+    out, _ = _rel_memory_attention_op(*tensors, window or 0, mem_offset, float(scale), backend)
     return out.to(dtype)
 
 
@@ -209,6 +221,7 @@ def _rel_memory_attention_op(
     """-> (out ``[B, H, L, D]``, float32 for 16-bit inputs (:func:`_saved_out_dtype`); lse ``[B, H, L]`` in the
     backend's ``lse_dtype``)."""
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])
+    window, mem_offset = kernel_span(window, mem_offset, k.shape[2], r.shape[1])
     return impl.forward(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, float32_out=True)
 
 
@@ -224,6 +237,7 @@ def _rel_memory_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, r: Tensor, u: Tensor, vb: Tensor, out: Tensor,
     lse: Tensor, kv_head_index: Tensor, window: int, mem_offset: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    window, mem_offset = kernel_span(window, mem_offset, k.shape[2], r.shape[1])
     return get_backend(backend, q.device, q.dtype, q.shape[-1]).backward(
         grad_out, q, k, v, r, u, vb, out, lse, kv_head_index, window, mem_offset, scale
     )

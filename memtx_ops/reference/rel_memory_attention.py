@@ -98,6 +98,9 @@ def rel_memory_attention(
     v = v.index_select(1, kv_head_index)
     r = r.index_select(0, kv_head_index)
 
+    # Once mem_offset >= R - 2 every memory distance (>= mem_offset + 1) reads row R - 1: a larger offset is taken as
+    # R, which changes nothing but the size of the table below (an offset of 2**40 would not fit in memory).
+    mem_offset = min(mem_offset, R)
     # Position table ordered like Transformer-XL's r_head_k: distance T-1 down to 0, T = K + mem_offset.
     distances = torch.arange(K + mem_offset - 1, -1, -1, device=q.device).clamp(max=R - 1)
     scores = relative_scores(q, k, u, vb, r.index_select(1, distances), mem_offset, scale)
