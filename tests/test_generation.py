@@ -274,3 +274,88 @@ def test_evaluation_with_kv_caches_equals_the_plain_forward(options):
         m(x, kv_caches=caches[:1])
     with pytest.raises(ValueError, match="kv_cache is for inference"):
         m(x, kv_caches=m.new_kv_caches())
+
+
+def test_generation_and_evaluation_under_inference_mode_leave_training_intact():
+    """torch.inference_mode() around generate and an evaluation forward: the same tokens as under no_grad, and no
+    inference tensor left cached in the model (position tables, default kv heads) for a later training step to
+    fail saving for backward."""
+    m = model(n_layer=2)
+    with torch.no_grad():
+        want = m.generate(prompt(), 6, temperature=0.0)[0]
+    fresh = model(n_layer=2)
+    with torch.inference_mode():
+        assert torch.equal(fresh.generate(prompt(), 6, temperature=0.0)[0], want)
+        fresh.eval()
+        fresh(prompt(), None, prompt(seed=2), kv_caches=fresh.new_kv_caches())
+    fresh.train()
+    loss, _ = fresh(prompt(), None, prompt(seed=2))
+    loss.backward()
+    assert all(p.grad is not None for p in fresh.parameters())
+
+
+def test_decoding_into_an_empty_memory_keeps_one_position_table_and_projects_it_rarely(monkeypatch):
+    """A memory filled one token per step from a 1-token prompt: one position table, grown by doubling (not one
+    per length, which held about mem_len**2 / 2 rows), and each layer's projection of it computed O(log mem_len)
+    times (not once per step), with the logits of a plain recomputation."""
+    m = model(n_layer=2, mem_len=64)
+    projections = []
+    for layer in m.layers:
+        attn = layer.dec_attn
+        monkeypatch.setattr(attn, "_project_positions",
+                            lambda r, rows, project=attn._project_positions: projections.append(rows) or project(r, rows))
+    new, logits, _ = m.generate(prompt(P=1), 64, temperature=1.0, return_logits=True,
+                                generator=torch.Generator().manual_seed(0))
+    tables = list(m._position_tables.values())
+    assert len(tables) == 1 and 64 <= tables[0].shape[0] < 2 * 65
+    assert len(projections) <= len(m.layers) * 2 * (1 + (64).bit_length())  # two per doubling, per layer
+    m.eval()
+    with torch.no_grad():
+        expected, _ = m(torch.cat([prompt(P=1), new[:, :-1]], 1))
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_memory_edited_in_place_makes_the_caches_start_over():
+    """A stream reset at a document boundary by zeroing its memory rows in place: the caches holding that memory's
+    keys see the edit (its version) and project the rows again, so the scores are those of the plain forward."""
+    m = model(mem_len=6).eval()
+    x0, x1, x2 = prompt(P=4, seed=5), prompt(P=4, seed=6), prompt(P=4, seed=7)
+    caches = m.new_kv_caches()
+    with torch.no_grad():
+        _, memory = m(x0, None, kv_caches=caches)
+        _, memory = m(x1, memory, kv_caches=caches)
+        for mem in memory:
+            mem.hidden[1].zero_()
+        got, _ = m(x2, memory, kv_caches=caches)
+        want, _ = m(x2, memory)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_generate_restores_the_mode_of_every_module():
+    m = model()
+    m.train()
+    m.layers[1].eval()  # a frozen part: its dropout stays off after generate too
+    m.generate(prompt(), 2)
+    assert m.training and m.layers[0].training and not m.layers[1].training
+    assert not any(module.training for module in m.layers[1].modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-39, 1e-300])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature, dtype):
+    """Logits divided by a temperature that overflows them (or that rounds to 0 in float32) gave inf - inf = NaN
+    probabilities; taken from the row's maximum they give the argmax."""
+    logits = torch.tensor([[2.0, 1.0, -1.0], [-3.0, 5.0, 4.5]], dtype=dtype)
+    assert sample_next_token(logits, temperature, generator=torch.Generator().manual_seed(0)).tolist() == [0, 1]
+
+
+def test_same_length_needs_a_memory():
+    """same_length's window is the memory length: with mem_len 0 no key, not even the query's own, is visible."""
+    with pytest.raises(ValueError, match="same_length needs mem_len >= 1"):
+        model(mem_len=0, same_length=True)
+    m = model(mem_len=0)
+    with pytest.raises(ValueError, match="same_length needs mem_len >= 1"):
+        m.set_attention_span(same_length=True)
+    with pytest.raises(ValueError, match="same_length needs mem_len >= 1"):
+        model(same_length=True).set_attention_span(mem_len=0)
+    m.set_attention_span(mem_len=4, same_length=True)

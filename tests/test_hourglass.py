@@ -250,6 +250,12 @@ def test_generate_with_a_long_memory_equals_one_forward_and_goes_on_from_a_pendi
         model(first[:, :3], memory)
     with pytest.raises(ValueError, match="memory.pending must be the"):
         model.generate(first[:1, -1:], 2, memory=memory)  # a prompt of another batch
+    # int32 prompts: the pending tokens of a memory may be int32 or int64 (the sampled ones), either goes on
+    short, short_memory = model.generate(prompt.int(), 1, temperature=0.0)
+    assert short_memory.pending.dtype == torch.int32 and short.dtype == torch.int64
+    rest, _ = model.generate(short[:, -1:], 12, temperature=0.0, memory=short_memory)
+    assert torch.equal(torch.cat([short, rest], 1), new)
+    assert torch.equal(model.generate(first[:, -1:].int(), 8, temperature=0.0, memory=memory)[0], second)
     with pytest.raises(ValueError, match="segment_len must be an int >= 1 and a multiple of 3"):
         model.generate(prompt, 2, segment_len=4)
 

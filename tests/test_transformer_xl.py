@@ -169,12 +169,13 @@ def test_memory_must_match_the_model():
 
 
 @pytest.mark.parametrize("tokens,targets,error,message", [
-    (torch.zeros(2, 8), None, TypeError, r"tokens must be an integer tensor \[B, L\], got \(2, 8\)"),
-    (torch.zeros(16, dtype=torch.long), None, TypeError, r"integer tensor \[B, L\], got \(16,\)"),
+    (torch.zeros(2, 8), None, TypeError, r"tokens must be an int64 or int32 tensor \[B, L\].*got torch.float32 \(2, 8\)"),
+    (torch.zeros(16, dtype=torch.long), None, TypeError, r"int32 tensor \[B, L\].*got torch.int64 \(16,\)"),
+    (torch.zeros(2, 8, dtype=torch.uint8), None, TypeError, r"int32 tensor \[B, L\].*\.long\(\).*torch.uint8"),
     (torch.zeros(2, 0, dtype=torch.long), None, ValueError, r"B, L >= 1"),
     (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long), ValueError,
      r"targets must have the shape of tokens \(2, 8\), got \(2, 7\)"),
-], ids=["float tokens", "1-d tokens", "empty", "targets shape"])
+], ids=["float tokens", "1-d tokens", "byte tokens", "empty", "targets shape"])
 def test_bad_segments_are_refused(tokens, targets, error, message):
     with pytest.raises(error, match=message):
         small_model()(tokens, None, targets)

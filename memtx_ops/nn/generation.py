@@ -38,7 +38,10 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: Optional[
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    scores = logits.float()
+    # From the row's maximum, so that no temperature turns the scores into inf - inf; below float32's smallest normal
+    # a temperature would round to 0 in the division (0 / 0 at the maximum).
+    scores = (scores - scores.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -123,9 +126,11 @@ class KeyValueCache:
       9.1 ms); ``keep_last(n)`` keeps the last ``n``.
     - ``update_memory(mem, x, mem_len)`` is ``mem.update(False, x, mem_len)`` whose hidden rows are a view of a
       buffer of this cache, appended to rather than copied. Given a memory it does not stand for (the one it
-      returned, or one it ``adopt``-ed), it starts over from that memory's rows and drops its keys.
-    - ``positions(r, rows, project)`` keeps the layer's projected position embeddings of the table ``r`` (the
-      model's tables are one tensor per length, so once the memory is full every step hits).
+      returned, or one it ``adopt``-ed, unless edited in place since), it starts over from that memory's rows and
+      drops its keys.
+    - ``positions(r, rows, project)`` keeps the layer's projected position embeddings of the table ``r`` is the
+      tail of (the model's ``r`` of every length is the tail of one table), projected ahead and sliced: a memory
+      that fills one position per step costs O(log M) projections.
     - ``checkpoint()`` and ``rollback(checkpoint, mem)`` forget one forward of the layer (a partial group decoded
       against the memory, which no memory keeps: :meth:`TransformerXL.generate` by groups).
 
@@ -137,8 +142,9 @@ class KeyValueCache:
         self._keys = PositionBuffer(dim=3)
         self._hidden = PositionBuffer(dim=1)
         self._memory = None  # the LayerMemory this cache stands for: the one update_memory returned last, or adopted
+        self._memory_version = None  # its rows' version then (an edit in place makes the cache start over)
         self._memory_is_view = False  # whether its rows are a view of self._hidden (update_memory's)
-        self._positions = None  # (table, its version, rows, projected [H, rows, D])
+        self._positions = None  # see positions()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -156,24 +162,32 @@ class KeyValueCache:
         """``mem.update(False, x [B, L, ...], mem_len)``, the kept rows a view of this cache's buffer. The rows of
         the memory returned before may be overwritten: the layer reads only the length of a memory whose keys this
         cache holds."""
-        if mem is not self._memory or mem.age != 1:  # one it does not stand for, or aged: start from its rows
+        if not self._stands_for(mem) or mem.age != 1:  # one it does not stand for, or aged: start from its rows
             kept = mem.update(False, x[:, :0], mem_len).hidden
             self._hidden = PositionBuffer(dim=1)
             self._hidden.extend(kept)
             self._keys = PositionBuffer(dim=3)  # and project its keys again
         self._hidden.extend(x)
         self._hidden.keep_last(mem_len)
-        self._memory, self._memory_is_view = type(mem)(self._hidden.window()), True
+        self._stand_for(type(mem)(self._hidden.window()), is_view=True)
         return self._memory
 
     def adopt(self, mem) -> None:
         """Stands for ``mem`` from now on: a copy of the memory :meth:`update_memory` returned last."""
-        self._memory, self._memory_is_view = mem, False
+        self._stand_for(mem, is_view=False)
+
+    def _stand_for(self, mem, is_view: bool) -> None:
+        self._memory, self._memory_version, self._memory_is_view = mem, _version(mem.hidden), is_view
+
+    def _stands_for(self, mem) -> bool:
+        """Whether ``mem`` is the memory this cache stands for, unchanged since (an inference tensor has no version
+        counter: an edit in place under ``torch.inference_mode`` is not seen)."""
+        return mem is self._memory and _version(mem.hidden) == self._memory_version
 
     def checkpoint(self):
         """What :meth:`rollback` needs to forget the next forward of the layer."""
         return (self._keys, self._keys.mark(), self._hidden, self._hidden.mark(), self._memory,
-                self._memory_is_view)
+                self._memory_version, self._memory_is_view)
 
     def rollback(self, checkpoint, mem):
         """Forgets the positions one forward of the layer since ``checkpoint`` appended (a partial group decoded
@@ -182,12 +196,12 @@ class KeyValueCache:
         have moved them in the buffer). A forward that started over from ``mem``'s rows (a memory this cache did not
         stand for) keeps them and their projected keys, so the next forward does not project them again; one that
         could not keep them all (an aged memory, or one longer than ``mem_len``) is forgotten whole."""
-        keys, keys_mark, hidden, hidden_mark, memory, is_view = checkpoint
+        keys, keys_mark, hidden, hidden_mark, memory, version, is_view = checkpoint
         M = mem.hidden.shape[1]
         if self._keys is keys and self._hidden is hidden:  # appended to: forget the appended positions
             for buffer, (kept, appended) in ((keys, keys_mark), (hidden, hidden_mark)):
                 buffer.forget_last(buffer.appended - appended, kept)
-            self._memory, self._memory_is_view = memory, is_view
+            self._memory, self._memory_version, self._memory_is_view = memory, version, is_view
             if mem is not memory or not is_view:
                 return mem
         elif (mem.age, mem.mem_offset) == (1, 0) and self._keys.appended == self._hidden.appended > M:
@@ -195,19 +209,38 @@ class KeyValueCache:
             self._keys.forget_last(n, M)
             self._hidden.forget_last(n, M)
         else:
-            self._keys, self._hidden, self._memory, self._memory_is_view = keys, hidden, memory, is_view
+            self._keys, self._hidden = keys, hidden
+            self._memory, self._memory_version, self._memory_is_view = memory, version, is_view
             return mem
-        self._memory, self._memory_is_view = type(mem)(self._hidden.window()), True
+        self._stand_for(type(mem)(self._hidden.window()), is_view=True)
         return self._memory
 
     def positions(self, r: Tensor, rows: int, project):
-        """``project(rows)`` (the layer's projected position embeddings of table ``r``), computed once per table."""
-        cached = self._positions
-        if cached is not None and cached[0] is r and cached[1] == r._version and cached[2] == rows:
-            return cached[3]
-        projected = project(rows)
-        self._positions = (r, r._version, rows, projected)
-        return projected
+        """The layer's projected position embeddings ``[H, rows, D]`` of the last ``rows`` rows of ``r [rlen, 1, d]``
+        (distance ``rows - 1`` down to 0), row d for distance d. ``project(source, n)`` projects the last ``n`` rows
+        of ``source``. The model's ``r`` of every length is the tail of one table (``r._base``), so the cache
+        projects rows of that table ahead, twice as many as the last time while they last, and slices them: a
+        memory that fills one position per decoding step costs O(log M) projections, not one per step."""
+        if r.is_inference():  # no version counter to tell an edit in place: projected afresh
+            return project(r, rows)
+        base = r._base
+        tail = (base is not None and base.dim() == r.dim() and base.shape[1:] == r.shape[1:]
+                and base.stride() == r.stride() and base[-1].data_ptr() == r[-1].data_ptr())
+        source = base if tail else r
+        end = (source.untyped_storage().data_ptr(), r[-1].data_ptr(), r.stride(), r.dtype)
+        cached = self._positions  # (source, which holds its storage alive; end; version; projected rows)
+        same = cached is not None and cached[1] == end and cached[2] == source._version
+        if same and rows <= cached[3].shape[1]:
+            return cached[3][:, :rows]
+        n = min(source.shape[0], max(rows, 2 * cached[3].shape[1] if same else rows))
+        projected = project(source, n)
+        self._positions = (source, end, source._version, projected)
+        return projected[:, :rows]
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every write in place), None for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
 
 
 class PendingMemory(list):

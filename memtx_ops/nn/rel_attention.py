@@ -142,7 +142,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             rows = clamp_rows(r.flip(0).squeeze(1)) if clamp_len is None else clamp_len + 1 if clamp_len > 0 else rlen
             rows = min(rows, rlen)
         r_head = (self._project_positions(r, rows) if kv_cache is None
-                  else kv_cache.positions(r, rows, lambda n: self._project_positions(r, n)))
+                  else kv_cache.positions(r, rows, self._project_positions))
         if reason is None:
             u, vb = self.r_w_bias.to(q.dtype), self.r_r_bias.to(q.dtype)  # autocast leaves parameters in float32
             attn_vec = rel_memory_attention(q, k, v, r_head, u, vb, kv_head_index=kv_head_index,

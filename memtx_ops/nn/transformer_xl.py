@@ -23,6 +23,7 @@ from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
 from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
 
 Memory = List[LayerMemory]
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 
 def sinusoid_positions(klen: int, d_model: int, clamp_len: int, device, dtype) -> torch.Tensor:
@@ -115,7 +116,8 @@ class TransformerXL(nn.Module):
                  phase: str = "pretrain", backend: str = "auto", dropout_backend: str = "auto"):
         super().__init__()
         self.n_token, self.n_layer, self.n_head, self.d_model = n_token, n_layer, n_head, d_model
-        self.mem_len, self.same_length, self.clamp_len = mem_len, same_length, clamp_len
+        self.mem_len, self.same_length, self.clamp_len = 0, False, -1
+        TransformerXL.set_attention_span(self, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
         self.word_emb = nn.Embedding(n_token, d_model)
         nn.init.normal_(self.word_emb.weight, std=0.02)
         self.emb_scale = d_model ** 0.5
@@ -130,7 +132,7 @@ class TransformerXL(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(n_token))  # output weights tied to the embedding
         self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
                             if skip_retain_p > 0 else None)
-        self._position_tables: Dict[Tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._position_tables: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def random_state(self) -> Dict[str, object]:
         """The states of the model's own generators: each layer's cross-head draws and the skip-retain decisions
@@ -166,6 +168,9 @@ class TransformerXL(nn.Module):
         if same_length is not None and not isinstance(same_length, bool):
             raise ValueError(f"same_length must be a bool, got {same_length!r}")
         previous = dict(mem_len=self.mem_len, clamp_len=self.clamp_len, same_length=self.same_length)
+        if (self.same_length if same_length is None else same_length) and \
+                (self.mem_len if mem_len is None else mem_len) == 0:
+            raise ValueError("same_length needs mem_len >= 1: its window, the memory length, must hold the query")
         self.mem_len = self.mem_len if mem_len is None else mem_len
         self.clamp_len = self.clamp_len if clamp_len is None else clamp_len
         self.same_length = self.same_length if same_length is None else same_length
@@ -220,12 +225,12 @@ class TransformerXL(nn.Module):
         if pending is not None:
             TransformerXL.check_segment(self, prompt, what="prompt")
             if not isinstance(pending, torch.Tensor) or pending.dim() != 2 or pending.shape[0] != prompt.shape[0] \
-                    or pending.device != prompt.device or pending.dtype != prompt.dtype:
-                raise ValueError("generate: memory.pending must be the [B, t] tokens of the prompt's batch, dtype "
-                                 "and device that the memory ends with")
-            prompt, memory = torch.cat([pending, prompt], 1), list(memory)
+                    or pending.device != prompt.device or pending.dtype not in TOKEN_DTYPES:
+                raise ValueError("generate: memory.pending must be the [B, t] tokens (int64 or int32) of the prompt's "
+                                 "batch and device that the memory ends with")
+            prompt, memory = torch.cat([pending.to(prompt.dtype), prompt], 1), list(memory)
         TransformerXL.check_segment(self, prompt, memory, what="prompt")  # any length: groups are handled here
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]  # each module's own, restored after
         self.eval()
         try:
             memory = self.empty_memory(prompt.shape[0], prompt.device) if memory is None else memory
@@ -250,7 +255,8 @@ class TransformerXL(nn.Module):
                         hidden, memory = self._stack(pending, memory, kv_caches=kv_caches)
                         pending = pending[:, :0]
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
         memory = self._owned_memory(memory, kv_caches)
         if pending.shape[1]:
             memory = PendingMemory(memory, pending)
@@ -309,14 +315,21 @@ class TransformerXL(nn.Module):
         return f"one LayerMemory per layer (n_layer={self.n_layer})"
 
     def _positions(self, rlen: int, device, dtype) -> torch.Tensor:
-        """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``, cached per shape
-        (computed inline under torch.compile, where the length may be symbolic)."""
+        """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``: the last ``rlen`` rows of
+        one table per (clamp_len, device, dtype), which grows by doubling, so a memory that fills one position per
+        decoding step neither keeps a table per length nor builds one per step (computed inline under
+        torch.compile, where the length may be symbolic)."""
         if torch.compiler.is_compiling():
             return sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
-        key = (rlen, self.clamp_len, device, dtype)
-        if key not in self._position_tables:
-            self._position_tables[key] = sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
-        return self._position_tables[key]
+        key = (self.clamp_len, device, dtype)
+        table = self._position_tables.get(key)
+        if table is None or table.shape[0] < rlen:
+            length = rlen if table is None else max(rlen, 2 * table.shape[0])
+            # a table made under inference_mode would be an inference tensor, which training cannot save for backward
+            with torch.inference_mode(False):
+                table = self._position_tables[key] = sinusoid_positions(length, self.d_model, self.clamp_len, device,
+                                                                        dtype)
+        return table[table.shape[0] - rlen:]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output layer: ``[..., d_model] -> [..., n_token]``."""
@@ -374,10 +387,10 @@ class TransformerXL(nn.Module):
         and ``memory`` is None or one :class:`LayerMemory` per layer with hidden ``[B, M, d_model]`` on the
         tokens' device: a memory that does not match the model is never used silently."""
         name = type(self).__name__
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
-                or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"{name}: {what} must be an integer tensor [B, L], got {shape}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in TOKEN_DTYPES:
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise TypeError(f"{name}: {what} must be an int64 or int32 tensor [B, L] of token ids (the embedding "
+                            f"takes no other; convert bytes with .long()), got {got}")
         B, L = tokens.shape
         if L < 1 or B < 1:
             raise ValueError(f"{name}: {what} must have B, L >= 1, got shape {tuple(tokens.shape)}")
