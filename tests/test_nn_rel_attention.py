@@ -182,3 +182,72 @@ def test_stated_window_must_be_an_int_or_none():
     layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
     with pytest.raises(TypeError, match="window must be 'mask', None or an int, got 2.5"):
         layer(torch.randn(3, 1, 8), positions(3, 8), window=2.5, clamp_len=-1)
+
+
+def drop_in_pair(n_head=2, d_model=16, d_head=8, seed=0, **options):
+    """The eager Transformer-XL layer and the drop-in one with its weights, float64."""
+    torch.manual_seed(seed)
+    original = TimeMajorTxlAttn(n_head, d_model, d_head).double()
+    fused = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout=0.0, **options).double()
+    fused.load_state_dict(original.state_dict())
+    return original, fused
+
+
+def test_masks_per_batch_entry():
+    """A [qlen, klen, bsz] mask (Transformer-XL's masked_fill broadcasts it over the heads): alike for every entry,
+    it is recognised; with entries masked apart (padding), it falls back to the eager path, which masks each."""
+    original, fused = drop_in_pair()
+    qlen, mlen, bsz = 5, 4, 3
+    w, mems = torch.randn(qlen, bsz, 16, dtype=torch.float64), torch.randn(mlen, bsz, 16, dtype=torch.float64)
+    r = positions(qlen + mlen, 16)
+    alike = txl_mask(qlen, mlen).repeat(1, 1, bsz)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recognised: the fused path runs
+        out = fused(w, r, attn_mask=alike, mems=mems)
+    torch.testing.assert_close(out, original(w, r, alike, mems), rtol=1e-10, atol=1e-10)
+    padded = alike.clone()
+    padded[:, 0, 1] = True  # batch entry 1 does not see the first memory position
+    with pytest.warns(UserWarning, match="neither causal-with-memory nor same_length"):
+        out = fused(w, r, attn_mask=padded, mems=mems)
+    torch.testing.assert_close(out, original(w, r, padded, mems), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out[:, 1], original(w, r, alike, mems)[:, 1])
+
+
+def test_equal_rows_of_a_learned_r_each_get_their_gradient():
+    """clamp_len=None reads a clamp off r's repeated rows; a learned r (requires grad) whose far rows are equal now
+    keeps every row, so each gets its own gradient (read as one row, they all went to the clamp row)."""
+    original, fused = drop_in_pair()
+    qlen, mlen, bsz = 4, 4, 2
+    w, mems = torch.randn(qlen, bsz, 16, dtype=torch.float64), torch.randn(mlen, bsz, 16, dtype=torch.float64)
+    table = torch.randn(qlen + mlen, 1, 16, dtype=torch.float64)
+    table[:5] = table[5]  # distances 2 .. 7 alike
+    r = table.clone().requires_grad_()
+    mask, grad = txl_mask(qlen, mlen), torch.randn(qlen, bsz, 16, dtype=torch.float64)
+    got, = torch.autograd.grad(fused(w, r, attn_mask=mask, mems=mems), r, grad)
+    want, = torch.autograd.grad(original(w, r, mask, mems), r, grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_clamp_len_r_and_mask_are_refused():
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
+    w, r = torch.randn(3, 2, 8), positions(3, 8).float()
+    for clamp_len in (2.5, "x", True):
+        with pytest.raises(TypeError, match="clamp_len must be None or an int"):
+            layer(w, r, window=None, clamp_len=clamp_len)
+        with pytest.raises(TypeError, match="clamp_len must be None or an int"):
+            RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0, clamp_len=clamp_len)
+    with pytest.raises(ValueError, match=r"r must have klen \+ mem_offset = 3 rows .* got 1"):
+        layer(w, r[:1], attn_mask=txl_mask(3, 0))
+    with pytest.raises(ValueError, match=r"attn_mask must be \[qlen, klen\] or \[qlen, klen, 1 or bsz\]"):
+        layer(w, r, attn_mask=txl_mask(3, 0).repeat(1, 1, 3))
+
+
+def test_attention_dropout_in_training_compiles_whole():
+    """dropatt > 0 in training takes the eager path: its warning is given in eager mode only, so that a compiled
+    step has no graph break."""
+    torch.manual_seed(0)
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0, dropatt=0.1).train()
+    w, mems, r = torch.randn(3, 2, 8), torch.randn(2, 2, 8), positions(5, 8).float()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(w, r, mems=mems, window=None, clamp_len=-1).sum().backward()
+    assert layer.qkv_net.weight.grad is not None

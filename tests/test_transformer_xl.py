@@ -137,6 +137,54 @@ def test_replay_segments_rejects_skip_retain_pretraining():
         model.replay_segments(xs, ys)
 
 
+def test_replay_segments_from_an_aged_memory_reads_it_at_its_offset():
+    """Fine-tuning goes on from the pre-training memory, whose skipped layers kept an aged memory (full already):
+    the first replayed segment reads it at mem_offset = (g - 1) L (SPEC §2) and keeps the layer input alone, as the
+    forward does; memory replay had rebuilt it as a fresh memory (offset 0) and kept its rows."""
+    model = small_model(skip_retain_p=1.0, skip_schedule="uniform", phase="finetune")
+    xs, ys = segments(4)
+    _, memory = model(xs[0])
+    model.set_phase("pretrain")
+    _, memory = model(xs[1], memory)
+    assert [(m.age, m.mem_offset) for m in memory] == [(2, 8), (2, 8), (1, 0)]
+    model.set_phase("finetune")
+    model.zero_grad()
+    losses, after = model.replay_segments(xs[2:], ys[2:], memory)
+    sum(losses).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected, plain = [], memory
+    for x, y in zip(xs[2:], ys[2:]):
+        loss, plain = model(x, plain, y)
+        expected.append(loss)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-12, atol=1e-12)
+    for a, b in zip(after, plain):
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-12, atol=1e-12)
+    assert all(g is not None for g in got)
+
+
+def test_bad_probabilities_and_phase_are_refused():
+    for name in ("cross_head_p", "skip_retain_p"):
+        for p in (-0.5, float("nan"), 1.5):
+            with pytest.raises(ValueError, match=f"{name} must be a probability in \\[0, 1\\]"):
+                small_model(**{name: p})
+    with pytest.raises(ValueError, match="phase must be one of"):
+        small_model(phase="bogus")
+    with pytest.raises(ValueError, match="phase must be one of"):
+        small_model().set_phase("bogus")
+
+
+def test_float64_position_tables_are_computed_in_float64():
+    """sinusoid_positions of a float64 model: float64 angles (float32 ones were 2e-4 off at distance 4000)."""
+    import math
+
+    from memtx_ops.nn.transformer_xl import sinusoid_positions
+
+    table = sinusoid_positions(4001, 8, -1, "cpu", torch.float64)
+    assert table.dtype == torch.float64
+    assert abs(table[0, 0, 0].item() - math.sin(4000.0)) < 1e-12
+
+
 def bad_memories(model, memory):
     """(name, memory, error, message) of memories that do not fit the model of test_memory_must_match_the_model."""
     from memtx_ops.nn import LayerMemory

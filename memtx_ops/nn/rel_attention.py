@@ -25,13 +25,18 @@ from memtx_ops.ops.rel_memory_attention import rel_memory_attention
 
 
 def window_of_mask(attn_mask: torch.Tensor, qlen: int, klen: int):
-    """Reads a Transformer-XL boolean mask (True = masked) ``[qlen, klen]`` or ``[qlen, klen, 1]``.
+    """Reads a Transformer-XL boolean mask (True = masked) ``[qlen, klen]`` or ``[qlen, klen, 1 or bsz]`` (one
+    per batch entry: recognised when they are all alike).
 
     Returns ``(True, window)`` when it is causal-with-memory (window None) or ``same_length`` (a window),
     else ``(False, None)``.
     """
-    mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[1]) if attn_mask.dim() == 3 else attn_mask
-    if mask.dim() != 2 or tuple(mask.shape) != (qlen, klen):
+    mask = attn_mask
+    if mask.dim() == 3:
+        if mask.shape[2] > 1 and not bool((mask == mask[..., :1]).all()):  # batch entries masked apart
+            return False, None
+        mask = mask[..., 0]
+    if tuple(mask.shape) != (qlen, klen):
         return False, None
     visible_last_row = int((~mask[-1].bool()).sum())
     window = visible_last_row if visible_last_row < klen else None
@@ -49,14 +54,22 @@ def clamp_rows(r_asc: torch.Tensor) -> int:
     return int(changes[-1]) + 2 if changes.numel() else 1
 
 
+def check_clamp_len(clamp_len) -> None:
+    """Raises ``TypeError`` unless ``clamp_len`` is None (read off r) or an int (<= 0: no clamp)."""
+    if clamp_len is not None and (isinstance(clamp_len, bool) or not isinstance(clamp_len, int)):
+        raise TypeError(f"RelPartialLearnableMultiHeadAttn: clamp_len must be None or an int (<= 0: no clamp), got "
+                        f"{clamp_len!r}")
+
+
 class RelPartialLearnableMultiHeadAttn(nn.Module):
     """Transformer-XL relative multi-head attention layer (attention + residual + layer norm).
 
     w ``[qlen, bsz, d_model]``, r ``[klen, 1, d_model]`` (position embeddings, distance ``klen-1`` down to
-    0), attn_mask bool ``[qlen, klen]`` or ``[qlen, klen, 1]`` (True = masked), mems ``[mlen, bsz, d_model]``
+    0), attn_mask bool ``[qlen, klen]`` or ``[qlen, klen, 1 or bsz]`` (True = masked), mems ``[mlen, bsz, d_model]``
     -> ``[qlen, bsz, d_model]``. Extensions: ``kv_head_index`` ``[n_head]`` (cross-head permutation) and
     ``mem_offset`` (aged memory; r then has ``klen + mem_offset`` rows). ``clamp_len`` states the position
-    clamp instead of reading it off r (None: read it off r's repeated rows; > 0: distances past it share its
+    clamp instead of reading it off r (None: read it off r's repeated rows, unless r requires grad, whose equal rows
+    each get their own gradient; > 0: distances past it share its
     row; <= 0: no clamp), in the constructor or per call; ``backend`` selects the attention backend ("auto") and
     ``dropout_backend`` that of the output dropout (:func:`memtx_ops.dropout`; "torch" for torch's own).
 
@@ -90,14 +103,13 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         else:  # shared across layers, owned by the model
             self.r_r_bias, self.r_w_bias = r_r_bias, r_w_bias
         self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        check_clamp_len(clamp_len)
         self.clamp_len = clamp_len
         self.backend = backend
 
-    def _fallback_reason(self, klen, rlen, mem_offset, attn_mask, window):
+    def _fallback_reason(self, attn_mask, window):
         if self.training and self.dropatt.p > 0:
             return "attention dropout (dropatt > 0) in training"
-        if rlen != klen + mem_offset:
-            return f"r has {rlen} rows but klen + mem_offset is {klen + mem_offset}"
         if window == "mask" and attn_mask is None:
             return "no attn_mask (the fused op is causal)"
         return None
@@ -110,6 +122,15 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         H, D = self.n_head, self.d_head
         if window != "mask" and (isinstance(window, bool) or not (window is None or isinstance(window, int))):
             raise TypeError(f"RelPartialLearnableMultiHeadAttn: window must be 'mask', None or an int, got {window!r}")
+        if clamp_len != "layer":
+            check_clamp_len(clamp_len)
+        if rlen != klen + mem_offset:
+            raise ValueError(f"RelPartialLearnableMultiHeadAttn: r must have klen + mem_offset = {klen + mem_offset} "
+                             f"rows (distance klen + mem_offset - 1 down to 0), got {rlen}")
+        if attn_mask is not None and (attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[:2]) != (qlen, klen)
+                                      or (attn_mask.dim() == 3 and attn_mask.shape[2] not in (1, bsz))):
+            raise ValueError(f"RelPartialLearnableMultiHeadAttn: attn_mask must be [qlen, klen] or [qlen, klen, 1 or "
+                             f"bsz] = [{qlen}, {klen}(, {bsz})], got {tuple(attn_mask.shape)}")
         if kv_cache is not None:
             if torch.is_grad_enabled():
                 raise ValueError("RelPartialLearnableMultiHeadAttn: kv_cache is for inference (its keys are those of "
@@ -126,19 +147,22 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         kv = F.linear(x, self.qkv_net.weight[H * D:]).view(x.shape[0], bsz, 2, H, D)
         k, v = kv.permute(2, 1, 3, 0, 4).unbind(0) if kv_cache is None else kv_cache.extend(kv)
 
-        reason = self._fallback_reason(klen, rlen, mem_offset, attn_mask, window)
+        reason = self._fallback_reason(attn_mask, window)
         if reason is None and window == "mask":
             recognised, window = window_of_mask(attn_mask, qlen, klen)
             if not recognised:
                 reason = "attn_mask is neither causal-with-memory nor same_length"
         if reason is not None:
-            warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
+            if not torch.compiler.is_compiling():  # a warning per call would break a compiled graph
+                warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
             if attn_mask is None and window != "mask":  # the caller stated the mask instead of passing it
                 attn_mask = ~reference.visibility_mask(qlen, klen, window, w.device)
 
         rows = rlen
         if reason is None:
             clamp_len = self.clamp_len if clamp_len == "layer" else clamp_len
+            if clamp_len is None and r.requires_grad:  # rows that are equal now are not one row: each gets its gradient
+                clamp_len = 0
             rows = clamp_rows(r.flip(0).squeeze(1)) if clamp_len is None else clamp_len + 1 if clamp_len > 0 else rlen
             rows = min(rows, rlen)
         r_head = (self._project_positions(r, rows) if kv_cache is None
@@ -165,6 +189,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
             k, v, r_head = k[:, kv_head_index], v[:, kv_head_index], r_head[kv_head_index]
         score = reference.relative_scores(q, k, self.r_w_bias, self.r_r_bias, r_head.flip(1), mem_offset, self.scale)
         if attn_mask is not None:
-            mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[1]) if attn_mask.dim() == 3 else attn_mask
-            score = score.masked_fill(mask.bool(), float("-inf"))
+            mask = attn_mask.bool()
+            if mask.dim() == 3:  # [qlen, klen, 1 or bsz] -> [1 or bsz, 1, qlen, klen] against scores [bsz, H, qlen, klen]
+                mask = mask.permute(2, 0, 1)[:, None]
+            score = score.masked_fill(mask, float("-inf"))
         return torch.einsum("bhij,bhjd->bhid", self.dropatt(torch.softmax(score, dim=-1)), v)

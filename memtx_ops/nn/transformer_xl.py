@@ -20,7 +20,7 @@ from memtx_ops.nn.generation import KeyValueCache, PendingMemory, check_sampling
 from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
-from memtx_ops.nn.skip_retain import LayerMemory, SkipRetainSchedule
+from memtx_ops.nn.skip_retain import PHASES, LayerMemory, SkipRetainSchedule
 
 Memory = List[LayerMemory]
 TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
@@ -28,10 +28,11 @@ TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 def sinusoid_positions(klen: int, d_model: int, clamp_len: int, device, dtype) -> torch.Tensor:
     """Transformer-XL position embeddings for distances ``klen - 1`` down to 0 (clamped): ``[klen, 1, d_model]``."""
-    pos = torch.arange(klen - 1, -1, -1.0, device=device)
+    compute = torch.promote_types(dtype, torch.float32)  # float64 tables of a float64 model, else float32
+    pos = torch.arange(klen - 1, -1, -1, device=device, dtype=compute)
     if clamp_len > 0:
         pos = pos.clamp(max=clamp_len)
-    inv_freq = 1 / (10000 ** (torch.arange(0.0, d_model, 2.0, device=device) / d_model))
+    inv_freq = 1 / (10000 ** (torch.arange(0, d_model, 2, device=device, dtype=compute) / d_model))
     angles = pos[:, None] * inv_freq[None]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, None, :].to(dtype)
 
@@ -115,6 +116,11 @@ class TransformerXL(nn.Module):
                  cross_head_p: float = 0.0, skip_retain_p: float = 0.0, skip_schedule: str = "linear",
                  phase: str = "pretrain", backend: str = "auto", dropout_backend: str = "auto"):
         super().__init__()
+        for name, p in (("cross_head_p", cross_head_p), ("skip_retain_p", skip_retain_p)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.n_token, self.n_layer, self.n_head, self.d_model = n_token, n_layer, n_head, d_model
         self.mem_len, self.same_length, self.clamp_len = 0, False, -1
         TransformerXL.set_attention_span(self, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
@@ -297,6 +303,8 @@ class TransformerXL(nn.Module):
 
     def set_phase(self, phase: str) -> None:
         """``"pretrain"`` (skip-retain active in training) or ``"finetune"`` (never skips)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if self.skip_retain is not None:
             self.skip_retain.phase = phase
 
@@ -451,7 +459,7 @@ class TransformerXL(nn.Module):
         attached to the graph so that rollouts chain; detach it to truncate). Back-propagating the sum of
         the losses gives the gradients of full back-propagation through time, at the activation memory of
         about one segment: memory replay runs once the memory has reached ``mem_len`` (its shapes are then
-        fixed); the segments before that keep their graphs.
+        fixed) and no layer's memory is aged; the segments before that keep their graphs.
         """
         if self.skip_retain is not None and self.training and self.skip_retain.phase == "pretrain":
             raise ValueError("replay_segments: skip-retain changes the memory's structure between segments; "
@@ -467,7 +475,10 @@ class TransformerXL(nn.Module):
         if memory is None:
             memory = self.empty_memory(inputs[0].shape[0], inputs[0].device)
         losses, t = [], 0
-        while t < len(inputs) and any(m.hidden.shape[1] < n for m, n in zip(memory, self.memory_lengths())):
+        # memory replay carries the rows alone: until every memory is full and fresh (an aged one, of skip-retain's
+        # pre-training, is read at its offset once more, SPEC §2) the segments keep their graphs
+        while t < len(inputs) and any(m.hidden.shape[1] < n or (m.age, m.mem_offset) != (1, 0)
+                                      for m, n in zip(memory, self.memory_lengths())):
             hidden, memory = self._stack(inputs[t], memory, detach_memory=False)
             losses.append(self._loss(hidden, targets[t]))
             t += 1
