@@ -83,6 +83,8 @@ def evaluate(model: TransformerXL, streams: torch.Tensor, length: int) -> float:
         total += loss.item() * targets.numel()
         count += targets.numel()
     model.train(was_training)
+    if not count:
+        raise SystemExit(f"evaluation needs more characters than one segment ({length}), got {streams.shape[1]}")
     return total / count / math.log(2)
 
 
@@ -131,7 +133,13 @@ class Progress:
 
 
 def plot_history(history, path: str) -> None:
-    import matplotlib
+    """The loss curve as a PNG at ``path``; without matplotlib (a development dependency, not the package's) a
+    line says so."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot at {path} (pip install matplotlib)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -202,7 +210,37 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=0.95)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Exits with the usage and a message naming the flag (argparse's error) for values out of range."""
+    at_least = {"steps": 1, "batch_size": 1, "tgt_len": 1, "mem_len": 0, "n_layer": 1, "n_head": 1, "d_model": 1,
+                "d_inner": 1, "eval_every": 1, "eval_chars": 0, "replay_segments": 0, "replay_capacity": 1,
+                "sample": 0, "stop_at": 1, "finetune_at": 0, "top_k": 1, "eval_tgt_len": 1, "eval_mem_len": 0}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    within = {"dropout": (0, 1, False), "cross_head_p": (0, 1, True), "skip_retain_p": (0, 1, True),
+              "replay_fraction": (0, 1, False), "top_p": (0, 1, True)}
+    for name, (low, high, closed) in within.items():
+        value = getattr(args, name)
+        if not (low <= value <= high if closed else low <= value < high) or (name == "top_p" and value == 0):
+            bounds = f"({low}, {high}]" if name == "top_p" else f"[{low}, {high}{']' if closed else ')'}"
+            parser.error(f"--{name.replace('_', '-')} must lie in {bounds}, got {value}")
+    for name in ("lr", "replay_alpha", "temperature"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            parser.error(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                         f"got {getattr(args, name)}")
+    if args.eval_chars and args.eval_chars <= args.tgt_len:
+        parser.error(f"--eval-chars must be 0 (the whole split) or more than --tgt-len ({args.tgt_len}), "
+                     f"got {args.eval_chars}")
+    if args.replay_segments and args.skip_retain_p:
+        parser.error("--replay-segments does not combine with --skip-retain-p: skip-retain's pre-training changes the "
+                     "memory's structure between the segments a rollout back-propagates through")
 
 
 # Arguments that define the run: a resumed run must have the checkpoint's.
@@ -242,6 +280,8 @@ def save_checkpoint(path, model, optimizer, schedule, state, args, rank=0, world
 def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, world=1, replay=None):
     """Restores a checkpoint of save_checkpoint (this rank's memory, random-number states and replay buffer) ->
     (the training state: step, data position, memory, history...; the learning-rate schedule)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: {path} does not exist: train first (without --resume)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # random-number states stay CPU tensors
     changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_ARGS if ckpt["args"].get(k) != getattr(args, k)}
     if ckpt.get("world", 1) != world:
@@ -256,8 +296,7 @@ def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, worl
     else:  # a longer (or shorter) run: the schedule is planned anew from here
         print(f"--resume: the learning-rate schedule is re-planned for --steps {args.steps} (the checkpoint planned "
               f"{ckpt['args']['steps']}), so the run differs from one that planned {args.steps} from the start")
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05,
-                                                       last_epoch=ckpt["step"] - 1)
+        schedule = learning_rate_schedule(optimizer, args, last_epoch=ckpt["step"] - 1)
     set_random_states(model, ckpt["rng"])
     if replay is not None:
         replay.load_state_dict(ckpt["replay"])
@@ -267,15 +306,32 @@ def load_checkpoint(path, model, optimizer, schedule, args, device, rank=0, worl
                 history=ckpt["history"]), schedule
 
 
+def learning_rate_schedule(optimizer, args, last_epoch: int = -1):
+    """One-cycle schedule over ``--steps``: warm-up over 5% of them (2 steps at least from 3 on: OneCycleLR divides
+    by the warm-up's length, which 5% of 20 steps makes 0), then annealing."""
+    pct_start = 2 / args.steps if 3 <= args.steps < 40 else 0.05
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=pct_start,
+                                               last_epoch=last_epoch)
+
+
 def build_model(args, vocab) -> TransformerXL:
-    """The run's model: a TransformerXL, or with ``--layout`` a HourglassTransformerXL."""
+    """The run's model: a TransformerXL, or with ``--layout`` a HourglassTransformerXL; settings it refuses exit with
+    its message."""
     shape = dict(n_head=args.n_head, d_model=args.d_model, d_head=args.d_model // args.n_head, d_inner=args.d_inner,
                  dropout=args.dropout, mem_len=args.mem_len, cross_head_p=args.cross_head_p,
                  skip_retain_p=args.skip_retain_p)
-    if getattr(args, "layout", None):
-        return HourglassTransformerXL(len(vocab), layout=args.layout, downsample=args.downsample or "mean",
-                                      upsample=args.upsample or "repeat", **shape)
-    return TransformerXL(len(vocab), n_layer=args.n_layer, **shape)
+    try:
+        if getattr(args, "layout", None):
+            model = HourglassTransformerXL(len(vocab), layout=args.layout, downsample=args.downsample or "mean",
+                                           upsample=args.upsample or "repeat", **shape)
+        else:
+            model = TransformerXL(len(vocab), n_layer=args.n_layer, **shape)
+    except ValueError as exc:
+        raise SystemExit(f"model settings: {exc}")
+    if args.tgt_len % model.segment_multiple:
+        raise SystemExit(f"--tgt-len {args.tgt_len} must be a multiple of the layout's largest factor "
+                         f"({model.segment_multiple})")
+    return model
 
 
 def setup_distributed(device):
@@ -334,15 +390,19 @@ def run_evaluation(args, device) -> None:
     memory, same_length, distances clamped at the longest one seen in training), and tokens/s."""
     model, trained, vocab, step = load_for_inference(args, device)
     test = batchify(load_corpus()[2][: args.eval_chars or None], 1).to(device)
-    length = args.eval_tgt_len or trained.tgt_len
-    span = dict(mem_len=args.eval_mem_len or 4 * trained.mem_len,
-                clamp_len=args.eval_clamp_len or trained.tgt_len + trained.mem_len - 1, same_length=True)
+    length = trained.tgt_len if args.eval_tgt_len is None else args.eval_tgt_len
+    span = dict(mem_len=4 * trained.mem_len if args.eval_mem_len is None else args.eval_mem_len,
+                clamp_len=(trained.tgt_len + trained.mem_len - 1 if args.eval_clamp_len is None
+                           else args.eval_clamp_len), same_length=True)
     results = {}
     for name, settings, seg in (("training", {}, trained.tgt_len), ("evaluation", span, length)):
-        with model.attention_span(**settings):
-            start = time.perf_counter()
-            bpc = evaluate(model, test, seg)
-            seconds = time.perf_counter() - start
+        try:
+            with model.attention_span(**settings):
+                start = time.perf_counter()
+                bpc = evaluate(model, test, seg)
+                seconds = time.perf_counter() - start
+        except ValueError as exc:  # settings this model cannot take (an hourglass needs multiples of its factor)
+            raise SystemExit(f"--eval-only with {name} settings (segment {seg}, {settings}): {exc}")
         results[name] = dict(test_bpc=bpc, tokens_per_s=test.numel() / seconds, segment=seg,
                              mem_len=settings.get("mem_len", trained.mem_len),
                              clamp_len=settings.get("clamp_len", -1), same_length=settings.get("same_length", False))
@@ -371,7 +431,11 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.eval_only or args.sample:
-        return run_evaluation(args, device) if args.eval_only else run_sampling(args, device)
+        if args.eval_only:
+            run_evaluation(args, device)
+        if args.sample:
+            run_sampling(args, device)
+        return
     rank, world, device = setup_distributed(device)
     train_model(args, rank, world, device)
     close_distributed(world)  # not after an error: torchrun stops the other ranks, a barrier would hang them
@@ -389,11 +453,11 @@ def train_model(args, rank: int, world: int, device):
     fresh = args.batch_size - (replay.replayed if replay else 0)
     per_rank = fresh // world
     train_streams = batchify(train, fresh)[rank * per_rank:(rank + 1) * per_rank].to(device)
-    valid_streams = batchify(valid[: args.eval_chars], 1).to(device)
+    valid_streams = batchify(valid[: args.eval_chars or None], 1).to(device)
     test_streams = batchify(test, 1).to(device)
     model = build_model(args, vocab).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
+    schedule = learning_rate_schedule(optimizer, args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = dict(step=0, position=0, memory=None, running=None, history={"train": [], "valid": []})
@@ -459,17 +523,21 @@ def train_model(args, rank: int, world: int, device):
     bar.close()
     if rank != 0:
         return
+    if args.resume and tokens == 0 and state["step"] >= args.steps:
+        print(f"{ckpt_path} is at step {state['step']} of {args.steps} already: nothing to train (a longer run: "
+              f"--steps more than {state['step']})")
+        return
     if state["step"] < args.steps:
         print(f"stopped at step {state['step']} of {args.steps}: {ckpt_path}; go on with --resume")
         return
 
     test_bpc = evaluate(model, test_streams, args.tgt_len)
     print(f"test {test_bpc:.3f} bpc")
-    plot_history(history, os.path.join(args.out, "loss.png"))
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump({"steps": state["step"], "valid_bpc": history["valid"][-1][1], "test_bpc": test_bpc,
                    "train_tokens_per_s": tokens / max(train_seconds, 1e-9), "parameters": parameters,
                    "args": vars(args)}, f, indent=1)
+    plot_history(history, os.path.join(args.out, "loss.png"))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,59 @@ def test_eval_only_and_sample_from_the_checkpoint(tmp_path):
     assert text.startswith("The ") and len(text.rstrip("\n")) == 44
     again = run(script, "--out", str(tmp_path), "--sample", "40", "--prompt", "The ", "--seed", "3").stdout
     assert again == text  # the generator's seed reproduces the sample
+    both = run(script, "--out", str(tmp_path), "--eval-only", "--eval-chars", "600", "--eval-clamp-len", "0",
+               "--sample", "40", "--prompt", "The ", "--seed", "3").stdout
+    assert "evaluation settings (segment 16, memory 64, clamp_len 0, same_length True)" in both  # 0 is a value
+    assert both.endswith(text)  # --eval-only and --sample both run
+    result = (tmp_path / "result.json").read_text()
+    finished = train(tmp_path, "--steps", "2", "--resume")
+    assert "is at step 2 of 2 already: nothing to train" in finished and "test " not in finished
+    assert (tmp_path / "result.json").read_text() == result
+
+
+def test_bad_flags_exit_with_a_message_naming_them():
+    """Out-of-range flags end in argparse's usage error naming the flag (exit 2), before anything is built; the
+    one-cycle schedule takes every --steps (5% of 20 steps made a warm-up of length 0, a division by zero)."""
+    cases = {"--steps 0": "--steps must be >= 1", "--eval-every 0": "--eval-every must be >= 1",
+             "--batch-size 0": "--batch-size must be >= 1", "--top-p 1.5": r"--top-p must lie in (0, 1]",
+             "--top-p 0": r"--top-p must lie in (0, 1]", "--temperature -1": "--temperature must be >= 0",
+             "--stop-at 0": "--stop-at must be >= 1", "--eval-chars 10": "--eval-chars must be 0 (the whole split) or",
+             "--cross-head-p 1.5": "--cross-head-p must lie in [0, 1]", "--sample -5": "--sample must be >= 0",
+             "--replay-segments 2 --skip-retain-p 0.5": "--replay-segments does not combine with --skip-retain-p"}
+    program = f"""
+import contextlib, io, sys, torch
+sys.path.insert(0, {os.path.join(ROOT, "examples")!r})
+import train_char_lm as example
+for flags in {list(cases)!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            example.parse_args(flags.split())
+        except SystemExit as exc:
+            print(exc.code, err.getvalue().strip().splitlines()[-1])
+for steps in range(1, 121):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = example.learning_rate_schedule(optimizer, example.parse_args(["--steps", str(steps)]))
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+print("schedules ok")
+"""
+    lines = run("-c", program).stdout.splitlines()
+    assert len(lines) == len(cases) + 1 and lines[-1] == "schedules ok"
+    for line, message in zip(lines, cases.values()):
+        assert line.startswith("2 ") and message in line, line
+
+
+def test_training_without_matplotlib_writes_its_results(tmp_path):
+    """matplotlib is a development dependency: without it the run says there is no plot, after writing its
+    results."""
+    program = (f"import runpy, sys; sys.modules['matplotlib'] = None; "
+               f"sys.argv = ['train_char_lm.py'] + {[*TINY, '--out', str(tmp_path), '--steps', '2']!r}; "
+               f"runpy.run_path({os.path.join(ROOT, 'examples', 'train_char_lm.py')!r}, run_name='__main__')")
+    out = run("-c", program).stdout
+    assert "matplotlib is not installed: no plot" in out
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == 2 and not (tmp_path / "loss.png").exists()
 
 
 @pytest.mark.parametrize("kind", ["plain", "tqdm"])
