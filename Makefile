@@ -41,6 +41,7 @@ check-cuda-build:
 
 # On a machine with a GPU: the one prepared check (build, GPU tests, decoding, model, generation, sanitizers, reduced
 # bench), at most 9.5 min. GPU_CHECK_ARGS="--steps build,tests --budget 300" runs some steps (bench/gpu_check.py).
+# Results in /tmp/gpu-check-<device>, packed after every step into $OUT/gpu-check-<device>.tgz where OUT is set.
 GPU_CHECK_ARGS ?=
 
 gpu-check:

@@ -1,4 +1,4 @@
-"""One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 9 min 20 s on an H200.
+"""One prepared GPU check: ``make gpu-check`` (``python -m bench.gpu_check``), at most 9 min of steps (``BUDGET_S``).
 
 Steps, in order of what they are owed (the issues' open GPU targets first), each with its own timeout so that one
 hang cannot eat the budget (times in seconds):
@@ -28,9 +28,15 @@ hang cannot eat the budget (times in seconds):
 be split over two calls of a warm machine; each call adds its rows to the folder's ``summary.json``. A step that
 runs past its timeout is interrupted first (pytest then still prints its failures), killed 15 s later.
 
-Every log and result goes to one folder (``--out``, default ``bench/results/gpu-check-<device>``): ``<step>.log``,
-the bench's report and ``summary.json`` (each step's status, seconds and exit code, and the ratios the GPU issue
-asks for). Without a GPU every step reports ``skipped`` with the reason. ``--rehearse`` (no GPU; what CI runs)
+Every log and result goes to one folder (``--out``, default ``/tmp/gpu-check-<device>``: outside the checkout, empty
+on a fresh machine, shared by the calls of one warm machine): ``<step>.log``, the bench's reports, the
+``--record-auto`` choices (``cuda_choices.json``) and ``summary.json`` (each step's status, seconds and exit code, and
+the ratios the GPU issue asks for). After every step the summary is rewritten and, where the device tool's ``OUT`` is
+set, the whole folder is packed into one file, ``$OUT/gpu-check-<device>.tgz`` (the tool brings back at most 8 files
+from ``$OUT``, and nothing from the checkout): a call cut off at its limit still returns every finished step. Unpack
+it into ``bench/results/`` to commit it. A bench step whose fused rows (``triton``, ``cuda``, ``auto``, compiled
+or not) failed to run is ``failed``, with those rows' reasons. Without a GPU every step reports ``skipped`` with the
+reason. ``--rehearse`` (no GPU; what CI runs)
 replaces the steps by CPU stand-ins that show each one starts: the GPU tests are collected, the sanitizers' script
 compiles, the bench runs one tiny CPU case through the same code and report.
 """
@@ -38,6 +44,7 @@ compiles, the bench runs one tiny CPU case through the same code and report.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -45,12 +52,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET_S = 560  # under the device's 600 s per command
+# memtx_ops.backends.CUDA_CHOICES_FILE in the editable checkout (not imported: this script leaves CUDA and the
+# extension to its steps)
+CUDA_CHOICES_FILE = os.path.join(ROOT, "memtx_ops", "backends", "cuda_choices.json")
+BUDGET_S = 540  # under the device's 600 s per command, with the probe, a last step's grace and the packing
 GRACE_S = 15  # from a step's interrupt at its timeout to its kill
+MIN_STEP_S = 10  # a step with less of the budget left is not started: it is "skipped" (budget spent)
+FUSED_BACKENDS = ("triton", "cuda", "auto")  # a bench row of these (compiled or not) that did not run fails its step
+BUILD_STAMP = os.path.join(ROOT, "build", "gpu-check-cuda-sources.sha256")  # the sources _C was built from
 STEP_NAMES = ("build", "tests", "short_query", "launch_profile", "model", "generation", "memcheck", "racecheck",
               "bench")
 
@@ -75,17 +89,23 @@ KERNEL_FILTER = "regex=(fwd_kernel|delta_kernel|dq_kernel|dkv_kernel|_bwd_prepro
 
 
 class Step:
+    """One step: ``command`` run from the checkout with ``env`` added, under ``timeout`` s; ``skip``: why it does not
+    run; ``results``: the folder of a bench step's reports, whose fused rows must all have run."""
+
     def __init__(self, name: str, timeout: int, command: List[str], env: Optional[Dict[str, str]] = None,
-                 skip: Optional[str] = None):
+                 skip: Optional[str] = None, results: Optional[str] = None):
         self.name, self.timeout, self.command, self.env, self.skip = name, timeout, command, env or {}, skip
+        self.results = results
 
     def run(self, out: str, deadline: float) -> Dict:
         """Runs the step (its output to ``<out>/<name>.log``) -> its summary row."""
         row = dict(step=self.name, command=" ".join(self.command), timeout_s=self.timeout)
-        if self.skip:
-            print(f"[{self.name}] skipped: {self.skip}", flush=True)
-            return dict(row, status="skipped", reason=self.skip)
-        timeout = max(1, min(self.timeout, int(deadline - time.monotonic())))
+        left = int(deadline - time.monotonic()) - GRACE_S  # an interrupted step may take GRACE_S more to stop
+        skip = self.skip or (None if left >= MIN_STEP_S else f"budget spent ({left + GRACE_S} s left)")
+        if skip:
+            print(f"[{self.name}] skipped: {skip}", flush=True)
+            return dict(row, status="skipped", reason=skip)
+        timeout = min(self.timeout, left)
         start = time.monotonic()
         with open(os.path.join(out, f"{self.name}.log"), "w") as log:
             proc = subprocess.Popen(self.command, cwd=ROOT, env={**os.environ, **self.env}, stdout=log,
@@ -98,8 +118,14 @@ class Step:
                 interrupt(proc)
             signal_group(proc, signal.SIGKILL)  # whatever the step left running (pytest-xdist workers, say)
         seconds = round(time.monotonic() - start, 1)
-        print(f"[{self.name}] {status} in {seconds} s (limit {timeout} s): {out}/{self.name}.log", flush=True)
-        return dict(row, status=status, returncode=code, seconds=seconds, limit_s=timeout)
+        row = dict(row, status=status, returncode=code, seconds=seconds, limit_s=timeout)
+        if self.results is not None:  # a bench step: its fused rows must have run
+            failed = [f"{r.get('backend')} {r.get('case')}: {r['note']}" for r in bench_rows(self.results)
+                      if r.get("note") and r.get("backend", "").split(":")[0] in FUSED_BACKENDS]
+            if failed:
+                row.update(status="failed" if status == "passed" else status, failed_rows=failed)
+        print(f"[{self.name}] {row['status']} in {seconds} s (limit {timeout} s): {out}/{self.name}.log", flush=True)
+        return row
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -146,8 +172,8 @@ def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
                   "--repeats", "5", "--no-plots", "--record-auto", "--out", out]
     sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     build = [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."]
-    if device and built_with_cuda(python):
-        build = [python, "-c", "print('memtx_ops._C already holds its CUDA kernels: no rebuild')"]
+    if device and built_with_cuda(python) and read_stamp() == sources_digest():
+        build = [python, "-c", "print('memtx_ops._C already holds the CUDA kernels of these sources: no rebuild')"]
     return [
         Step("build", 200, build, env={"MEMTX_CUDA": "1", "MEMTX_CUDA_ARCHS": gpu_arch() if device else "90",
                                        "MAX_JOBS": str(os.cpu_count() or 4), "CUDA_HOME": cuda_home()}, skip=no_gpu),
@@ -157,18 +183,21 @@ def steps(device: Optional[str], rehearse: bool, out: str) -> List[Step]:
              skip=no_gpu),
         Step("short_query", 60, [python, "-m", "bench", "--ops", "short_query", "--device", "cuda",
                                  "--backends", "triton,cuda,sdpa", "--repeats", "5", "--no-plots",
-                                 "--out", os.path.join(out, "short_query")], skip=no_gpu),
+                                 "--out", os.path.join(out, "short_query")], skip=no_gpu,
+             results=os.path.join(out, "short_query")),
         Step("launch_profile", 45, [python, "-m", "bench.launch_profile"], skip=no_gpu),
         Step("model", 150, [python, "-m", "bench", "--ops", "model", "--device", "cuda", "--repeats", "5",
-                            "--no-plots", "--out", os.path.join(out, "model")], skip=no_gpu),
+                            "--no-plots", "--out", os.path.join(out, "model")], skip=no_gpu,
+             results=os.path.join(out, "model")),
         Step("generation", 60, [python, "-m", "bench", "--ops", "generation", "--device", "cuda", "--repeats", "3",
-                                "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu),
+                                "--no-plots", "--out", os.path.join(out, "generation")], skip=no_gpu,
+             results=os.path.join(out, "generation")),
         Step("memcheck", 60, [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                               python, "-c", SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
         Step("racecheck", 60, [sanitizer or "compute-sanitizer", "--tool", "racecheck", "--racecheck-report", "hazard",
                                "--kernel-name", KERNEL_FILTER, "--error-exitcode", "1", python, "-c",
                                SANITIZED_CALLS], env=sanitize_env, skip=no_sanitizer),
-        Step("bench", 170, [python, "-m", "bench", *bench_args], skip=no_gpu),
+        Step("bench", 170, [python, "-m", "bench", *bench_args], skip=no_gpu, results=out),
     ]
 
 
@@ -177,6 +206,32 @@ def built_with_cuda(python: str) -> bool:
     probe = subprocess.run([python, "-c", "import sys, memtx_ops._extension as e; sys.exit(not e.has_cuda_kernels())"],
                            cwd=ROOT, capture_output=True)
     return probe.returncode == 0
+
+
+def sources_digest() -> str:
+    """SHA-256 of what the extension is built from (``csrc/``, ``setup.py``): a second call on a warm machine rebuilds
+    when a fix changed them since."""
+    digest = hashlib.sha256()
+    paths = [os.path.join(ROOT, "setup.py")] + sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names)
+    for path in paths:
+        digest.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def read_stamp() -> Optional[str]:
+    if not os.path.exists(BUILD_STAMP):
+        return None
+    with open(BUILD_STAMP) as f:
+        return f.read().strip()
+
+
+def write_stamp() -> None:
+    os.makedirs(os.path.dirname(BUILD_STAMP), exist_ok=True)
+    with open(BUILD_STAMP, "w") as f:
+        f.write(sources_digest())
 
 
 def cuda_home() -> str:
@@ -207,17 +262,18 @@ def rehearsal(python: str, out: str) -> List[Step]:
         Step("generation", 1, [], skip="rehearsal: tests/test_hourglass_bench.py runs the generation suite small"),
         Step("memcheck", 30, [python, "-c", f"compile({SANITIZED_CALLS!r}, 'sanitized', 'exec')"]),
         Step("racecheck", 1, [], skip="rehearsal: compute-sanitizer needs a GPU"),
-        Step("bench", 120, [python, "-m", "bench", *bench_args]),
+        Step("bench", 120, [python, "-m", "bench", *bench_args], results=out),
     ]
 
 
-def bench_rows(folder: str, op: str) -> List[Dict]:
-    """The rows of ``op`` in the bench reports (``*.json``) of ``folder``; none when it is absent."""
+def bench_rows(folder: str, op: Optional[str] = None) -> List[Dict]:
+    """The rows of ``op`` (None: of every op) in the bench reports (``*.json``) of ``folder``; none when it is
+    absent."""
     rows = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json") and name != "summary.json":
             with open(os.path.join(folder, name)) as f:
-                rows += [r for r in json.load(f).get("rows", []) if r.get("op") == op]
+                rows += [r for r in json.load(f).get("rows", []) if op is None or r.get("op") == op]
     return rows
 
 
@@ -264,7 +320,7 @@ def model_ratios(out: str) -> Dict[str, object]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for every log and result (default bench/results/gpu-check-<device>)")
+    p.add_argument("--out", help="folder for every log and result (default /tmp/gpu-check-<device>)")
     p.add_argument("--rehearse", action="store_true",
                    help="CPU stand-ins of every step (no GPU needed): shows the check starts")
     p.add_argument("--steps", help=f"comma-separated steps to run, of {','.join(STEP_NAMES)} (default: all)")
@@ -276,7 +332,7 @@ def main(argv=None) -> int:
         p.error(f"--steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEP_NAMES)}")
     device = gpu()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device or "no-gpu").strip("-")
-    out = opts.out or os.path.join(ROOT, "bench", "results", f"gpu-check-{slug}")
+    out = opts.out or os.path.join("/tmp", f"gpu-check-{slug}")
     os.makedirs(out, exist_ok=True)
     deadline = time.monotonic() + opts.budget
     start = time.monotonic()
@@ -286,17 +342,39 @@ def main(argv=None) -> int:
             continue
         row = step.run(out, deadline)
         rows.append(row)
+        if step.name == "build" and row["status"] == "passed" and device:
+            write_stamp()
+        if step.name == "bench" and device and os.path.exists(CUDA_CHOICES_FILE):  # --record-auto's choices
+            shutil.copy(CUDA_CHOICES_FILE, os.path.join(out, "cuda_choices.json"))
+        summary = write_summary(out, device, rows)
+        pack(out, slug)
         if step.name == "build" and row["status"] in ("failed", "timeout"):
             break  # nothing after it can run
+    print(json.dumps(summary["ratios_L2048_D64_bf16"]), json.dumps(summary["model_ratios_B8_L512_bf16"]),
+          f"{round(time.monotonic() - start, 1)} s in this call: {out}/summary.json")
+    return 0 if all(s["status"] in ("passed", "skipped") for s in rows) else 1
+
+
+def write_summary(out: str, device: Optional[str], rows: List[Dict]) -> Dict:
+    """``<out>/summary.json`` with this call's rows so far (merged into the folder's) and the ratios -> it."""
     summary = merged_summary(os.path.join(out, "summary.json"), device or "none", rows)
     summary["seconds"] = round(sum(s.get("seconds", 0) for s in summary["steps"]), 1)
     summary["ratios_L2048_D64_bf16"] = ratios(out) if device else {}
     summary["model_ratios_B8_L512_bf16"] = model_ratios(out) if device else {}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps(summary["ratios_L2048_D64_bf16"]), json.dumps(summary["model_ratios_B8_L512_bf16"]),
-          f"{round(time.monotonic() - start, 1)} s in this call: {out}/summary.json")
-    return 0 if all(s["status"] in ("passed", "skipped") for s in rows) else 1
+    return summary
+
+
+def pack(out: str, slug: str) -> None:
+    """``out`` as one archive in the device tool's ``$OUT`` (when set), rewritten after every step."""
+    target = os.environ.get("OUT")
+    if not target:
+        return
+    archive = os.path.join(target, f"gpu-check-{slug}.tgz")
+    with tarfile.open(archive + ".part", "w:gz") as tar:
+        tar.add(out, arcname=f"gpu-check-{slug}")
+    os.replace(archive + ".part", archive)
 
 
 def merged_summary(path: str, device: str, rows: List[Dict]) -> Dict:

@@ -49,8 +49,51 @@ def alive(pid: int) -> bool:
 
 
 def test_a_step_never_outlives_the_budget(tmp_path):
+    """A step gets what the budget has left but the grace its interrupt may take; with less than MIN_STEP_S left it
+    does not start (it used to start with a 1 s limit and report a timeout)."""
     step = gpu_check.Step("late", 100, [sys.executable, "-c", "import time; time.sleep(60)"])
-    assert step.run(str(tmp_path), deadline=time.monotonic() + 1)["limit_s"] == 1
+    row = step.run(str(tmp_path), deadline=time.monotonic() + gpu_check.GRACE_S + gpu_check.MIN_STEP_S + 0.5)
+    assert row["status"] == "timeout" and row["limit_s"] == gpu_check.MIN_STEP_S
+    row = step.run(str(tmp_path), deadline=time.monotonic() + gpu_check.GRACE_S + 2)
+    assert row["status"] == "skipped" and row["reason"].startswith("budget spent")
+
+
+def test_a_bench_step_whose_fused_rows_did_not_run_fails(tmp_path):
+    """A bench keeps a backend that could not run as a row with its reason and exits 0: for the fused backends
+    (a graph break of auto:compiled, say) the step is failed, with the reasons; a baseline's failure is a row."""
+    (tmp_path / "model").mkdir()
+    rows = [dict(op="model", case="B=8", backend="auto:compiled", dtype="bfloat16", note="Unsupported: graph break"),
+            dict(op="model", case="B=8", backend="flex_table", dtype="bfloat16", note="out of memory"),
+            dict(op="model", case="B=8", backend="auto", dtype="bfloat16", fwd_bwd_ms=3.0)]
+    (tmp_path / "model" / "gpu.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    step = gpu_check.Step("model", 30, [sys.executable, "-c", "pass"], results=str(tmp_path / "model"))
+    row = step.run(str(tmp_path), deadline=time.monotonic() + 100)
+    assert row["status"] == "failed" and row["failed_rows"] == ["auto:compiled B=8: Unsupported: graph break"]
+
+
+def test_every_step_leaves_the_summary_and_one_archive_in_the_tools_out(tmp_path, monkeypatch):
+    """The device tool brings back at most 8 files, from $OUT only: the folder is packed into one archive there,
+    after every step, so that a call cut off at its limit still returns the steps it finished."""
+    import tarfile
+
+    monkeypatch.setenv("OUT", str(tmp_path / "tool_out"))
+    (tmp_path / "tool_out").mkdir()
+    assert gpu_check.main(["--rehearse", "--steps", "tests,short_query", "--out", str(tmp_path / "check")]) == 0
+    (archive,) = (tmp_path / "tool_out").iterdir()
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    slug = archive.name[len("gpu-check-"):-len(".tgz")]
+    assert f"gpu-check-{slug}/summary.json" in names and f"gpu-check-{slug}/tests.log" in names
+    assert any(name.startswith(f"gpu-check-{slug}/short_query/") and name.endswith(".json") for name in names)
+
+
+def test_a_warm_machine_rebuilds_when_the_sources_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "BUILD_STAMP", str(tmp_path / "stamp"))
+    assert gpu_check.read_stamp() is None
+    gpu_check.write_stamp()
+    assert gpu_check.read_stamp() == gpu_check.sources_digest()
+    (tmp_path / "stamp").write_text("sources of another build")
+    assert gpu_check.read_stamp() != gpu_check.sources_digest()
 
 
 def test_ratios_from_bench_rows(tmp_path):
