@@ -313,6 +313,36 @@ def assert_bad_kv_head_stays_in_its_rows(backend: str, dtype, device, compiled: 
     assert not dk[:, 0].any() and not dr[0].any()  # nothing reached kv head 0
 
 
+def spawn_ranks(fn, args, outputs: Sequence[str], nprocs: int = 2, timeout_s: float = 600.0,
+                teardown_s: float = 30.0) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` that cannot hang a test run. A rank's error fails the test
+    as in ``mp.spawn``. Once every file of ``outputs`` (what the ranks write when their work is done) exists, the
+    ranks get ``teardown_s`` to exit; one still alive then is killed: torch's gloo teardown can deadlock (seen with
+    DDP: ``~ProcessGroupGloo`` joins a worker thread that waits for the GIL the destructor's caller holds). A rank
+    still running at ``timeout_s`` fails the test."""
+    import os
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    start, done_at = time.monotonic(), None
+    while not context.join(timeout=1):
+        now = time.monotonic()
+        if done_at is None and all(os.path.exists(path) for path in outputs):
+            done_at = now
+        late = done_at is not None and now - done_at > teardown_s
+        if late or now - start > timeout_s:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            if not late:
+                pytest.fail(f"ranks of {fn.__name__} still running after {timeout_s} s, outputs "
+                            f"{[path for path in outputs if not os.path.exists(path)]} missing")
+            return
+
+
 @contextlib.contextmanager
 def gloo_group(rank: int, world_size: int, store_file: str, timeout_s: float = 60.0):
     """One rank's membership of a gloo group that meets in ``store_file`` (a path no earlier group used: a

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import memtx_ops
 from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_scales,
-                     gloo_group, make_inputs)
+                     gloo_group, make_inputs, spawn_ranks)
 from memtx_ops import reference
 from memtx_ops.backends import BACKENDS
 from memtx_ops.nn import CrossHeadPermutation, SkipRetainSchedule
@@ -195,7 +194,7 @@ def _rank_main(rank, world_size, store_file, out_dir):
 
 def test_draws_identical_on_every_rank(tmp_path):
     """Cross-head draws and skip decisions (same mechanism) agree across ranks and follow rank 0's generator."""
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, str(tmp_path / "store"), str(tmp_path)), [str(tmp_path / f"{r}.pt") for r in (0, 1)])
     (perms0, skips0), (perms1, skips1) = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
     assert same_draws(perms0, perms1) and skips0 == skips1
     alone = {rank: rank_draws(rank) for rank in (0, 1)}  # no process group: each rank's own generator

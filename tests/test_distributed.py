@@ -8,9 +8,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from helpers import assert_close_to_reference, gloo_group
+from helpers import assert_close_to_reference, gloo_group, spawn_ranks
 from memtx_ops.nn import SegmentRollout, TransformerXL
 
 B, L, STEPS, SEGMENTS = 4, 6, 3, 3
@@ -84,7 +83,8 @@ def _rank_main(rank, world, store_file, out_dir, wrapper, path):
 @pytest.mark.parametrize("path", ["forward", "replay"])
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path, wrapper, path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path), wrapper, path), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, str(tmp_path / "store"), str(tmp_path), wrapper, path),
+                [str(tmp_path / f"{rank}.pt") for rank in (0, 1)])
     model = make_model(path)
     unit = SegmentRollout(model) if path == "replay" else model
     want_draws = train(model, unit, path, slice(0, B))

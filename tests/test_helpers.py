@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import ELEMENT_ULPS, EPSILON, TOLERANCE, reference_errors, rel_error, rms
+from helpers import ELEMENT_ULPS, EPSILON, TOLERANCE, reference_errors, rel_error, rms, spawn_ranks
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -78,3 +78,27 @@ def test_units_do_not_loosen_a_gradient_that_does_not_vanish():
     got[0] += 2 * ELEMENT_ULPS[torch.float32] * EPSILON[torch.float32] * ref.abs().max().item()
     for units in (None, {"g": 0.5 * ref.abs().max().item()}):
         assert "g" in reference_errors({"g": got}, {"g": ref}, torch.float32, units=units)[1]
+
+
+def _writes_then_hangs(rank, out_dir):
+    """A rank whose work is done (its output written) but whose teardown never ends."""
+    import os
+    import time
+
+    with open(os.path.join(out_dir, f"{rank}.out"), "w") as f:
+        f.write("done")
+    if rank == 1:
+        time.sleep(600)
+
+
+def test_spawned_ranks_that_hang_in_teardown_are_ended(tmp_path):
+    """spawn_ranks returns once every output exists and the ranks had teardown_s to exit, killing a rank that
+    hangs after its work (torch's gloo teardown deadlock); ranks that never finish fail the test at timeout_s."""
+    import time
+
+    outputs = [str(tmp_path / f"{rank}.out") for rank in (0, 1)]
+    start = time.monotonic()
+    spawn_ranks(_writes_then_hangs, (str(tmp_path),), outputs, teardown_s=2, timeout_s=120)
+    assert time.monotonic() - start < 60
+    with pytest.raises(pytest.fail.Exception, match="still running after 3 s"):
+        spawn_ranks(_writes_then_hangs, (str(tmp_path),), outputs + [str(tmp_path / "never")], timeout_s=3)

@@ -10,12 +10,11 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import memtx_ops
-from helpers import assert_close_to_reference, gloo_group, rel_error
+from helpers import assert_close_to_reference, gloo_group, rel_error, spawn_ranks
 
 DTYPE = torch.float64
 B, L, M, D, HEADS, VOCAB, T = 2, 4, 4, 16, 2, 11, 5
@@ -536,7 +535,7 @@ class Rollout(nn.Module):
 
 
 def test_ddp_gloo_two_processes_match_single_process_bptt(tmp_path):
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_rank, (2, str(tmp_path / "store"), str(tmp_path)), [str(tmp_path / f"{r}.pt") for r in (0, 1)])
     model = make_model(SlotMemory)
     want = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for rank in (0, 1):
