@@ -218,15 +218,17 @@ class KeyValueCache:
     def positions(self, r: Tensor, rows: int, project):
         """The layer's projected position embeddings ``[H, rows, D]`` of the last ``rows`` rows of ``r [rlen, 1, d]``
         (distance ``rows - 1`` down to 0), row d for distance d. ``project(source, n)`` projects the last ``n`` rows
-        of ``source``. The model's ``r`` of every length is the tail of one table (``r._base``), so the cache
+        of ``source``. The model's ``r`` of every length is the tail of one table (its storage), so the cache
         projects rows of that table ahead, twice as many as the last time while they last, and slices them: a
         memory that fills one position per decoding step costs O(log M) projections, not one per step."""
         if r.is_inference():  # no version counter to tell an edit in place: projected afresh
             return project(r, rows)
-        base = r._base
-        tail = (base is not None and base.dim() == r.dim() and base.shape[1:] == r.shape[1:]
-                and base.stride() == r.stride() and base[-1].data_ptr() == r[-1].data_ptr())
-        source = base if tail else r
+        # the rows before r in its storage, r's own layout extended back to the storage's start: the table r is
+        # the tail of (whatever views lie between them)
+        before = (r.storage_offset() // r.stride(0) if r.is_contiguous() and r.stride(0) > 0
+                  and r.storage_offset() % r.stride(0) == 0 else 0)
+        source = r.as_strided((before + r.shape[0], *r.shape[1:]), r.stride(),
+                              r.storage_offset() - before * r.stride(0))
         end = (source.untyped_storage().data_ptr(), r[-1].data_ptr(), r.stride(), r.dtype)
         cached = self._positions  # (source, which holds its storage alive; end; version; projected rows)
         same = cached is not None and cached[1] == end and cached[2] == source._version

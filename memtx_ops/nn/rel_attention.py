@@ -190,7 +190,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         score = reference.relative_scores(q, k, self.r_w_bias, self.r_r_bias, r_head.flip(1), mem_offset, self.scale)
         if attn_mask is not None:
             mask = attn_mask.bool()
-            if mask.dim() == 3:  # [qlen, klen, 1 or bsz] -> [1 or bsz, 1, qlen, klen] against scores [bsz, H, qlen, klen]
+            if mask.dim() == 3:  # [qlen, klen, 1 or bsz] -> [1 or bsz, 1, qlen, klen], as the scores [bsz, H, ...]
                 mask = mask.permute(2, 0, 1)[:, None]
             score = score.masked_fill(mask, float("-inf"))
         return torch.einsum("bhij,bhjd->bhid", self.dropatt(torch.softmax(score, dim=-1)), v)
