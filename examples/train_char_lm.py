@@ -225,12 +225,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     within = {"dropout": (0, 1, False), "cross_head_p": (0, 1, True), "skip_retain_p": (0, 1, True),
-              "replay_fraction": (0, 1, False), "top_p": (0, 1, True)}
+              "replay_fraction": (0, 1, False)}
     for name, (low, high, closed) in within.items():
         value = getattr(args, name)
-        if not (low <= value <= high if closed else low <= value < high) or (name == "top_p" and value == 0):
-            bounds = f"({low}, {high}]" if name == "top_p" else f"[{low}, {high}{']' if closed else ')'}"
-            parser.error(f"--{name.replace('_', '-')} must lie in {bounds}, got {value}")
+        if not (low <= value <= high if closed else low <= value < high):
+            parser.error(f"--{name.replace('_', '-')} must lie in [{low}, {high}{']' if closed else ')'}, got {value}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
     for name in ("lr", "replay_alpha", "temperature"):
         if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
             parser.error(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "

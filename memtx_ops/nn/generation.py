@@ -177,7 +177,11 @@ class KeyValueCache:
         self._stand_for(mem, is_view=False)
 
     def _stand_for(self, mem, is_view: bool) -> None:
-        self._memory, self._memory_version, self._memory_is_view = mem, _version(mem.hidden), is_view
+        self._restore(mem, _version(mem.hidden), is_view)
+
+    def _restore(self, mem, version: Optional[int], is_view: bool) -> None:
+        """Stands for ``mem`` as it was at ``version`` (a checkpoint's)."""
+        self._memory, self._memory_version, self._memory_is_view = mem, version, is_view
 
     def _stands_for(self, mem) -> bool:
         """Whether ``mem`` is the memory this cache stands for, unchanged since (an inference tensor has no version
@@ -201,7 +205,7 @@ class KeyValueCache:
         if self._keys is keys and self._hidden is hidden:  # appended to: forget the appended positions
             for buffer, (kept, appended) in ((keys, keys_mark), (hidden, hidden_mark)):
                 buffer.forget_last(buffer.appended - appended, kept)
-            self._memory, self._memory_version, self._memory_is_view = memory, version, is_view
+            self._restore(memory, version, is_view)
             if mem is not memory or not is_view:
                 return mem
         elif (mem.age, mem.mem_offset) == (1, 0) and self._keys.appended == self._hidden.appended > M:
@@ -210,7 +214,7 @@ class KeyValueCache:
             self._hidden.forget_last(n, M)
         else:
             self._keys, self._hidden = keys, hidden
-            self._memory, self._memory_version, self._memory_is_view = memory, version, is_view
+            self._restore(memory, version, is_view)
             return mem
         self._stand_for(type(mem)(self._hidden.window()), is_view=True)
         return self._memory
