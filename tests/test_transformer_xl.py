@@ -87,6 +87,31 @@ def test_fused_backend_equals_reference_backend(options):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dropout_backend", ["cpu", "torch"])
+def test_training_with_dropout_reads_every_dropped_position_row(monkeypatch, dropout_backend):
+    """Transformer-XL drops each row of its clamped position table apart (drop(pos_emb)): in training with dropout,
+    every distance past the clamp reads its own dropped row, so the model equals its layers run on all rows
+    (clamp_len=-1 handed to every layer); a layer that read one row for all of them gave another loss."""
+    from memtx_ops.nn.transformer_xl import DecoderLayer
+
+    xs, ys = segments(2, L=10)
+    layer_forward = DecoderLayer.forward
+    results = []
+    for unclamped in (False, True):
+        if unclamped:
+            monkeypatch.setattr(DecoderLayer, "forward", lambda self, h, pos_emb, mems, window, clamp_len, *args:
+                                layer_forward(self, h, pos_emb, mems, window, -1, *args))
+        model, memory, total = small_model(clamp_len=3, dropout=0.3, dropout_backend=dropout_backend), None, 0
+        torch.manual_seed(7)
+        for x, y in zip(xs, ys):
+            loss, memory = model(x, memory, y)
+            total = total + loss
+        total.backward()
+        results.append([total.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_cpu_autocast_runs_the_fused_kernel(monkeypatch):
     """Under CPU autocast to bfloat16 the attention gets bfloat16 q, k, v: backend "auto" runs the C++ kernel (in
     float32, on copies), not the eager path, and the loss is the float64 model's to bfloat16 precision."""

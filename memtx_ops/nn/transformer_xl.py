@@ -385,7 +385,10 @@ class TransformerXL(nn.Module):
         pos_emb = self.drop(self._positions(klen + mem.mem_offset, h.device, h.dtype))
         perm = layer.draw_permutation(h.device) if kv_head_index is None else kv_head_index[index]
         window = mem_len if self.same_length else None  # same_length: the window of the layer's level
-        h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, self.clamp_len, mem.mem_offset, perm, cache)
+        # dropout drops each position row apart (Transformer-XL's drop(pos_emb)), so the rows past the clamp are
+        # equal only while it is off: the layer then reads one of them; in training it reads every dropped row
+        clamp_len = -1 if self.drop.training and self.drop.p > 0 else self.clamp_len
+        h = layer(h, pos_emb, mem.hidden.transpose(0, 1), window, clamp_len, mem.mem_offset, perm, cache)
         if cache is not None:
             cache.keep_last(next_mem.hidden.shape[1])
         return h, next_mem
