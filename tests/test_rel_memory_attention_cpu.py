@@ -60,6 +60,27 @@ def test_huge_window_and_memory_offset_match_reference(case, dtype):
                                       *(t.double() for t in inputs), **case.kwargs())}, dtype)
 
 
+@pytest.mark.parametrize("L", [3, 64], ids=["key-by-key", "lane-tiles"])
+def test_direct_kernel_calls_bound_huge_window_and_memory_offset(L):
+    """``torch.ops.memtx_C`` called directly, past the public function's checks and kernel_span: the C++ checks bound
+    window and mem_offset the same way, so 2**40 and 2**62 - 1 give what the bounded values give (they wrapped)."""
+    case = Case(B=1, H=2, L=L, M=30, D=16, R=7)
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(case, torch.float32))
+    options = (torch.arange(2), 0.25)
+
+    def both_passes(window, mem_offset):
+        out, lse = torch.ops.memtx_C.rel_memory_attention_fwd(q, k, v, r, u, vb, options[0], window, mem_offset,
+                                                              options[1])
+        grads = torch.ops.memtx_C.rel_memory_attention_bwd(torch.ones_like(out), q, k, v, r, u, vb, out, lse,
+                                                           options[0], window, mem_offset, options[1])
+        return (out, lse) + tuple(grads)
+
+    for (window, mem_offset), bounded in (((2**40, 2**40), (0, 7)), ((2**62 - 1, 2**31 + 3), (0, 7)),
+                                          ((2**31, 5), (0, 5))):
+        for got, want in zip(both_passes(window, mem_offset), both_passes(*bounded)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def cpu_custom_op(q, k, v, r, u, vb, kv_head_index=None, window=None, mem_offset=0, scale=None):
     """The custom op itself, which hands its arguments to the kernels as they come (the public function may first
     give k, v dense rows: :func:`test_training_copies_time_major_keys_to_dense_rows`)."""

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace memtx {
 
 RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -13,7 +15,10 @@ RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   RelAttnShape s{};
   s.B = q.size(0), s.H = q.size(1), s.L = q.size(2), s.D = q.size(3);
   s.Hk = k.size(1), s.K = k.size(2), s.M = s.K - s.L, s.R = r.size(1);
-  s.window = window, s.mem_offset = mem_offset;
+  // Bounded as memtx_ops' kernel_span bounds them, which changes no result: a window of all the keys or more is
+  // none, and an offset of R or more reads r's last row for every memory distance as R does. The kernels compute
+  // distances in 32 bits, so a direct call with a larger value would wrap.
+  s.window = window >= s.K ? 0 : window, s.mem_offset = std::min(mem_offset, s.R);
   TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D && v.sizes() == k.sizes(), "rel_memory_attention: bad k/v shape");
   TORCH_CHECK(s.M >= 0, "rel_memory_attention: K must be >= L");
   TORCH_CHECK(r.size(0) == s.Hk && r.size(2) == s.D && s.R >= 1, "rel_memory_attention: bad r shape");

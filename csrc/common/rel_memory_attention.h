@@ -16,7 +16,7 @@ struct RelAttnShape {
 };
 
 // Checks what the Python layer guarantees (so a direct torch.ops call cannot read out of bounds) and
-// returns the sizes. kv_head_index must be int64 [H] with values in [0, Hk). Every input shares q's dtype, but with
+// returns the sizes, window and mem_offset bounded as kernel_span bounds them. kv_head_index must be int64 [H] with values in [0, Hk). Every input shares q's dtype, but with
 // narrow_keys k and v may share float16 or bfloat16 under a float32 q (the CPU forward reads them widened).
 RelAttnShape check_rel_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& r, const at::Tensor& u, const at::Tensor& vb,
