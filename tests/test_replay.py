@@ -300,6 +300,78 @@ def test_state_dict_resumes_exactly_through_every_operation():
         PrioritizedReplay(16, alpha=0.5, structure="cumsum").load_state_dict(buffer.state_dict())
 
 
+@pytest.mark.parametrize("structure", ["sum_tree", "cumsum"])
+def test_state_dict_is_a_snapshot_that_later_calls_leave_alone(structure):
+    """A state kept in memory (no torch.save) restores the buffer as it was when taken: it holds copies, not the live
+    tensors that later adds and updates change in place (the same buffer, restored, drew other slots), and only the
+    filled slots' examples (a view saved the whole storage with them)."""
+    buffer = PrioritizedReplay(1000, alpha=0.7, structure=structure, branching=2, seed=5)
+    buffer.add(torch.arange(30.0)[:, None].expand(30, 4).clone())
+    state = buffer.state_dict()
+    assert state["storage"][0].untyped_storage().nbytes() == 30 * 4 * 4
+
+    def steps():
+        draws, feed = [], torch.Generator().manual_seed(2)
+        for _ in range(5):
+            draw = buffer.sample(6)
+            draws.append(draw.indices)
+            buffer.update(draw.indices, torch.rand(6, generator=feed) * 5)
+            buffer.add(torch.randn(3, 4, generator=feed))
+        return torch.cat(draws), buffer.examples().clone(), buffer.priorities.clone()
+
+    first = steps()
+    buffer.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(first, steps()))
+
+
+def test_examples_are_stored_without_their_autograd_history():
+    """Examples computed with grad are stored detached: replaying them neither reaches the model that made them nor
+    backpropagates through a freed graph a step later."""
+    encoder = torch.nn.Linear(3, 3)
+    buffer = PrioritizedReplay(8, seed=0)
+    for _ in range(3):
+        buffer.add(encoder(torch.randn(2, 3)))
+        replayed = buffer.sample(4)
+        assert not replayed.examples.requires_grad and not buffer.examples().requires_grad
+        (replayed.weights[:, None] * replayed.examples * torch.ones(3, requires_grad=True)).sum().backward()
+    assert encoder.weight.grad is None
+
+
+def test_loading_an_empty_state_empties_a_used_buffer():
+    """The state of a buffer that never held an example, loaded into one that did, leaves no mass behind: every draw
+    lands on an example added afterwards (the sum tree kept the old masses and drew removed slots)."""
+    for structure in ("sum_tree", "cumsum"):
+        buffer = PrioritizedReplay(10, structure=structure, seed=1)
+        buffer.add(torch.randn(10, 2))
+        buffer.load_state_dict(PrioritizedReplay(10, structure=structure, seed=1).state_dict())
+        assert len(buffer) == 0 and buffer.examples() is None
+        buffer.add(torch.ones(1, 2))
+        assert torch.equal(buffer.sample(50).indices, torch.zeros(50, dtype=torch.long))
+
+
+def test_masses_whose_sum_overflows_are_refused():
+    """Priorities whose masses are each finite but sum to inf are refused before anything is written (an infinite
+    total sent every draw to the least likely slot)."""
+    for structure in ("sum_tree", "cumsum"):
+        buffer = PrioritizedReplay(4, alpha=1.0, structure=structure, seed=0)
+        buffer.add(torch.zeros(1, 1), priorities=torch.tensor([1e308], dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="its sum with the masses held"):
+            buffer.add(torch.zeros(2, 1), priorities=torch.tensor([1e308, 1.0], dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="its sum with the masses held"):
+            buffer.update(torch.tensor([0]), torch.tensor([1e308], dtype=torch.float64))
+        assert len(buffer) == 1 and buffer.structure.total.isfinite()
+
+
+def test_adding_the_buffers_own_examples_back_copies_them_first():
+    """``add(buffer.examples())`` (views of the storage) across the ring's wrap reads every example before the first
+    write overwrites it."""
+    buffer = PrioritizedReplay(4, seed=0)
+    buffer.add(torch.tensor([0.0, 1.0, 2.0, 3.0])[:, None])
+    buffer.add(torch.tensor([4.0, 5.0])[:, None])  # slots 0, 1: [4, 5, 2, 3], the ring at slot 2
+    buffer.add(buffer.examples())
+    assert buffer.examples().squeeze(1).tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
 @pytest.mark.parametrize("capacity", [1, 2, 15, 16, 17, 257])
 def test_sum_tree_levels_and_draws_at_block_boundaries(capacity):
     """Capacities at and across powers of the branching: the levels shrink to one root, every draw lands on a

@@ -201,10 +201,12 @@ class PrioritizedReplay:
         """Writes k examples (a tensor ``[k, ...]`` or a tuple of them) into the next slots of the ring and returns
         those slots ``[k]`` int64. ``priorities`` ``[k]`` (positive, finite): theirs; default the largest priority
         seen so far. ``losses`` ``[k]``: their losses now, the "last visit" of rule ``"loss_difference"``. More than
-        ``capacity`` examples keep the last ``capacity``."""
+        ``capacity`` examples keep the last ``capacity``. The examples are stored detached (no autograd history)."""
         tensors, is_tuple = self._check_examples(examples)
         if self.device is None:
             self._allocate(tensors[0].device)
+        # stored without their autograd history, and read before the ring overwrites them if they are the buffer's own
+        tensors = tuple(t.detach().clone() if self._shares_storage(t) else t.detach() for t in tensors)
         k = tensors[0].shape[0]
         given = None if priorities is None else self._check_values("priorities", priorities, k)
         seen = None if losses is None else self._check_values("losses", losses, k)
@@ -295,13 +297,20 @@ class PrioritizedReplay:
         self.max_priority = torch.maximum(self.max_priority, new_priorities.amax())
 
     def _masses(self, priorities: Tensor, op: str) -> Tensor:
-        """``priorities ** alpha`` ``[k]`` float64, asserted positive and finite: the structures draw correctly and
-        the importance weights exist only while every filled slot has a positive mass and their sum is finite."""
+        """``priorities ** alpha`` ``[k]`` float64, asserted positive and finite, and finite when added to the masses
+        held (a bound on the new total): the structures draw correctly and the importance weights exist only while
+        every filled slot has a positive mass and their sum is finite (an infinite total sent every draw to one slot)."""
         masses = priorities.pow(self.alpha)
-        torch._assert_async(((masses > 0) & masses.isfinite()).all(),
-                            f"{op}: priority ** alpha must be positive and finite in float64 (alpha={self.alpha}); "
-                            f"a priority that far from 1 under this alpha cannot be sampled by its mass")
+        torch._assert_async(((masses > 0) & masses.isfinite()).all() & (self.structure.total + masses.sum()).isfinite(),
+                            f"{op}: priority ** alpha must be positive and finite in float64 (alpha={self.alpha}), "
+                            f"and so must its sum with the masses held; a priority that far from 1 under this alpha "
+                            f"cannot be sampled by its mass")
         return masses
+
+    def _shares_storage(self, t: Tensor) -> bool:
+        """Whether ``t`` is a view of the stored examples (:meth:`examples` returns such views)."""
+        return self._storage is not None and any(
+            t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in self._storage)
 
     # -- views and checkpoints --------------------------------------------------------------------------------------
 
@@ -325,10 +334,13 @@ class PrioritizedReplay:
                                         position=self.position, filled=self.filled, samples_drawn=self.samples_drawn,
                                         seed=self.seed, is_tuple=self._is_tuple, device=None, storage=None)
         if self.device is not None:
-            state.update(device=str(self.device), priorities=self.priorities, last_losses=self.last_losses,
-                         max_priority=self.max_priority, structure_kind=type(self.structure).__name__,
-                         structure=self.structure.state_dict(), generator=self.generator.get_state(),
-                         storage=None if self._storage is None else [s[: self.filled] for s in self._storage])
+            # copies, not the live tensors that later calls change in place (and only the filled slots' examples,
+            # which a view would save with the whole storage)
+            state.update(device=str(self.device), priorities=self.priorities.clone(),
+                         last_losses=self.last_losses.clone(), max_priority=self.max_priority.clone(),
+                         structure_kind=type(self.structure).__name__, structure=self.structure.state_dict(),
+                         generator=self.generator.get_state(),
+                         storage=None if self._storage is None else [s[: self.filled].clone() for s in self._storage])
         return state
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -340,7 +352,10 @@ class PrioritizedReplay:
             raise ValueError(f"load_state_dict: the state is of a buffer with other settings (state, this): {changed}")
         self.position, self.filled, self.samples_drawn = state["position"], state["filled"], state["samples_drawn"]
         self.seed, self._is_tuple = state["seed"], state["is_tuple"]
-        if state["device"] is None:
+        if state["device"] is None:  # a buffer that never held an example: so is this one now
+            if self.device is not None:
+                self._allocate(self.device)
+            self._storage = None
             return
         if self.device is None:
             self._allocate(state["priorities"].device)

@@ -23,7 +23,8 @@ of ``b`` (with 0, resp. +inf), so that ``level.view(-1, b)[j]`` are the children
 * ``min_mass``: the min tree's root, O(1).
 
 :class:`CumsumSampler` -- the masses as one tensor; ``draw`` takes their running sum (O(N)) and ``searchsorted``
-(O(n log N)); ``set`` is one write (O(n)); ``min_mass`` a reduction over the filled slots (O(N)). Fewer, larger
+(O(n log N)); ``set`` is one write (O(n)); ``min_mass`` a reduction over the filled slots and ``total`` one over all
+(O(N)). Fewer, larger
 kernels than the tree: faster below a capacity that depends on the device (``bench/suites/replay.py`` measures the
 crossover; :func:`make_structure` chooses by it).
 
@@ -106,7 +107,8 @@ class SumTree:
         return self.mins[-1][0]
 
     def state_dict(self) -> Dict[str, object]:
-        return {"branching": self.branching, "sums": list(self.sums), "mins": list(self.mins)}
+        return {"branching": self.branching, "sums": [t.clone() for t in self.sums],
+                "mins": [t.clone() for t in self.mins]}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         if state["branching"] != self.branching or [t.numel() for t in state["sums"]] != \
@@ -134,12 +136,17 @@ class CumsumSampler:
         slots = torch.searchsorted(running, uniforms * running[-1], right=True)
         return slots.clamp_(max=filled - 1)  # a target that rounding put at the total
 
+    @property
+    def total(self) -> Tensor:
+        """The sum of all masses, 0-dim."""
+        return self.masses.sum()
+
     def min_mass(self, filled: int) -> Tensor:
         """The smallest mass of the filled slots, 0-dim."""
         return self.masses[:filled].amin()
 
     def state_dict(self) -> Dict[str, object]:
-        return {"masses": self.masses}
+        return {"masses": self.masses.clone()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         if "masses" not in state or state["masses"].shape != self.masses.shape:
