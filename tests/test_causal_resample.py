@@ -328,6 +328,34 @@ def test_bad_upsample_arguments_are_named(kwargs, error, match):
         memtx_ops.upsample_add(args.pop("x_short"), args.pop("residual"), args.pop("factor"), **args)
 
 
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+def test_registered_ops_called_directly_check_and_read_any_layout(backend):
+    """``torch.ops.memtx_ops.*`` are public: called without the functions above, they check their arguments (the
+    Triton kernels read past x_short and dropped rows) and read a non-unit last stride right (they read it wrong)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    ops = torch.ops.memtx_ops
+    x = torch.randn(2, 6, 16, device=device)[..., ::2]
+    short = torch.randn(2, 2, 16, device=device)[..., ::2]
+    torch.testing.assert_close(ops.causal_downsample(x, None, None, 3, backend),
+                               reference.causal_downsample(x, 3, None, None))
+    torch.testing.assert_close(ops.upsample_add(short, x, None, 3, "repeat", backend),
+                               reference.upsample_add(short, x, 3, "repeat", None))
+    x, short = x.contiguous(), short.contiguous()
+    for call, match in (
+            (lambda: ops.upsample_add(short[:, :1], x, None, 3, "repeat", backend),
+             r"x_short must have shape \[B, L / factor, d\] = \[2, 2, 8\]"),
+            (lambda: ops.causal_downsample(x[:, :5], None, None, 3, backend), "L=5 of x must be a multiple of factor=3"),
+            (lambda: ops.causal_downsample(x, torch.zeros(2, 5, 8, device=device), None, 3, backend),
+             r"prev must have shape \[B, factor - 1, d\] = \[2, 2, 8\]"),
+            (lambda: ops.upsample_add_backward(x[:, :5], 3, "repeat", backend), "L=5 of grad must be a multiple"),
+            (lambda: ops.causal_downsample_backward(short, torch.ones(2, device=device), 3, backend),
+             r"weights must have shape \[factor\] = \[3\]"),
+            (lambda: ops.causal_downsample_weights_grad(short[:, :1], x, None, 3, backend),
+             r"grad must have shape \[B, L / factor, d\] = \[2, 2, 8\]")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_backend_dispatch():
     cpu = torch.device("cpu")
     assert resolve_resample_backend("auto", cpu, torch.float32) == "cpu"

@@ -125,8 +125,7 @@ def causal_downsample(x: Tensor, factor: int, *, prev: Optional[Tensor] = None, 
     if backend == "reference":
         return reference.causal_downsample(x, factor, prev, weights)
     get_resample_backend(backend, x.device, x.dtype, "causal_downsample")  # raises when it cannot run here
-    weights = None if weights is None else weights.contiguous()
-    return _causal_downsample_op(_unit_last_stride(x), _unit_last_stride(prev), weights, factor, backend)
+    return _causal_downsample_op(x, prev, weights, factor, backend)
 
 
 def upsample_add(x_short: Tensor, residual: Tensor, factor: int, *, mode: str = "repeat",
@@ -145,19 +144,24 @@ def upsample_add(x_short: Tensor, residual: Tensor, factor: int, *, mode: str = 
     if backend == "reference":
         return reference.upsample_add(x_short, residual, factor, mode, prev)
     get_resample_backend(backend, residual.device, residual.dtype, "upsample_add")
-    return _upsample_add_op(_unit_last_stride(x_short), _unit_last_stride(residual), _unit_last_stride(prev), factor,
-                            mode, backend)
+    return _upsample_add_op(x_short, residual, prev, factor, mode, backend)
 
 
 def _empty_rows(like: Tensor, B: int, rows: int, d: int) -> Tensor:
     return torch.empty((B, rows, d), dtype=like.dtype, device=like.device)
 
 
+# The registered ops below check their arguments again (cheap, on the host): they are public torch.library ops,
+# which a caller may reach without the functions above, and the Triton kernels assume what the checks ensure.
+
+
 @torch.library.custom_op("memtx_ops::causal_downsample", mutates_args=())
 def _causal_downsample_op(x: Tensor, prev: Optional[Tensor], weights: Optional[Tensor], factor: int,
                           backend: str) -> Tensor:
+    check_downsample_inputs(x, factor, prev, weights, backend)
     impl = get_resample_backend(backend, x.device, x.dtype, "causal_downsample")
-    return impl.causal_downsample(x, prev, weights, factor)
+    return impl.causal_downsample(_unit_last_stride(x), _unit_last_stride(prev),
+                                  None if weights is None else weights.contiguous(), factor)
 
 
 @_causal_downsample_op.register_fake
@@ -169,8 +173,14 @@ def _(x, prev, weights, factor, backend):
 @torch.library.custom_op("memtx_ops::causal_downsample_backward", mutates_args=())
 def _causal_downsample_backward_op(grad: Tensor, weights: Optional[Tensor], factor: int,
                                    backend: str) -> Tuple[Tensor, Tensor]:
+    op = "causal_downsample_backward"
+    _check_rows(op, "grad", grad, "[B, L / factor, d]")
+    _check_factor(op, factor, grad.shape[1] * factor, "the forward's x")
+    if weights is not None:
+        _check_like(op, "weights", weights, "grad", grad, (factor,), "[factor]")
+    _check_backend(op, backend)
     impl = get_resample_backend(backend, grad.device, grad.dtype, "causal_downsample")
-    return impl.causal_downsample_backward(grad, weights, factor)
+    return impl.causal_downsample_backward(grad.contiguous(), None if weights is None else weights.contiguous(), factor)
 
 
 @_causal_downsample_backward_op.register_fake
@@ -182,8 +192,13 @@ def _(grad, weights, factor, backend):
 @torch.library.custom_op("memtx_ops::causal_downsample_weights_grad", mutates_args=())
 def _causal_downsample_weights_grad_op(grad: Tensor, x: Tensor, prev: Optional[Tensor], factor: int,
                                        backend: str) -> Tensor:
+    check_downsample_inputs(x, factor, prev, None, backend)
+    B, L, d = x.shape
+    _check_rows("causal_downsample_weights_grad", "grad", grad, "[B, L / factor, d]")
+    _check_like("causal_downsample_weights_grad", "grad", grad, "x", x, (B, L // factor, d), "[B, L / factor, d]")
     impl = get_resample_backend(backend, x.device, x.dtype, "causal_downsample")
-    return impl.causal_downsample_weights_grad(grad, x, prev, factor)
+    return impl.causal_downsample_weights_grad(grad.contiguous(), _unit_last_stride(x), _unit_last_stride(prev),
+                                               factor)
 
 
 @_causal_downsample_weights_grad_op.register_fake
@@ -216,8 +231,10 @@ _causal_downsample_op.register_autograd(_downsample_backward, setup_context=_dow
 @torch.library.custom_op("memtx_ops::upsample_add", mutates_args=())
 def _upsample_add_op(x_short: Tensor, residual: Tensor, prev: Optional[Tensor], factor: int, mode: str,
                      backend: str) -> Tensor:
+    check_upsample_inputs(x_short, residual, factor, mode, prev, backend)
     impl = get_resample_backend(backend, residual.device, residual.dtype, "upsample_add")
-    return impl.upsample_add(x_short, residual, prev, factor, mode)
+    return impl.upsample_add(_unit_last_stride(x_short), _unit_last_stride(residual), _unit_last_stride(prev), factor,
+                             mode)
 
 
 @_upsample_add_op.register_fake
@@ -227,8 +244,14 @@ def _(x_short, residual, prev, factor, mode, backend):
 
 @torch.library.custom_op("memtx_ops::upsample_add_backward", mutates_args=())
 def _upsample_add_backward_op(grad: Tensor, factor: int, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
+    op = "upsample_add_backward"
+    _check_rows(op, "grad", grad, "[B, L, d]")
+    _check_factor(op, factor, grad.shape[1], "grad")
+    if not isinstance(mode, str) or mode not in UPSAMPLE_MODES:
+        _fail(op, f"mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    _check_backend(op, backend)
     impl = get_resample_backend(backend, grad.device, grad.dtype, "upsample_add")
-    return impl.upsample_add_backward(grad, factor, mode)
+    return impl.upsample_add_backward(grad.contiguous(), factor, mode)
 
 
 @_upsample_add_backward_op.register_fake
