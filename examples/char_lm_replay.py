@@ -23,8 +23,9 @@ window costs a no-grad forward of ``R x mem_len`` tokens through ``n_layer - 1``
 measures both; the window is the default because the memory's bytes would limit the buffer to a few thousand
 segments per GB while the rebuild costs a fraction of one forward (docs/replay.md).
 
-Segments are stored (and replayed) once the fresh memory is full (``mem_len`` positions): so every replayed segment
-has a full window and its rebuilt memory has the fresh rows' shape. Not combined with skip-retain (its aged memories
+Segments are stored (and replayed) once the fresh memory is full (every entry as long as the model keeps it:
+``mem_len`` positions, or per level for an hourglass model): so every replayed segment has a full window and its
+rebuilt memory has the fresh rows' shape. ``context="memory"`` needs one ``mem_len`` entry per layer (no hourglass). Not combined with skip-retain (its aged memories
 are per layer, not per row) or with memory replay back-propagation over several segments.
 """
 
@@ -105,7 +106,12 @@ class SegmentReplay:
             raise ValueError(f"streams must be [B - R = {self.fresh}, n] (the fresh streams), got {tuple(streams.shape)}")
         start, L, M = index * self.tgt_len, self.tgt_len, self.mem_len
         inputs, targets = streams[:, start: start + L], streams[:, start + 1: start + 1 + L]
-        full = memory is not None and all(m.hidden.shape[1] == M for m in memory)
+        lengths = model.memory_lengths()  # an hourglass's levels and resampling states keep other lengths than M
+        if self.context == "memory" and lengths != [M] * model.n_layer:
+            raise ValueError(f"context='memory' stores one [n_layer, mem_len, d_model] memory per segment, which needs "
+                             f"one entry of mem_len={M} rows per layer; this model's memory entries keep {lengths} "
+                             f"rows: use context='window'")
+        full = memory is not None and [m.hidden.shape[1] for m in memory] == lengths
         if memory is None:
             memory = model.empty_memory(inputs.shape[0], inputs.device)
         replaying = full and len(self.buffer) > 0 and self.replayed > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memtx_ops.nn import TransformerXL
+from memtx_ops.nn import HourglassTransformerXL, TransformerXL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,9 +27,14 @@ char_lm_replay = load_example_module()
 L = M = 8
 
 
-def tiny_model():
+def tiny_model(layout=None):
+    """A 2-layer flat model, or an hourglass one of ``layout`` (its levels and resampling states keep other memory
+    lengths than M)."""
     torch.manual_seed(0)
-    return TransformerXL(20, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, dropout=0.0, mem_len=M).eval()
+    options = dict(n_head=2, d_model=16, d_head=8, d_inner=32, dropout=0.0, mem_len=M)
+    if layout is not None:
+        return HourglassTransformerXL(20, layout, upsample="linear", **options).eval()
+    return TransformerXL(20, n_layer=2, **options).eval()
 
 
 def own_losses(model, inputs, targets, memory):
@@ -55,10 +60,10 @@ class Recorder:
             monkeypatch.setattr(buffer, name, spy)
 
 
-def run_three_steps(context, rule, monkeypatch):
+def run_three_steps(context, rule, monkeypatch, layout=None):
     """Segments 0, 1, 2 of three fresh streams (batch 4, one replayed): 0 has no memory, 1 is stored, 2 replays
     a segment 1 -> (model, streams, replay, recorder, per-step (loss, memory in))."""
-    model = tiny_model()
+    model = tiny_model(layout)
     streams = torch.randint(0, 20, (3, 4 * L + 1), generator=torch.Generator().manual_seed(1))
     replay = char_lm_replay.SegmentReplay(batch_size=4, fraction=0.25, capacity=16, rule=rule, tgt_len=L, mem_len=M,
                                           device="cpu", steps=10, context=context, seed=0)
@@ -71,9 +76,12 @@ def run_three_steps(context, rule, monkeypatch):
     return model, streams, replay, recorder, steps
 
 
-@pytest.mark.parametrize("context", ["window", "memory"])
-def test_replayed_segment_has_its_fresh_loss_and_the_step_is_the_weighted_mean(context, monkeypatch):
-    model, streams, replay, recorder, steps = run_three_steps(context, "loss", monkeypatch)
+@pytest.mark.parametrize("context,layout", [("window", None), ("memory", None), ("window", "1@1 1@2 1@1")],
+                         ids=["window", "memory", "hourglass-window"])
+def test_replayed_segment_has_its_fresh_loss_and_the_step_is_the_weighted_mean(context, layout, monkeypatch):
+    """An hourglass model's memory is full when each entry holds what its level keeps (it never was, for a check
+    against mem_len: nothing was stored or replayed)."""
+    model, streams, replay, recorder, steps = run_three_steps(context, "loss", monkeypatch, layout)
     assert len(recorder.added) == 2 and len(recorder.drawn) == 1 and len(recorder.updated) == 1  # steps 1, 2 store
     (_, add_kwargs, slots), = recorder.added[:1]
     fresh_losses_at_1 = add_kwargs["losses"]
@@ -107,6 +115,13 @@ def test_grad_norm_priority_is_the_output_layers_per_example_gradient_norm(monke
     dw, db = torch.autograd.grad(loss, (weight, bias))
     want = (dw.pow(2).sum() + db.pow(2).sum()).sqrt().item()
     assert replay.buffer.priorities[slot].item() == pytest.approx(want + 1e-6, rel=1e-4)
+
+
+def test_stored_memories_need_one_mem_len_entry_per_layer():
+    replay = char_lm_replay.SegmentReplay(batch_size=4, fraction=0.25, capacity=16, rule="loss", tgt_len=L,
+                                          mem_len=M, device="cpu", steps=10, context="memory")
+    with pytest.raises(ValueError, match=r"context='memory' .* keep \[8, 4, 8, 1, 1\] rows: use context='window'"):
+        replay.train_loss(tiny_model("1@1 1@2 1@1"), torch.randint(0, 20, (3, 4 * L + 1)), 0, None)
 
 
 def test_no_replay_before_the_memory_is_full_and_the_batch_is_the_fresh_streams_then():
