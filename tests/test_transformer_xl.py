@@ -199,6 +199,28 @@ def test_bad_probabilities_and_phase_are_refused():
         small_model().set_phase("bogus")
 
 
+def test_cross_head_and_skip_retain_leave_initial_weights_and_global_generator_alone():
+    """With one seed, a model with cross-head and skip-retain gets the weights of one without them and leaves torch's
+    generator where that one does (each seeded its generator by drawing from it, so every later layer's weights and
+    every dropout mask moved); its own generators follow the seed and draw apart."""
+    built = []
+    for options in (dict(), dict(cross_head_p=0.3, skip_retain_p=0.5)):
+        torch.manual_seed(4)
+        model = TransformerXL(31, n_layer=3, n_head=2, d_model=16, d_head=8, d_inner=32, **options)
+        built.append((model, torch.get_rng_state()))
+    (plain, plain_after), (options, options_after) = built
+    assert torch.equal(plain_after, options_after)
+    for (name, a), b in zip(plain.state_dict().items(), options.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.manual_seed(4)
+    again = TransformerXL(31, n_layer=3, n_head=2, d_model=16, d_head=8, d_inner=32, cross_head_p=0.3,
+                          skip_retain_p=0.5)
+    state, state_again = options.random_state(), again.random_state()
+    generators = state["cross_head"] + [state["skip_retain"]]
+    assert all(torch.equal(a, b) for a, b in zip(generators, state_again["cross_head"] + [state_again["skip_retain"]]))
+    assert len({bytes(g.numpy()) for g in generators}) == len(generators)
+
+
 def test_float64_position_tables_are_computed_in_float64():
     """sinusoid_positions of a float64 model: float64 angles (float32 ones were 2e-4 off at distance 4000)."""
     import math

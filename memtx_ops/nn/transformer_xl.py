@@ -8,6 +8,7 @@ and gradient through the memory with memory replay back-propagation (SPEC §3) i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -84,7 +85,8 @@ class DecoderLayer(nn.Module):
                                                          r_r_bias=r_r_bias, r_w_bias=r_w_bias, backend=backend,
                                                          dropout_backend=dropout_backend)
         self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm, dropout_backend=dropout_backend)
-        self.cross_head = CrossHeadPermutation(cross_head_p) if cross_head_p > 0 else None
+        # seeded by the model once its weights are made (TransformerXL._seed_generators)
+        self.cross_head = CrossHeadPermutation(cross_head_p, generator=torch.Generator()) if cross_head_p > 0 else None
 
     def draw_permutation(self, device) -> Optional[torch.Tensor]:
         """This forward's cross-head permutation ``[n_head]``, or None (no cross-head, eval, or the coin)."""
@@ -136,9 +138,22 @@ class TransformerXL(nn.Module):
         )
         self.drop = Dropout(dropout, backend=dropout_backend)
         self.out_bias = nn.Parameter(torch.zeros(n_token))  # output weights tied to the embedding
-        self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase)
-                            if skip_retain_p > 0 else None)
+        self.skip_retain = (SkipRetainSchedule(n_layer, skip_retain_p, skip_schedule, phase,
+                                               generator=torch.Generator()) if skip_retain_p > 0 else None)
         self._position_tables: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._seed_generators()
+
+    def _seed_generators(self) -> None:
+        """Seeds layer ``i``'s cross-head generator and the skip-retain one (as number ``n_layer``) from the state of
+        torch's global generator, without drawing from it: with the same seed, a model with these options gets the
+        initial weights of one without them and leaves the global generator as that one does (so an ablation
+        compares like with like), and each of its generators draws apart."""
+        own = [(i, layer.cross_head) for i, layer in enumerate(self.layers) if layer.cross_head is not None]
+        own += [(self.n_layer, self.skip_retain)] if self.skip_retain is not None else []
+        state = torch.get_rng_state().numpy().tobytes()
+        for number, module in own:
+            digest = hashlib.blake2b(state + number.to_bytes(8, "little"), digest_size=8).digest()
+            module.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 2)
 
     def random_state(self) -> Dict[str, object]:
         """The states of the model's own generators: each layer's cross-head draws and the skip-retain decisions
