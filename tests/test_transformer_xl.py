@@ -246,7 +246,13 @@ def bad_memories(model, memory):
         ("d_model", [LayerMemory(torch.zeros(2, 8, 7, dtype=h.dtype)) for _ in memory], ValueError,
          r"d_model=16\], got \(2, 8, 7\)"),
         ("rank", [LayerMemory(m.hidden[0]) for m in memory], ValueError, r"must have shape \[B=2, M, d_model=16\]"),
-        ("integer memory", [LayerMemory(m.hidden.long()) for m in memory], TypeError, r"must be a float tensor"),
+        ("integer memory", [LayerMemory(m.hidden.long()) for m in memory], TypeError,
+         r"memory\[0\].hidden must have the model's dtype torch.float64 .*, got torch.int64"),
+        ("float32 memory", [LayerMemory(m.hidden.float()) for m in memory], TypeError,
+         r"model's dtype torch.float64 .*, got torch.float32"),
+        ("float offset", [LayerMemory(m.hidden, 1, 1.5) for m in memory], ValueError,
+         r"memory\[0\].mem_offset must be an int >= 0, got 1.5"),
+        ("age 0", [LayerMemory(m.hidden, 0) for m in memory], ValueError, r"memory\[0\].age must be an int >= 1"),
         ("device", [LayerMemory(m.hidden.to("meta")) for m in memory], ValueError, r"memory\[0\] is on meta"),
     ]
 
@@ -270,10 +276,36 @@ def test_memory_must_match_the_model():
     (torch.zeros(2, 0, dtype=torch.long), None, ValueError, r"B, L >= 1"),
     (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long), ValueError,
      r"targets must have the shape of tokens \(2, 8\), got \(2, 7\)"),
-], ids=["float tokens", "1-d tokens", "byte tokens", "empty", "targets shape"])
+    (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8), TypeError,
+     r"targets must be an int64 or int32 tensor of token ids, got torch.float32"),
+    (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long, device="meta"), ValueError,
+     r"targets are on meta but tokens are on cpu"),
+], ids=["float tokens", "1-d tokens", "byte tokens", "empty", "targets shape", "float targets", "targets device"])
 def test_bad_segments_are_refused(tokens, targets, error, message):
     with pytest.raises(error, match=message):
         small_model()(tokens, None, targets)
+
+
+def test_int32_targets_give_the_int64_loss_and_segment_lists_are_required():
+    model = small_model()
+    xs, ys = segments(2)
+    loss, _ = model(xs[0], None, ys[0])
+    loss32, _ = model(xs[0].int(), None, ys[0].int())
+    assert torch.equal(loss, loss32)
+    for inputs, targets, name in ((xs[0], ys, "inputs"), (xs, ys[0], "targets")):
+        with pytest.raises(TypeError, match=f"replay_segments: {name} must be a list or tuple of T tensors"):
+            model.replay_segments(inputs, targets)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("n_token", 0, "n_token must be an int >= 1, got 0"), ("n_layer", 2.0, "n_layer must be an int >= 1"),
+    ("n_head", 0, "n_head must be an int >= 1"), ("d_head", 0, "d_head must be an int >= 1"),
+    ("d_inner", True, "d_inner must be an int >= 1"), ("d_model", 9, "d_model must be even"),
+])
+def test_bad_sizes_are_refused_when_the_model_is_built(option, value, message):
+    """Each failed only later (a shape error at the first forward for an odd d_model, ZeroDivisionError for d_head=0)."""
+    with pytest.raises(ValueError, match=message):
+        TransformerXL(**(dict(n_token=31, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32) | {option: value}))
 
 
 def test_random_state_restores_cross_head_and_skip_retain_draws():

@@ -118,6 +118,13 @@ class TransformerXL(nn.Module):
                  cross_head_p: float = 0.0, skip_retain_p: float = 0.0, skip_schedule: str = "linear",
                  phase: str = "pretrain", backend: str = "auto", dropout_backend: str = "auto"):
         super().__init__()
+        for name, size in (("n_token", n_token), ("n_layer", n_layer), ("n_head", n_head), ("d_head", d_head),
+                           ("d_inner", d_inner), ("d_model", d_model)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+        if d_model % 2:
+            raise ValueError(f"d_model must be even (the position embeddings are d_model / 2 sines and as many "
+                             f"cosines), got {d_model}")
         for name, p in (("cross_head_p", cross_head_p), ("skip_retain_p", skip_retain_p)):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
@@ -423,6 +430,10 @@ class TransformerXL(nn.Module):
         if targets is not None and (not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, L)):
             shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"{name}: targets must have the shape of {what} ({B}, {L}), got {shape}")
+        if targets is not None and targets.dtype not in TOKEN_DTYPES:
+            raise TypeError(f"{name}: targets must be an int64 or int32 tensor of token ids, got {targets.dtype}")
+        if targets is not None and targets.device != tokens.device:
+            raise ValueError(f"{name}: targets are on {targets.device} but {what} are on {tokens.device}")
         if memory is None:
             return
         pending = getattr(memory, "pending", None)
@@ -442,8 +453,14 @@ class TransformerXL(nn.Module):
                                  f"got {tuple(h.shape)}")
             if h.device != tokens.device:
                 raise ValueError(f"{name}: memory[{index}] is on {h.device} but {what} are on {tokens.device}")
-            if not h.dtype.is_floating_point:
-                raise TypeError(f"{name}: memory[{index}].hidden must be a float tensor, got {h.dtype}")
+            if h.dtype != self.word_emb.weight.dtype:
+                raise TypeError(f"{name}: memory[{index}].hidden must have the model's dtype "
+                                f"{self.word_emb.weight.dtype} (the layers' inputs), got {h.dtype}")
+            for field in ("age", "mem_offset"):
+                value = getattr(mem, field)
+                if isinstance(value, bool) or not isinstance(value, int) or value < (field == "age"):
+                    raise ValueError(f"{name}: memory[{index}].{field} must be an int >= {int(field == 'age')}, "
+                                     f"got {value!r}")
 
     def forward(self, tokens: torch.Tensor, memory: Optional[Memory] = None, targets: Optional[torch.Tensor] = None,
                 *, kv_caches: Optional[List[KeyValueCache]] = None):
@@ -482,6 +499,10 @@ class TransformerXL(nn.Module):
         if self.skip_retain is not None and self.training and self.skip_retain.phase == "pretrain":
             raise ValueError("replay_segments: skip-retain changes the memory's structure between segments; "
                              "train the pre-training phase with detached memory (forward) instead")
+        for name, segments in (("inputs", inputs), ("targets", targets)):
+            if not isinstance(segments, (list, tuple)):
+                raise TypeError(f"replay_segments: {name} must be a list or tuple of T tensors [B, L] (one per "
+                                f"segment), got {type(segments).__name__}")
         if len(inputs) != len(targets) or not inputs:
             raise ValueError(f"replay_segments: need as many targets as inputs (>= 1), got {len(inputs)} and "
                              f"{len(targets)}")
@@ -508,7 +529,7 @@ class TransformerXL(nn.Module):
         return losses + list(ys), [LayerMemory(h) for h in mem_last]
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(hidden).reshape(-1, self.n_token), targets.reshape(-1))
+        return F.cross_entropy(self.logits(hidden).reshape(-1, self.n_token), targets.reshape(-1).long())
 
     def _draw_permutations(self, device) -> Tuple[torch.Tensor, ...]:
         """Each layer's cross-head draw for one segment as an int64 ``[n_layer, n_head]`` table (row of -1: none),
