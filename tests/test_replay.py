@@ -337,6 +337,23 @@ def test_examples_are_stored_without_their_autograd_history():
     assert encoder.weight.grad is None
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_buffer_filled_or_loaded_under_inference_mode_works_outside_it(device):
+    """The buffer's state is allocated as normal tensors even when its first add, or a load_state_dict into a fresh
+    buffer, runs under torch.inference_mode: later adds and updates outside it write to them in place (inference
+    tensors refused that)."""
+    source = PrioritizedReplay(8, rule="loss_difference", seed=0)
+    source.add(torch.randn(3, 2), losses=torch.rand(3))
+    buffers = [PrioritizedReplay(8, rule="loss_difference", device=device, seed=0) for _ in range(2)]
+    with torch.inference_mode():
+        buffers[0].add(torch.randn(3, 2), losses=torch.rand(3))
+        buffers[1].load_state_dict(source.state_dict())
+    for buffer in buffers:
+        buffer.add(torch.randn(2, 2), losses=torch.rand(2))
+        buffer.update(buffer.sample(4).indices, torch.rand(4))
+        assert len(buffer) == 5 and buffer.examples().shape == (5, 2)
+
+
 def test_loading_an_empty_state_empties_a_used_buffer():
     """The state of a buffer that never held an example, loaded into one that did, leaves no mass behind: every draw
     lands on an example added afterwards (the sum tree kept the old masses and drew removed slots)."""
@@ -392,11 +409,43 @@ def test_sum_tree_levels_and_draws_at_block_boundaries(capacity):
     assert torch.equal(cumsum.draw(uniforms, filled), slots)
 
 
+def test_structures_refuse_capacities_below_one():
+    """A capacity below 1 is refused by name (the sum tree's level loop never reached its one-node root: a hang)."""
+    for build in (lambda c: SumTree(c, "cpu"), lambda c: CumsumSampler(c, "cpu"),
+                  lambda c: make_structure("sum_tree", c, "cpu"), lambda c: make_structure("auto", c, "cpu")):
+        for capacity in (0, -3, 2.0, True, None):
+            with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+                build(capacity)
+
+
 def test_auto_structure_follows_the_capacity_crossover():
     from memtx_ops.replay import SUM_TREE_FROM
 
     assert isinstance(make_structure("auto", SUM_TREE_FROM["cpu"] - 1, "cpu"), CumsumSampler)
     assert isinstance(make_structure("auto", SUM_TREE_FROM["cpu"], "cpu"), SumTree)
+
+
+def test_seed_device_and_state_are_checked_by_name():
+    """A seed outside torch.Generator's range (the first add overflowed), a device that cannot hold a buffer that
+    samples (meta, a bad name: torch's RuntimeError) and a state that is no dict (AttributeError) are refused
+    naming the argument; the seeds at the ends of the range and a device name that tensors report otherwise
+    ("cpu:0" -> cpu: the examples were refused as on another device) work."""
+    for seed in (2**64, -2**63 - 1, 2**70):
+        with pytest.raises(ValueError, match="seed must be in"):
+            PrioritizedReplay(4, seed=seed)
+    for seed in (2**64 - 1, -2**63):
+        PrioritizedReplay(4, seed=seed).add(torch.zeros(1, 2))
+    for device in ("meta", torch.device("meta"), "nope", 1.5):
+        with pytest.raises(ValueError, match="^device"):
+            PrioritizedReplay(4, device=device)
+    with pytest.raises(ValueError, match="^examples: the meta device"):
+        PrioritizedReplay(4).add(torch.zeros(1, 2, device="meta"))
+    buffer = PrioritizedReplay(4, device="cpu:0", seed=0)
+    buffer.add(torch.zeros(1, 2))
+    assert buffer.device == torch.device("cpu")
+    for state in (None, [("capacity", 4)]):
+        with pytest.raises(TypeError, match="state must be a dict"):
+            buffer.load_state_dict(state)
 
 
 def test_bad_arguments_raise_before_any_work():

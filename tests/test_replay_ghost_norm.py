@@ -62,3 +62,19 @@ def test_bad_shapes_raise():
         cross_entropy_logit_grads(torch.zeros(2, 3, 4), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="logits must be a float tensor"):
         cross_entropy_logit_grads(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_bad_targets_and_bias_raise_naming_them():
+    """Targets on another device than the logits (meta targets dropped the one-hot term), complex targets (1+5j
+    became class 1), targets outside [0, V) (ignore_index -100: scatter_add_'s error) and a bias that is no bool
+    are refused by name."""
+    logits = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="targets must be on logits' device cpu, got meta"):
+        cross_entropy_logit_grads(logits, torch.zeros(1, 2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="targets must be an integer tensor"):
+        cross_entropy_logit_grads(logits, torch.tensor([[1 + 5j, 0j]]))
+    for bad in (-100, -1, 3):
+        with pytest.raises(RuntimeError, match=r"targets must be classes in \[0, 3\)"):
+            cross_entropy_logit_grads(logits, torch.tensor([[0, bad]]))
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        output_layer_grad_norms(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), bias="no")

@@ -31,6 +31,7 @@ examples, plus about 5 float64/int64 values per slot (priority, last loss, dedup
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -92,8 +93,9 @@ class PrioritizedReplay:
     ``device``: where the buffer lives (default: that of the first examples added). ``rule``: ``"loss"``,
     ``"loss_difference"`` or ``"grad_norm"`` (what :meth:`update` makes of its values). ``eps`` > 0: added to every
     priority. ``structure``: ``"auto"`` (by capacity), ``"sum_tree"`` or ``"cumsum"``; ``branching``: the sum
-    tree's children per node. ``seed``: of the buffer's own generator (default: drawn from torch's default
-    generator, so ``torch.manual_seed`` reproduces a run); its state is in :meth:`state_dict`.
+    tree's children per node. ``seed``: of the buffer's own generator, an int in ``[-2**63, 2**64)`` (what
+    ``torch.Generator.manual_seed`` takes; default: drawn from torch's default generator, so ``torch.manual_seed``
+    reproduces a run); its state is in :meth:`state_dict`.
 
     ``add(examples, priorities=None, losses=None) -> slots``, ``sample(n, generator=None) -> ReplaySample``,
     ``update(indices, values)``; ``len(buffer)`` is the number of filled slots.
@@ -126,6 +128,8 @@ class PrioritizedReplay:
         self.structure_kind, self.branching = structure, branching
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {_describe(seed)}")
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (the range of torch.Generator.manual_seed), got {seed}")
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.long).item()) if seed is None else seed
         self.device: Optional[torch.device] = None
         self.position = 0          # the next slot the ring writes
@@ -134,20 +138,40 @@ class PrioritizedReplay:
         self._storage: Optional[Tuple[Tensor, ...]] = None
         self._is_tuple = False
         if device is not None:
-            self._allocate(torch.device(device))
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got "
+                                 f"{_describe(device)}") from None
+            self._allocate(device, "device")
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
-    def _allocate(self, device: torch.device) -> None:
-        """The per-slot state on ``device`` (the examples' storage comes with the first add)."""
-        self.device = device
+    @torch.inference_mode(False)
+    def _allocate(self, device: torch.device, name: str) -> None:
+        """The per-slot state on ``device``, which the argument ``name`` chose (the examples' storage comes with the
+        first add). Normal tensors even under inference mode: later calls outside it update them in place."""
+        if device.type == "meta":
+            raise ValueError(f"{name}: the meta device holds no values, so a buffer there cannot sample (use a "
+                             f"device such as cpu or cuda)")
+        try:
+            generator = torch.Generator(device=device)
+        except RuntimeError as error:
+            raise ValueError(f"{name}: {device} has no random generator for the buffer ({error})") from None
+        generator.manual_seed(self.seed)
+        self.generator = generator
         self.priorities = torch.zeros(self.capacity, dtype=torch.float64, device=device)
-        self.last_losses = torch.full((self.capacity,), math.nan, dtype=torch.float64, device=device)
-        self.max_priority = torch.ones((), dtype=torch.float64, device=device)
-        self._last_position = torch.empty(self.capacity, dtype=torch.long, device=device)  # dedup scratch
-        self.structure = make_structure(self.structure_kind, self.capacity, device, self.branching)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.seed)
+        self.device = self.priorities.device  # as tensors report it: "cuda" -> cuda:0, "cpu:0" -> cpu
+        self.last_losses = torch.full((self.capacity,), math.nan, dtype=torch.float64, device=self.device)
+        self.max_priority = torch.ones((), dtype=torch.float64, device=self.device)
+        self._last_position = torch.empty(self.capacity, dtype=torch.long, device=self.device)  # dedup scratch
+        self.structure = make_structure(self.structure_kind, self.capacity, self.device, self.branching)
+
+    @torch.inference_mode(False)
+    def _allocate_storage(self, examples: Sequence[Tensor]) -> None:
+        """Zeroed storage ``[capacity, ...]`` on the buffer's device for examples like ``examples`` (normal tensors
+        even under inference mode, as in :meth:`_allocate`)."""
+        self._storage = tuple(t.new_zeros((self.capacity, *t.shape[1:]), device=self.device) for t in examples)
 
     def __len__(self) -> int:
         return self.filled
@@ -204,7 +228,7 @@ class PrioritizedReplay:
         ``capacity`` examples keep the last ``capacity``. The examples are stored detached (no autograd history)."""
         tensors, is_tuple = self._check_examples(examples)
         if self.device is None:
-            self._allocate(tensors[0].device)
+            self._allocate(tensors[0].device, "examples")
         # stored without their autograd history, and read before the ring overwrites them if they are the buffer's own
         tensors = tuple(t.detach().clone() if self._shares_storage(t) else t.detach() for t in tensors)
         k = tensors[0].shape[0]
@@ -215,7 +239,7 @@ class PrioritizedReplay:
             self._masses(given, "add")  # checked before anything is written
             self.max_priority = torch.maximum(self.max_priority, given.amax())
         if self._storage is None:
-            self._storage = tuple(t.new_zeros((self.capacity, *t.shape[1:])) for t in tensors)
+            self._allocate_storage(tensors)
             self._is_tuple = is_tuple
         if k > self.capacity:  # the ring would overwrite the first ones within this call
             drop = k - self.capacity
@@ -346,6 +370,8 @@ class PrioritizedReplay:
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Restores :meth:`state_dict` into a buffer built with the same capacity, alpha, rule and eps (and
         structure); the tensors move to this buffer's device (default: theirs)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from PrioritizedReplay.state_dict(), got {_describe(state)}")
         mine = dict(capacity=self.capacity, alpha=self.alpha, rule=self.rule, eps=self.eps)
         changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if changed:
@@ -354,11 +380,11 @@ class PrioritizedReplay:
         self.seed, self._is_tuple = state["seed"], state["is_tuple"]
         if state["device"] is None:  # a buffer that never held an example: so is this one now
             if self.device is not None:
-                self._allocate(self.device)
+                self._allocate(self.device, "device")
             self._storage = None
             return
         if self.device is None:
-            self._allocate(state["priorities"].device)
+            self._allocate(state["priorities"].device, "state")
         if type(self.structure).__name__ != state["structure_kind"]:
             raise ValueError(f"load_state_dict: the state's sampling structure is a {state['structure_kind']}, this "
                              f"buffer's a {type(self.structure).__name__} (pass structure= to match)")
@@ -370,6 +396,8 @@ class PrioritizedReplay:
         self.max_priority = state["max_priority"].to(self.device, torch.float64).clone()
         self.generator.set_state(state["generator"].cpu())
         storage: Optional[Sequence[Tensor]] = state["storage"]  # the filled slots
-        self._storage = None if storage is None else tuple(
-            torch.cat([t.to(self.device), t.new_zeros((self.capacity - t.shape[0], *t.shape[1:]), device=self.device)])
-            for t in storage)
+        self._storage = None
+        if storage is not None:
+            self._allocate_storage(storage)
+            for store, saved in zip(self._storage, storage):
+                store[: saved.shape[0]].copy_(saved)

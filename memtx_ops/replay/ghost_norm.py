@@ -26,6 +26,8 @@ from torch import Tensor
 def output_layer_grad_norms(inputs: Tensor, grad_outputs: Tensor, bias: bool = True) -> Tensor:
     """Per-example Frobenius norm of the gradient of ``y = x W^T (+ b)``: inputs ``x`` [B, T, d_in], output
     gradients [B, T, d_out] of each example's own loss -> ``[B]`` (weight and, with ``bias``, bias gradient)."""
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r}")
     for name, t in (("inputs", inputs), ("grad_outputs", grad_outputs)):
         if not isinstance(t, Tensor) or t.dim() != 3 or not t.dtype.is_floating_point:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -45,15 +47,24 @@ def output_layer_grad_norms(inputs: Tensor, grad_outputs: Tensor, bias: bool = T
 
 def cross_entropy_logit_grads(logits: Tensor, targets: Tensor) -> Tensor:
     """Gradient of each example's mean token cross-entropy with respect to its logits: logits [B, T, V], integer
-    targets [B, T] -> ``(softmax(logits) - onehot(targets)) / T`` [B, T, V] (float32 or wider; no graph)."""
+    targets [B, T] on logits' device -> ``(softmax(logits) - onehot(targets)) / T`` [B, T, V] (float32 or wider; no
+    graph). Every target must be a class in ``[0, V)`` (no ``ignore_index``); like the replay buffer's value checks,
+    this is a ``torch._assert_async`` (a device-side assertion on CUDA, no host sync)."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a float tensor [B, T, V], got "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
     if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(logits.shape[:2]) \
-            or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            or targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor [B, T] = {tuple(logits.shape[:2])}, got "
-                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+                         + (f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, Tensor)
+                            else type(targets).__name__))
+    if targets.device != logits.device:
+        raise ValueError(f"targets must be on logits' device {logits.device}, got {targets.device}")
+    num_classes = logits.shape[2]
+    targets = targets.long()
+    torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                        f"cross_entropy_logit_grads: targets must be classes in [0, {num_classes}) (no ignore_index)")
     dtype = torch.promote_types(logits.dtype, torch.float32)
     grads = torch.softmax(logits.detach().to(dtype), dim=-1)
-    grads.scatter_add_(-1, targets.long()[..., None], torch.full_like(grads[..., :1], -1.0))
+    grads.scatter_add_(-1, targets[..., None], torch.full_like(grads[..., :1], -1.0))
     return grads / logits.shape[1]

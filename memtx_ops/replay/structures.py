@@ -48,10 +48,17 @@ DEFAULT_BRANCHING = 16
 SUM_TREE_FROM = {"cpu": 2**18, "cuda": 2**24}
 
 
+def _check_capacity(capacity) -> None:
+    """A ValueError unless ``capacity`` is an int >= 1."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+
+
 class SumTree:
     """Sum and min trees over ``capacity`` float64 masses on ``device``; ``branching`` children per node (>= 2)."""
 
     def __init__(self, capacity: int, device, branching: int = DEFAULT_BRANCHING):
+        _check_capacity(capacity)
         if isinstance(branching, bool) or not isinstance(branching, int) or branching < 2:
             raise ValueError(f"branching must be an int >= 2, got {branching!r}")
         self.capacity, self.branching, self.device = capacity, branching, torch.device(device)
@@ -123,6 +130,7 @@ class CumsumSampler:
     """The ``capacity`` float64 masses in one tensor on ``device``; draws by cumsum + searchsorted."""
 
     def __init__(self, capacity: int, device):
+        _check_capacity(capacity)
         self.capacity, self.device = capacity, torch.device(device)
         self.masses = torch.zeros(capacity, dtype=torch.float64, device=self.device)
 
@@ -158,6 +166,7 @@ class CumsumSampler:
 def make_structure(kind: str, capacity: int, device, branching: int = DEFAULT_BRANCHING):
     """``"sum_tree"``, ``"cumsum"`` or ``"auto"`` (the sum tree from ``SUM_TREE_FROM[device type]`` slots on,
     else cumsum) -> the structure."""
+    _check_capacity(capacity)
     device = torch.device(device)
     if kind == "auto":
         kind = "sum_tree" if capacity >= SUM_TREE_FROM.get(device.type, SUM_TREE_FROM["cuda"]) else "cumsum"
