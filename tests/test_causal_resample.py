@@ -356,6 +356,18 @@ def test_registered_ops_called_directly_check_and_read_any_layout(backend):
             call()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_inference_mode_inputs_with_learned_weights(backend):
+    """x and prev made under inference_mode, weights learned: the backward keeps x and prev, which autograd cannot
+    save as they are (the fused path raised after its kernel ran; the reference path never did)."""
+    with torch.inference_mode():
+        x, prev = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 2, 4, dtype=torch.float64)
+    weights = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    memtx_ops.causal_downsample(x, 3, prev=prev, weights=weights, backend=backend).sum().backward()
+    want = torch.autograd.grad(reference.causal_downsample(x.clone(), 3, prev.clone(), weights).sum(), weights)[0]
+    torch.testing.assert_close(weights.grad, want, rtol=1e-12, atol=1e-12)
+
+
 def test_backend_dispatch():
     cpu = torch.device("cpu")
     assert resolve_resample_backend("auto", cpu, torch.float32) == "cpu"

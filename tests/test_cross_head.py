@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memtx_ops
 from helpers import (GRAD_NAMES, TF32_TOLERANCE, TOLERANCE, Case, assert_close_to_reference, attention_scales,
@@ -115,6 +116,25 @@ def test_perm_validation(perm, error, match):
     inputs = make_inputs(Case(B=1, H=4, L=8, M=4, D=16), seed=3)
     with pytest.raises(error, match=match):
         memtx_ops.cross_head_attention(*inputs, perm, backend="cpu")
+
+
+def test_perm_on_another_device_rejected_before_its_values_are_read():
+    inputs = make_inputs(Case(B=1, H=2, L=3, M=2, D=8), seed=5)
+    with pytest.raises(ValueError, match="perm must be on q's device cpu, got perm on meta"):
+        memtx_ops.cross_head_attention(*inputs, torch.tensor([1, 0], device="meta"))
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+def test_perm_without_values_is_not_value_checked(kind):
+    """perm on the meta device or fake (shape propagation) has no values to check: the call gives the output's
+    shape instead of failing to read them."""
+    inputs, perm = [t.detach() for t in make_inputs(Case(B=1, H=2, L=3, M=2, D=8), seed=6)], torch.tensor([1, 0])
+    if kind == "meta":
+        out = memtx_ops.cross_head_attention(*(t.to("meta") for t in inputs), perm.to("meta"))
+    else:
+        with FakeTensorMode() as mode:
+            out = memtx_ops.cross_head_attention(*(mode.from_tensor(t) for t in inputs), mode.from_tensor(perm))
+    assert out.shape == (1, 2, 3, 8)
 
 
 def test_grouped_query_heads_rejected():

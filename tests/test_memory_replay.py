@@ -324,6 +324,23 @@ def test_need_output_with_empty_outputs_matches_bptt():
     assert_close(grads[1], grads[0])
 
 
+def test_memory_and_inputs_made_under_inference_mode():
+    """mem0 and xs made under torch.inference_mode (a memory carried over from evaluation): autograd can neither save
+    them nor read their versions, so the rollout runs on copies of them; the parameters get BPTT's gradients."""
+    model = make_model(SlotMemory)
+    mem0, xs = slot_inputs()
+    with torch.inference_mode():
+        mem0, xs = mem0.detach().clone(), [x.detach().clone() for x in xs]
+    params = list(model.parameters())
+    grads = []
+    for run in (lambda: bptt(model, mem0.clone(), [x.clone() for x in xs]),  # plain autograd needs the copies too
+                lambda: memtx_ops.memory_replay(model, mem0, xs)):
+        torch.manual_seed(7)
+        ys, mem_T = run()
+        grads.append(dict(enumerate(torch.autograd.grad(sum(y.sum() for y in ys) + mem_T.sum(), params))))
+    assert_close(grads[1], grads[0])
+
+
 def test_need_output_forward_skips_the_output_and_backward_reuses_the_replay():
     """Forward: T memory-only calls, then T replays that give the losses; sum(ys).backward() calls nothing."""
     model = make_model(LossXL)

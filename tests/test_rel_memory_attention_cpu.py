@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import memtx_ops
 from helpers import (
@@ -12,8 +13,10 @@ from helpers import (
     assert_matches_reference,
     assert_opcheck_passes,
     assert_strided_inputs_reach_backend,
+    attention_scales,
     backend_forward_calls,
     make_inputs,
+    reference_float64,
 )
 from memtx_ops._extension import extension_error
 
@@ -195,6 +198,48 @@ def test_training_after_a_call_under_inference_mode():
     with torch.inference_mode():
         cpu_attention(*make_inputs(case))
     assert_matches_reference(cpu_attention, case, torch.float32)
+
+
+@pytest.fixture
+def empty_kv_head_cache():
+    """The cache of default kv_head_index tensors, emptied before the test and after it."""
+    from memtx_ops.ops.rel_memory_attention import _default_kv_heads
+
+    _default_kv_heads.cache_clear()
+    yield
+    _default_kv_heads.cache_clear()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_call_under_fake_mode_caches_nothing(requires_grad, empty_kv_head_cache):
+    """A call under FakeTensorMode (shape propagation) runs the custom op's fake implementation, also without a
+    gradient to compute (the kernel has none), and caches no fake default kv_head_index: one made every later real
+    call with the same (H, Hk, device) fail."""
+    case = Case(B=1, H=4, Hk=2, L=3, M=2, D=8)
+    inputs = [t.detach() for t in make_inputs(case)]
+    with FakeTensorMode() as mode:
+        out = cpu_attention(*(mode.from_tensor(t).requires_grad_(requires_grad) for t in inputs))
+    assert isinstance(out, FakeTensor) and out.shape == (1, 4, 3, 8)
+    torch.testing.assert_close(cpu_attention(*inputs), memtx_ops.reference.rel_memory_attention(*inputs))
+    assert_matches_reference(cpu_attention, case, torch.float32)
+
+
+def test_inference_mode_inputs_in_a_training_call():
+    """q, k, v, r and kv_head_index made under torch.inference_mode, u and vb learned: autograd cannot save inference
+    tensors for the backward, so the op saves copies of them, and trains as the reference does."""
+    case = Case(B=1, H=4, Hk=2, L=5, M=7, D=8, kv_head_index=(1, 0, 0, 1))
+    inputs = make_inputs(case)
+    with torch.inference_mode():
+        q, k, v, r = (t.detach().clone() for t in inputs[:4])
+        kv_head_index = torch.tensor(case.kv_head_index)
+    u, vb = inputs[4:]
+    out = cpu_attention(q, k, v, r, u, vb, kv_head_index=kv_head_index)
+    grad_out = torch.randn_like(out)
+    du, dvb = torch.autograd.grad(out, (u, vb), grad_out)
+    ref_out, (*_, ref_du, ref_dvb) = reference_float64(inputs, grad_out, case)
+    scales = attention_scales(*inputs[:4], grad_out)
+    assert_close_to_reference(dict(out=out, du=du, dvb=dvb), dict(out=ref_out, du=ref_du, dvb=ref_dvb), torch.float32,
+                              **scales)
 
 
 def test_opcheck():

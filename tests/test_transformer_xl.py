@@ -257,6 +257,22 @@ def bad_memories(model, memory):
     ]
 
 
+def test_a_forward_under_a_fake_mode_leaves_no_fake_table_behind():
+    """Shape propagation (FakeTensorMode) builds its position table inline: one cached there held no values, and the
+    next real forward of the model returned a FakeTensor."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = small_model().eval()
+    tokens = segments(1)[0][0]
+    want, _ = model(tokens)
+    model._position_tables.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        logits, _ = model(mode.from_tensor(tokens))
+    assert isinstance(logits, FakeTensor) and logits.shape == want.shape
+    got, _ = model(tokens)
+    assert not isinstance(got, FakeTensor) and torch.equal(got, want)
+
+
 def test_memory_must_match_the_model():
     """A memory list shorter than n_layer used to make zip() run fewer layers, silently."""
     model = small_model()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memtx_ops
 from helpers import Case, make_inputs
@@ -59,6 +60,8 @@ BAD_OPTIONS = [
     ("index range", dict(kv_head_index=torch.tensor([0, 1, 2, 1])), ValueError, r"values must lie in \[0, Hk=2\)"),
     ("index negative", dict(kv_head_index=torch.tensor([0, -1, 0, 1])), ValueError, r"values must lie in"),
     ("index list", dict(kv_head_index=[0, 1, 0, 1]), TypeError, r"kv_head_index must be an integer tensor"),
+    ("index on meta", dict(kv_head_index=torch.tensor([0, 1, 0, 1], device="meta")), ValueError,
+     r"kv_head_index is on meta but q is on cpu"),
     ("window 0", dict(window=0), ValueError, r"window must be >= 1"),
     ("window float", dict(window=2.5), TypeError, r"window must be an int"),
     ("mem_offset < 0", dict(mem_offset=-1), ValueError, r"mem_offset must be >= 0"),
@@ -77,6 +80,19 @@ BAD_OPTIONS = [
 def test_bad_option(name, kwargs, error, match):
     with pytest.raises(error, match=match):
         call(good(), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+def test_index_without_values_is_not_value_checked(kind):
+    """kv_head_index on the meta device or fake (shape propagation) has no values to check: the call gives the
+    output's shape instead of failing to read them."""
+    args, index = good(), torch.tensor([1, 0, 0, 1])
+    if kind == "meta":
+        out = call({n: t.to("meta") for n, t in args.items()}, kv_head_index=index.to("meta"))
+    else:
+        with FakeTensorMode() as mode:
+            out = call({n: mode.from_tensor(t) for n, t in args.items()}, kv_head_index=mode.from_tensor(index))
+    assert out.shape == (2, 4, 6, 16)
 
 
 def test_unsupported_head_dim_names_the_limit():

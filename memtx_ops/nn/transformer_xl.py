@@ -20,6 +20,7 @@ from memtx_ops.nn.dropout import Dropout
 from memtx_ops.nn.generation import KeyValueCache, PendingMemory, check_sampling, sample_next_token
 from memtx_ops.ops.dropout import relu_dropout
 from memtx_ops.ops.memory_replay import memory_replay
+from memtx_ops.ops.rel_memory_attention import is_fake
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn
 from memtx_ops.nn.skip_retain import PHASES, LayerMemory, SkipRetainSchedule
 
@@ -348,8 +349,8 @@ class TransformerXL(nn.Module):
         """Sinusoid embeddings of distances ``rlen - 1`` down to 0, ``[rlen, 1, d_model]``: the last ``rlen`` rows of
         one table per (clamp_len, device, dtype), which grows by doubling, so a memory that fills one position per
         decoding step neither keeps a table per length nor builds one per step (computed inline under
-        torch.compile, where the length may be symbolic)."""
-        if torch.compiler.is_compiling():
+        torch.compile, where the length may be symbolic, and under a fake mode, whose tables hold no values)."""
+        if torch.compiler.is_compiling() or is_fake():
             return sinusoid_positions(rlen, self.d_model, self.clamp_len, device, dtype)
         key = (self.clamp_len, device, dtype)
         table = self._position_tables.get(key)

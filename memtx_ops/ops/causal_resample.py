@@ -19,6 +19,7 @@ from memtx_ops.backends.causal_resample import (
     get_resample_backend,
     resolve_resample_backend,
 )
+from memtx_ops.ops.rel_memory_attention import savable
 from memtx_ops.reference.causal_resample import UPSAMPLE_MODES
 
 Tensor = torch.Tensor
@@ -211,7 +212,7 @@ def _downsample_setup_context(ctx, inputs, output):
     ctx.has_prev = prev is not None
     ctx.weights_grad = ctx.needs_input_grad[2]
     # dx and dprev need only the weights; x and prev are kept for the weights' gradient alone
-    ctx.save_for_backward(weights, *((x, prev) if ctx.weights_grad else ()))
+    ctx.save_for_backward(*(savable(t) for t in (weights, *((x, prev) if ctx.weights_grad else ()))))
 
 
 def _downsample_backward(ctx, grad):

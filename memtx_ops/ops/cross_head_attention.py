@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .rel_memory_attention import rel_memory_attention
+from .rel_memory_attention import rel_memory_attention, values_readable
 
 Tensor = torch.Tensor
 
@@ -20,15 +20,18 @@ def _fail(message: str, error=ValueError):
     raise error(f"cross_head_attention: {message}")
 
 
-def check_perm(perm) -> None:
-    """Raises ``TypeError``/``ValueError`` unless ``perm`` is a 1-dim int32/int64 permutation of ``range(len(perm))``."""
+def check_perm(perm, device: Optional[torch.device]) -> None:
+    """Raises ``TypeError``/``ValueError`` unless ``perm`` is a 1-dim int32/int64 permutation of ``range(len(perm))``
+    on ``device`` (q's; None: not checked here)."""
     if not isinstance(perm, torch.Tensor):
         _fail(f"perm must be an int32 or int64 tensor of shape [H], got {type(perm).__name__}", TypeError)
     if perm.dtype not in (torch.int32, torch.int64):
         _fail(f"perm must have dtype int32 or int64, got {perm.dtype}", TypeError)
     if perm.dim() != 1 or perm.numel() < 1:
         _fail(f"perm must have shape [H] with H >= 1, got {tuple(perm.shape)}")
-    if not torch.compiler.is_compiling():  # a value check would break the graph
+    if device is not None and perm.device != device:
+        _fail(f"perm must be on q's device {device}, got perm on {perm.device}")
+    if values_readable(perm):
         if not torch.equal(perm.sort().values, torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)):
             _fail(f"perm must be a permutation of range({perm.numel()}), got {perm.tolist()}")
 
@@ -54,7 +57,7 @@ def cross_head_attention(
     :func:`memtx_ops.reference.cross_head_attention`. ``window``, ``mem_offset``, ``scale`` and
     ``backend`` are those of :func:`memtx_ops.rel_memory_attention`.
     """
-    check_perm(perm)
+    check_perm(perm, q.device if isinstance(q, torch.Tensor) else None)
     H = perm.numel()
     # Malformed q or k are left to rel_memory_attention's checks, which name the argument.
     if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)) and not q.shape[1] == k.shape[1] == H:

@@ -11,6 +11,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .rel_memory_attention import savable
+
 Tensor = torch.Tensor
 Tensors = Tuple[Tensor, ...]
 Structure = Tuple[int, bool]  # (number of tensors, whether they come as a tuple) of a tensor-or-tuple value
@@ -584,6 +586,7 @@ def memory_replay(
             ys.append(_unflatten(y, y_is_tuple))
         return ys, _unflatten(mem, mem_is_tuple)
 
+    inputs = [savable(t) for t in inputs]
     y_runs, mem_last = _split_by(_MemoryReplay.apply(rollout, *inputs), rollout.y_structures)
     ys = [_unflatten(y, is_tuple) for y, (_, is_tuple) in zip(y_runs, rollout.y_structures)]
     return ys, _unflatten(mem_last, mem_is_tuple)

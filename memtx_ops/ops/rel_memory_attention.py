@@ -22,6 +22,24 @@ def _fail(message: str, error=ValueError):
     raise error(f"rel_memory_attention: {message}")
 
 
+def is_fake(t: Optional[Tensor] = None) -> bool:
+    """Whether ``t`` is a FakeTensor or a fake mode is active (shape propagation): there are no values to read, no
+    kernel to run directly, and nothing made now may be cached for later calls."""
+    return torch._guards.detect_fake_mode(t) is not None
+
+
+def savable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, or a copy of it when it was made under ``torch.inference_mode``: autograd can neither save such a tensor
+    for the backward nor read its version counter."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
+def values_readable(t: Tensor) -> bool:
+    """Whether the values of ``t`` can be checked here: not under ``torch.compile`` (a read would break the graph),
+    not on the meta device, not fake."""
+    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
+
+
 def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend) -> None:
     """Raises ``TypeError``/``ValueError`` naming the offending argument; nothing is launched before this."""
     named = {"q": q, "k": k, "v": v, "r": r, "u": u, "vb": vb}
@@ -80,7 +98,7 @@ def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, ba
             _fail(f"kv_head_index must have shape [H={H}], got {tuple(kv_head_index.shape)}")
         if kv_head_index.device != q.device:
             _fail(f"kv_head_index is on {kv_head_index.device} but q is on {q.device}")
-        if not torch.compiler.is_compiling():  # a value check would break the graph; kernels bound-check too
+        if values_readable(kv_head_index):  # kernels bound-check too
             lo, hi = int(kv_head_index.min()), int(kv_head_index.max())
             if lo < 0 or hi >= Hk:
                 _fail(f"kv_head_index values must lie in [0, Hk={Hk}), got values in [{lo}, {hi}]")
@@ -166,15 +184,15 @@ def rel_memory_attention(
 
     ``backend``: "auto" (the fastest available for the device and dtype), "reference", "cpu",
     "triton" or "cuda". Float16 and bfloat16 on the CPU run the float32 kernels and round the output back. With
-    a gradient to compute (or under ``torch.compile``) they take float32 copies of q, k, v, r, u, vb; otherwise only
+    a gradient to compute (or traced) they take float32 copies of q, k, v, r, u, vb; otherwise only
     q, r, u, vb are copied, and the forward reads k and v in their own dtype, widening each row as it reads it
     (half the bytes of float32 keys). With a gradient to compute, every fused backend keeps the output in float32
     for the backward and returns it rounded: the backward's delta = rowsum(dO * O) taken from a rounded O would
     swamp the gradients of queries that see few keys (on the GPU this costs 2 bytes more per element of out kept
     for the backward; inference writes the 16-bit output directly).
     Differentiable in every tensor argument but ``kv_head_index``. A call that needs no
-    gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` runs the backend's
-    kernel directly, without the custom op's dispatch (decoding, evaluation).
+    gradient (under ``torch.no_grad()``, or no input requires grad) outside ``torch.compile`` and fake modes runs the
+    backend's kernel directly, without the custom op's dispatch (decoding, evaluation).
     """
     check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend)
     backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
@@ -185,20 +203,22 @@ def rel_memory_attention(
             q, k, v, r, u, vb, kv_head_index=kv_head_index, window=window, mem_offset=mem_offset, scale=scale
         )
     impl = get_backend(backend, q.device, q.dtype, q.shape[-1])  # raises when it cannot run here
-    compiling = torch.compiler.is_compiling()
+    # Traced (torch.compile, or shape propagation under a fake mode): the custom op, which has a fake implementation;
+    # nothing made from the inputs is cached
+    tracing = torch.compiler.is_compiling() or is_fake(q)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r, u, vb))
     dtype, compute_dtype = q.dtype, impl.compute_dtypes.get(q.dtype)
     if compute_dtype is not None:  # e.g. float16 / bfloat16 on the CPU: float32 kernels
         q, r, u, vb = (converted(t, compute_dtype) for t in (q, r, u, vb))
-        if compiling or needs_grad:  # else the forward reads k and v as they are, widening each row it reads
+        if tracing or needs_grad:  # else the forward reads k and v as they are, widening each row it reads
             k, v = (converted(t, compute_dtype) for t in (k, v))
     if kv_head_index is None:
         kv_head_index = (reference.default_kv_head_index(q.shape[1], k.shape[1], q.device)
-                         if compiling else _default_kv_heads(q.shape[1], k.shape[1], q.device))
+                         if tracing else _default_kv_heads(q.shape[1], k.shape[1], q.device))
     q, k, v, r = (unit_last_stride(t) for t in (q, k, v, r))
     k, v = impl.arrange_keys(k, v, q.shape[2], needs_grad)
     tensors = (q, k, v, r, u.contiguous(), vb.contiguous(), kv_head_index.to(torch.int64).contiguous())
-    if not compiling and not needs_grad:
+    if not tracing and not needs_grad:
         # Inference (decoding, evaluation): nothing to differentiate or trace, so the backend's kernel is called
         # directly. The custom op's dispatch costs about 0.1 ms a call here, 15% of a decoding step at M = 640.
         span = kernel_span(window or 0, mem_offset, k.shape[2], r.shape[1])
@@ -252,7 +272,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, r, u, vb, out, lse, kv_head_index)
+    ctx.save_for_backward(*(savable(t) for t in (q, k, v, r, u, vb, out, lse, kv_head_index)))
     ctx.window, ctx.mem_offset, ctx.scale, ctx.backend = window, mem_offset, scale, backend
 
 
