@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from memtx_ops.nn.generation import KeyValueCache
 from memtx_ops.nn.rel_attention import RelPartialLearnableMultiHeadAttn, clamp_rows, window_of_mask
 
 
@@ -181,7 +182,7 @@ def test_stated_window_and_clamp_equal_the_recognised_mask(cfg):
 def test_stated_window_must_be_an_int_or_none():
     layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
     with pytest.raises(TypeError, match="window must be 'mask', None or an int, got 2.5"):
-        layer(torch.randn(3, 1, 8), positions(3, 8), window=2.5, clamp_len=-1)
+        layer(torch.randn(3, 1, 8), positions(3, 8).float(), window=2.5, clamp_len=-1)
 
 
 def drop_in_pair(n_head=2, d_model=16, d_head=8, seed=0, **options):
@@ -251,3 +252,122 @@ def test_attention_dropout_in_training_compiles_whole():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(w, r, mems=mems, window=None, clamp_len=-1).sum().backward()
     assert layer.qkv_net.weight.grad is not None
+
+
+def small_segment(bsz=2, qlen=3, mlen=2, d_model=8):
+    """w, mems, r (float32) and Transformer-XL's causal mask for a layer of d_model 8."""
+    torch.manual_seed(0)
+    w, mems = torch.randn(qlen, bsz, d_model), torch.randn(mlen, bsz, d_model)
+    return w, mems, positions(qlen + mlen, d_model).float(), txl_mask(qlen, mlen)
+
+
+def test_r_expanded_over_the_batch_is_refused():
+    """Transformer-XL's pos_emb(pos_seq, bsz) layout [klen, bsz, d_model] was read as bsz * klen rows of r (output
+    off by 0.15 for an expansion of the same embeddings); r must be [rlen, 1, d_model]."""
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
+    w, mems, r, mask = small_segment()
+    expected = r"r must have shape \[rlen, 1, d_model=8\] .*pos_emb\[:, :1\].* got \(5, 2, 8\)"
+    with pytest.raises(ValueError, match=expected):
+        layer(w, r.expand(5, 2, 8), mask, mems)
+
+
+def fused_and_eager_layers():
+    """The same layer taking the fused path (eval) and the eager one (attention dropout in training)."""
+    return [RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0).eval(),
+            RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0, dropatt=0.1).train()]
+
+
+@pytest.mark.parametrize("layer", fused_and_eager_layers(), ids=["fused", "eager"])
+@pytest.mark.parametrize("options, error, message", [
+    (dict(window=0), ValueError, r"window must be >= 1 .* got 0"),
+    (dict(window=-1), ValueError, r"window must be >= 1 .* got -1"),
+    (dict(mem_offset=-1), ValueError, r"mem_offset must be >= 0 and < 2\*\*62, got -1"),
+    (dict(mem_offset=1.0), TypeError, r"mem_offset must be an int, got 1.0"),
+    (dict(kv_head_index=torch.tensor([-1, 0])), ValueError, r"kv_head_index values must lie in \[0, (n_head|Hk)=2\), "
+                                                            r"got values in \[-1, 0\]"),
+    (dict(kv_head_index=torch.tensor([0, 5])), ValueError, r"kv_head_index values must lie in \[0, (n_head|Hk)=2\)"),
+    (dict(kv_head_index=torch.tensor([0, 1, 1])), ValueError,
+     r"kv_head_index must have shape \[n_head=2\], got \(3,\)"),
+    (dict(kv_head_index=torch.tensor([0.0, 1.0])), TypeError, r"kv_head_index must be an int32 or int64 tensor"),
+    (dict(kv_head_index=[0, 1]), TypeError, r"kv_head_index must be an int32 or int64 tensor .* got list"),
+], ids=["window=0", "window=-1", "mem_offset=-1", "mem_offset=1.0", "heads<0", "heads>=H", "heads_shape",
+        "heads_float", "heads_list"])
+def test_eager_path_checks_window_mem_offset_and_kv_head_index(layer, options, error, message):
+    """The eager path (attention dropout, or a mask the op cannot express) made none of the op's checks: a window
+    of 0 (without attn_mask: an all-NaN output), a negative mem_offset or head computed silently, a head past the
+    last gave an IndexError."""
+    w, mems, r, mask = small_segment()
+    r = r[1:] if options.get("mem_offset") == -1 else r  # the row count that offset asks for
+    with pytest.raises(error, match=message):
+        layer(w, r, mask, mems, **options)
+
+
+def test_refused_call_leaves_the_kv_cache_as_it_was():
+    """The checks come before anything is projected: a refused call appends nothing to a kv_cache."""
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0).eval()
+    w, mems, r, _ = small_segment()
+    cache = KeyValueCache()
+    with torch.no_grad(), pytest.raises(ValueError, match="window must be >= 1"):
+        layer(w, r, None, mems, window=0, clamp_len=-1, kv_cache=cache)
+    assert len(cache) == 0
+
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("case, error, message", [
+    (lambda w, mems, r: (w[0], mems, r), ValueError,
+     r"w must have shape \[qlen >= 1, bsz >= 1, d_model=8\], got \(2, 8\)"),
+    (lambda w, mems, r: (w[..., :6], mems, r), ValueError, r"w must have shape .* got \(3, 2, 6\)"),
+    (lambda w, mems, r: (w[:0], mems, r[:2]), ValueError, r"w must have shape \[qlen >= 1.* got \(0, 2, 8\)"),
+    (lambda w, mems, r: (w.double(), mems.double(), r.double()), TypeError,
+     r"w must have the layer's dtype torch.float32 .* got torch.float64"),
+    (lambda w, mems, r: (w.long(), mems.long(), r), TypeError, r"w must have the layer's dtype .* got torch.int64"),
+    (lambda w, mems, r: (w.to(META), mems.to(META), r.to(META)), ValueError,
+     r"w is on meta but the layer's weights are on cpu"),
+    (lambda w, mems, r: (w, mems[:, :1], r), ValueError,
+     r"mems must have shape \[mlen, bsz=2, d_model=8\], got \(2, 1, 8\)"),
+    (lambda w, mems, r: (w, mems[..., :6], r), ValueError, r"mems must have shape .* got \(2, 2, 6\)"),
+    (lambda w, mems, r: (w, mems[0], r), ValueError, r"mems must have shape .* got \(2, 8\)"),
+    (lambda w, mems, r: (w, mems.double(), r), TypeError, r"mems has dtype torch.float64 but w has torch.float32"),
+    (lambda w, mems, r: (w, mems.bfloat16(), r), TypeError, r"mems has dtype torch.bfloat16 but w has torch.float32"),
+    (lambda w, mems, r: (w, mems.to(META), r), ValueError, r"mems is on meta but w is on cpu"),
+    (lambda w, mems, r: (w, mems, r[..., :6]), ValueError,
+     r"r must have shape \[rlen, 1, d_model=8\] .* got \(5, 1, 6\)"),
+    (lambda w, mems, r: (w, mems, r[:, 0]), ValueError, r"r must have shape .* got \(5, 8\)"),
+    (lambda w, mems, r: (w, mems, r.double()), TypeError, r"r must have the layer's dtype .* got torch.float64"),
+    (lambda w, mems, r: (w, mems, r.to(META)), ValueError, r"r is on meta but w is on cpu"),
+    (lambda w, mems, r: (w, mems, r.numpy()), TypeError, r"r must be a torch.Tensor, got ndarray"),
+], ids=["w_2d", "w_d_model", "qlen=0", "w_float64", "w_int", "w_device", "mems_batch", "mems_d_model", "mems_2d",
+        "mems_float64", "mems_bfloat16", "mems_device", "r_d_model", "r_2d", "r_float64", "r_device", "r_numpy"])
+def test_bad_w_mems_and_r_are_refused(case, error, message):
+    """Such w, mems or r gave a RuntimeError from torch.cat or F.linear, an IndexError (qlen 0), or (mems of another
+    float dtype, promoted by torch.cat) ran silently."""
+    w, mems, r, _ = small_segment()
+    w, mems, r = case(w, mems, r)
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
+    with pytest.raises(error, match=message):
+        layer(w, r, None, mems, window=None, clamp_len=-1)
+
+
+def test_autocast_takes_16_bit_w_and_r():
+    """Under autocast the projections cast w and r to its dtype: 16-bit w, r (with mems alike) are accepted."""
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0)
+    w, mems, r, mask = small_segment()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(w.bfloat16(), r, mask, mems.bfloat16())
+        assert torch.isfinite(layer(w, r.bfloat16(), mask, mems)).all()
+    torch.testing.assert_close(out.float(), layer(w, r, mask, mems), rtol=0.05, atol=0.05)
+
+
+def test_stated_window_is_not_read_from_attn_mask_on_the_eager_path():
+    """With window stated, attn_mask is not read: the eager path (attention dropout) used it all the same, so it
+    attended to what the stated window hides (as the fused path never does)."""
+    layer = RelPartialLearnableMultiHeadAttn(2, 8, 4, dropout=0.0, dropatt=0.1).train()
+    w, mems, r, mask = small_segment()
+    outputs = []
+    for attn_mask in (None, torch.zeros_like(mask)):  # no mask, and one that hides nothing
+        torch.manual_seed(1)  # the same attention dropout
+        with pytest.warns(UserWarning, match="attention dropout"):
+            outputs.append(layer(w, r, attn_mask, mems, window=None, clamp_len=-1))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)

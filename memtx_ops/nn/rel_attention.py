@@ -21,7 +21,13 @@ from torch import nn
 from memtx_ops import reference
 from memtx_ops.nn.dropout import Dropout
 from memtx_ops.nn.generation import KeyValueCache
-from memtx_ops.ops.rel_memory_attention import rel_memory_attention
+from memtx_ops.ops.rel_memory_attention import MAX_SPAN, rel_memory_attention, values_readable
+
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts to its own dtype
+
+
+def _fail(message: str, error=ValueError):
+    raise error(f"RelPartialLearnableMultiHeadAttn: {message}")
 
 
 def window_of_mask(attn_mask: torch.Tensor, qlen: int, klen: int):
@@ -57,8 +63,7 @@ def clamp_rows(r_asc: torch.Tensor) -> int:
 def check_clamp_len(clamp_len) -> None:
     """Raises ``TypeError`` unless ``clamp_len`` is None (read off r) or an int (<= 0: no clamp)."""
     if clamp_len is not None and (isinstance(clamp_len, bool) or not isinstance(clamp_len, int)):
-        raise TypeError(f"RelPartialLearnableMultiHeadAttn: clamp_len must be None or an int (<= 0: no clamp), got "
-                        f"{clamp_len!r}")
+        _fail(f"clamp_len must be None or an int (<= 0: no clamp), got {clamp_len!r}", TypeError)
 
 
 class RelPartialLearnableMultiHeadAttn(nn.Module):
@@ -116,28 +121,20 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
 
     def forward(self, w, r, attn_mask=None, mems=None, *, kv_head_index=None, mem_offset=0, window="mask",
                 clamp_len="layer", kv_cache: Optional[KeyValueCache] = None):
+        self._check_inputs(w, r, attn_mask, mems, kv_head_index, mem_offset, window)
+        if clamp_len != "layer":
+            check_clamp_len(clamp_len)
         qlen, bsz = w.shape[0], w.shape[1]
         mlen = 0 if mems is None else mems.shape[0]
         klen, rlen = mlen + qlen, r.shape[0]
         H, D = self.n_head, self.d_head
-        if window != "mask" and (isinstance(window, bool) or not (window is None or isinstance(window, int))):
-            raise TypeError(f"RelPartialLearnableMultiHeadAttn: window must be 'mask', None or an int, got {window!r}")
-        if clamp_len != "layer":
-            check_clamp_len(clamp_len)
-        if rlen != klen + mem_offset:
-            raise ValueError(f"RelPartialLearnableMultiHeadAttn: r must have klen + mem_offset = {klen + mem_offset} "
-                             f"rows (distance klen + mem_offset - 1 down to 0), got {rlen}")
-        if attn_mask is not None and (attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[:2]) != (qlen, klen)
-                                      or (attn_mask.dim() == 3 and attn_mask.shape[2] not in (1, bsz))):
-            raise ValueError(f"RelPartialLearnableMultiHeadAttn: attn_mask must be [qlen, klen] or [qlen, klen, 1 or "
-                             f"bsz] = [{qlen}, {klen}(, {bsz})], got {tuple(attn_mask.shape)}")
         if kv_cache is not None:
             if torch.is_grad_enabled():
-                raise ValueError("RelPartialLearnableMultiHeadAttn: kv_cache is for inference (its keys are those of "
-                                 "the weights it was filled with): call under torch.no_grad()")
+                _fail("kv_cache is for inference (its keys are those of the weights it was filled with): call under "
+                      "torch.no_grad()")
             if len(kv_cache) not in (0, mlen):
-                raise ValueError(f"RelPartialLearnableMultiHeadAttn: kv_cache holds {len(kv_cache)} positions, but "
-                                 f"mems has {mlen} (it must hold the keys of exactly these, or be empty)")
+                _fail(f"kv_cache holds {len(kv_cache)} positions, but mems has {mlen} (it must hold the keys of "
+                      "exactly these, or be empty)")
         # the rows projected here: the segment's when the cache holds the memory's k, v, else [memory ; segment]
         reuse = kv_cache is not None and len(kv_cache) == mlen
         rows_in = w if mems is None or reuse else torch.cat([mems, w], 0)
@@ -149,13 +146,15 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
 
         reason = self._fallback_reason(attn_mask, window)
         if reason is None and window == "mask":
-            recognised, window = window_of_mask(attn_mask, qlen, klen)
-            if not recognised:
+            recognised, mask_window = window_of_mask(attn_mask, qlen, klen)
+            if recognised:
+                window = mask_window
+            else:
                 reason = "attn_mask is neither causal-with-memory nor same_length"
         if reason is not None:
             if not torch.compiler.is_compiling():  # a warning per call would break a compiled graph
                 warnings.warn(f"RelPartialLearnableMultiHeadAttn: {reason}; using the eager reference", stacklevel=2)
-            if attn_mask is None and window != "mask":  # the caller stated the mask instead of passing it
+            if window != "mask":  # the caller stated the mask: attn_mask is not read
                 attn_mask = ~reference.visibility_mask(qlen, klen, window, w.device)
 
         rows = rlen
@@ -173,9 +172,79 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
                                             window=window, mem_offset=mem_offset, scale=self.scale,
                                             backend=self.backend)
         else:
+            self._check_kv_head_values(kv_head_index)
             attn_vec = self._eager_attention(q, k, v, r_head, attn_mask, kv_head_index, mem_offset)
         attn_out = self.drop(self.o_net(attn_vec.permute(2, 0, 1, 3).reshape(qlen, bsz, H * D)))
         return w + attn_out if self.pre_lnorm else self.layer_norm(w + attn_out)
+
+    def _check_inputs(self, w, r, attn_mask, mems, kv_head_index, mem_offset, window) -> None:
+        """Raises ``TypeError``/``ValueError`` naming the offending argument, before anything is projected or a
+        kv_cache extended, whichever path (fused or eager) the call then takes."""
+        for name, t in (("w", w), ("r", r), ("mems", mems), ("attn_mask", attn_mask)):
+            if not (isinstance(t, torch.Tensor) or (t is None and name in ("mems", "attn_mask"))):
+                _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        d_model, weight = self.d_model, self.qkv_net.weight
+        if w.dim() != 3 or w.shape[0] < 1 or w.shape[1] < 1 or w.shape[2] != d_model:
+            _fail(f"w must have shape [qlen >= 1, bsz >= 1, d_model={d_model}], got {tuple(w.shape)}")
+        if w.device != weight.device:
+            _fail(f"w is on {w.device} but the layer's weights are on {weight.device}")
+        # the projections run in the weights' dtype, or under autocast in its own (which it casts these to)
+        dtypes = (weight.dtype, *_AUTOCAST_DTYPES) if torch.is_autocast_enabled(w.device.type) else (weight.dtype,)
+        for name, t in (("w", w), ("r", r)):
+            if t.dtype not in dtypes:
+                _fail(f"{name} must have the layer's dtype {weight.dtype} (under autocast also float16, bfloat16 or "
+                      f"float32), got {t.dtype}", TypeError)
+        qlen, bsz = w.shape[0], w.shape[1]
+        if mems is not None:
+            if mems.dim() != 3 or tuple(mems.shape[1:]) != (bsz, d_model):
+                _fail(f"mems must have shape [mlen, bsz={bsz}, d_model={d_model}], got {tuple(mems.shape)}")
+            if mems.dtype != w.dtype:
+                _fail(f"mems has dtype {mems.dtype} but w has {w.dtype}", TypeError)
+            if mems.device != w.device:
+                _fail(f"mems is on {mems.device} but w is on {w.device}")
+        if r.dim() != 3 or r.shape[1] != 1 or r.shape[2] != d_model:
+            _fail(f"r must have shape [rlen, 1, d_model={d_model}] (one embedding per distance, shared by the batch: "
+                  f"pass pos_emb[:, :1], not an expansion over bsz), got {tuple(r.shape)}")
+        if r.device != w.device:
+            _fail(f"r is on {r.device} but w is on {w.device}")
+        if window != "mask" and window is not None:
+            if isinstance(window, bool) or not isinstance(window, int):
+                _fail(f"window must be 'mask', None or an int, got {window!r}", TypeError)
+            if not 1 <= window < MAX_SPAN:
+                _fail(f"window must be >= 1 (the query itself is always visible) and < 2**62, got {window}")
+        if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
+            _fail(f"mem_offset must be an int, got {mem_offset!r}", TypeError)
+        if not 0 <= mem_offset < MAX_SPAN:
+            _fail(f"mem_offset must be >= 0 and < 2**62, got {mem_offset}")
+        if kv_head_index is not None:
+            self._check_kv_head_index(kv_head_index, w.device)
+        klen = qlen + (0 if mems is None else mems.shape[0])
+        if r.shape[0] != klen + mem_offset:
+            _fail(f"r must have klen + mem_offset = {klen + mem_offset} rows (distance klen + mem_offset - 1 down to "
+                  f"0), got {r.shape[0]}")
+        if attn_mask is not None and (attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[:2]) != (qlen, klen)
+                                      or (attn_mask.dim() == 3 and attn_mask.shape[2] not in (1, bsz))):
+            _fail(f"attn_mask must be [qlen, klen] or [qlen, klen, 1 or bsz] = [{qlen}, {klen}(, {bsz})], got "
+                  f"{tuple(attn_mask.shape)}")
+
+    def _check_kv_head_index(self, kv_head_index, device) -> None:
+        """Raises unless ``kv_head_index`` is an int32/int64 ``[n_head]`` tensor on ``device`` (its values: below)."""
+        H = self.n_head
+        if not isinstance(kv_head_index, torch.Tensor) or kv_head_index.dtype not in (torch.int32, torch.int64):
+            got = kv_head_index.dtype if isinstance(kv_head_index, torch.Tensor) else type(kv_head_index).__name__
+            _fail(f"kv_head_index must be an int32 or int64 tensor of shape [n_head={H}], got {got}", TypeError)
+        if tuple(kv_head_index.shape) != (H,):
+            _fail(f"kv_head_index must have shape [n_head={H}], got {tuple(kv_head_index.shape)}")
+        if kv_head_index.device != device:
+            _fail(f"kv_head_index is on {kv_head_index.device} but w is on {device}")
+
+    def _check_kv_head_values(self, kv_head_index) -> None:
+        """Raises unless the heads of ``kv_head_index`` lie in ``[0, n_head)``: on the eager path only (the fused op
+        checks them itself), where a negative head wrapped silently and one past the last raised an IndexError."""
+        if kv_head_index is not None and values_readable(kv_head_index):
+            lo, hi = int(kv_head_index.min()), int(kv_head_index.max())
+            if lo < 0 or hi >= self.n_head:
+                _fail(f"kv_head_index values must lie in [0, n_head={self.n_head}), got values in [{lo}, {hi}]")
 
     def _project_positions(self, r, rows):
         """r ``[rlen, 1, d_model]`` (distance ``rlen - 1`` down to 0) -> the op's ``[H, rows, D]``, row d for
