@@ -49,3 +49,18 @@ def test_cuda_backend_reports_ready():
 
     assert BACKENDS["cuda"].unavailable_reason(torch.device("cuda")) is None
     assert "runs on cuda tensors" in BACKENDS["cuda"].unavailable_reason(torch.device("cpu"))
+
+
+def test_shared_memory_the_kernels_need_reaches_the_dispatcher():
+    """The extension tells the dispatcher how much shared memory per block its kernels need (what its own check asks
+    of the GPU), so that backend="auto" passes over a GPU that has less: more than the 99 KiB of sm_86/sm_89 GPUs for
+    some dtypes and head dims, never more than an H100's 227 KiB."""
+    from memtx_ops.backends.cuda import _kernel_shared_memory
+
+    need = {(dtype, head_dim): torch.ops.memtx_C.cuda_shared_memory_bytes(head_dim, dtype)
+            for dtype in (torch.float16, torch.bfloat16, torch.float32) for head_dim in (1, 32, 33, 64, 65, 128)}
+    assert all(48 * 1024 < n <= 227 * 1024 for n in need.values()), need
+    assert need[torch.bfloat16, 128] > 99 * 1024, need
+    assert _kernel_shared_memory(128, torch.bfloat16) == need[torch.bfloat16, 128]
+    with pytest.raises(RuntimeError, match="head dim 129 is not supported"):
+        torch.ops.memtx_C.cuda_shared_memory_bytes(129, torch.bfloat16)

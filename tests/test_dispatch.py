@@ -5,8 +5,19 @@ import json
 
 import torch
 
+import pytest
+
 import memtx_ops.backends as backends
+import memtx_ops.backends.cuda as cuda_backend
 from bench.suites import rel_memory_attention as suite
+
+
+def pretend_gpu(monkeypatch, major=9, shared_memory_optin=232448, kernel_shared_memory=111104):
+    """The device queries of the CUDA backend answer as a GPU of compute capability ``major`` would, for kernels that
+    need ``kernel_shared_memory`` bytes (an H100 and bf16 at D=128 by default; no GPU or CUDA build needed)."""
+    monkeypatch.setattr(cuda_backend, "_compute_capability_major", lambda index: major)
+    monkeypatch.setattr(cuda_backend, "_shared_memory_optin", lambda index: shared_memory_optin)
+    monkeypatch.setattr(cuda_backend, "_kernel_shared_memory", lambda head_dim, dtype: kernel_shared_memory)
 
 
 def test_recorded_choice_is_used_and_written(monkeypatch, tmp_path):
@@ -25,9 +36,10 @@ def test_recorded_choice_is_used_and_written(monkeypatch, tmp_path):
 
 
 def test_auto_resolves_on_cuda_inside_one_compiled_graph(monkeypatch):
-    """backend="auto" on CUDA tensors reads the recorded choice and asks whether the CUDA kernels are built: under
-    torch.compile(fullgraph=True) neither may break the graph (a file read and the dispatcher query once did, in
-    every model's compile on a GPU). The GPU's name comes from a torch function dynamo cannot trace, as on a GPU."""
+    """backend="auto" on CUDA tensors reads the recorded choice and asks whether the CUDA kernels are built and fit
+    the GPU: under torch.compile(fullgraph=True) none may break the graph (a file read and the dispatcher query once
+    did, in every model's compile on a GPU). The GPU's name and properties come from torch functions dynamo cannot
+    trace, as on a GPU."""
     monkeypatch.setattr(backends, "_CUDA_CHOICES", {"Test GPU": {"bfloat16": {"64": "cuda"}}})
 
     def gpu_name(device=None):
@@ -35,13 +47,25 @@ def test_auto_resolves_on_cuda_inside_one_compiled_graph(monkeypatch):
         return "Test GPU" if traced_would_break else "other"
 
     monkeypatch.setattr(torch.cuda, "get_device_name", gpu_name)
+
+    class Properties:  # what the CUDA backend asks of the GPU, through a torch function dynamo cannot trace either
+        major, shared_memory_per_block_optin = 8, 101376
+
+    def gpu_properties(device=None):
+        return Properties if torch._C._dispatch_has_kernel_for_dispatch_key("aten::add.Tensor", "CPU") else None
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", gpu_properties)
+    monkeypatch.setattr(torch.ops.memtx_C, "cuda_shared_memory_bytes", lambda head_dim, dtype: 111104,
+                        raising=False)
+    monkeypatch.setattr(cuda_backend, "_KERNEL_SHARED_MEMORY", {})  # to hold the stand-in's answers
     device = torch.device("cuda", 0)
 
     def resolved(x):
         cuda_reason = backends.BACKENDS["cuda"].unavailable_reason(device)
+        cuda_unfit = backends.BACKENDS["cuda"].unfit_reason(device, torch.bfloat16, 64)
         choice = backends.measured_cuda_choice(device, torch.bfloat16, 64)
         return x + len(backends.resolve_backend("auto", device, torch.bfloat16, 64)) + len(cuda_reason or "") + len(
-            choice)
+            choice) + len(cuda_unfit)
 
     torch._dynamo.reset()
     try:
@@ -52,6 +76,7 @@ def test_auto_resolves_on_cuda_inside_one_compiled_graph(monkeypatch):
 
 
 def test_auto_without_a_recorded_choice_prefers_the_cuda_kernels_then_triton(monkeypatch):
+    pretend_gpu(monkeypatch)
     monkeypatch.setattr(backends, "_CUDA_CHOICES", {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: None)
@@ -64,8 +89,7 @@ def test_auto_without_a_recorded_choice_prefers_the_cuda_kernels_then_triton(mon
 
 
 def test_cuda_backend_head_dim_limit_is_checked_before_launch(monkeypatch):
-    import pytest
-
+    pretend_gpu(monkeypatch)
     cuda = backends.BACKENDS["cuda"]
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
     with pytest.raises(ValueError, match=r"backend 'cuda' supports head dims D <= 128; got D=192"):
@@ -74,6 +98,56 @@ def test_cuda_backend_head_dim_limit_is_checked_before_launch(monkeypatch):
     monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: "no triton here")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     assert backends.resolve_backend("auto", torch.device("cuda"), torch.float16, 192) == "reference"
+
+
+@pytest.mark.parametrize("gpu,major,optin,need", [("Tesla T4", 7, 65536, 97536), ("NVIDIA L4", 8, 101376, 111104)],
+                         ids=["sm_75", "99 KiB of shared memory"])
+def test_auto_passes_over_a_gpu_the_cuda_kernels_cannot_run_on(monkeypatch, gpu, major, optin, need):
+    """The C++ check refuses compute capability 7.x and a GPU with less opt-in shared memory than the kernels of the
+    dtype and head dim need: "auto" takes Triton there instead of raising at the first call (it took the CUDA
+    kernels on any GPU), and naming "cuda" raises before the launch, saying what the GPU lacks."""
+    pretend_gpu(monkeypatch, major, optin, need)
+    monkeypatch.setattr(backends, "_CUDA_CHOICES", {gpu: {"bfloat16": {"128": "cuda"}}})  # even a recorded choice
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(backends.BACKENDS["cuda"], "unavailable_reason", lambda device: None)
+    device = torch.device("cuda", 0)
+    assert backends.resolve_backend("auto", device, torch.bfloat16, 128) == "triton"
+    lacks = "need compute capability 8.0 or newer .* this GPU has 7.x" if major < 8 else (
+        f"for D=128 in bfloat16 need {need} bytes of shared memory per block, this GPU allows {optin}")
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run on cuda:0: its kernels {lacks}"):
+        backends.get_backend("cuda", device, torch.bfloat16, 128)
+    pretend_gpu(monkeypatch, 8, optin, optin)  # what fits runs
+    assert backends.resolve_backend("auto", device, torch.bfloat16, 128) == "cuda"
+
+
+def test_triton_refuses_bfloat16_in_its_cpu_interpreter(monkeypatch):
+    """Triton's interpreter computes bfloat16 wrong (outputs ~1e9 off, silently): CPU tensors of that dtype are refused
+    before any kernel runs, for attention and resampling, while float16 goes on (to the interpreter, stubbed here)."""
+    import memtx_ops
+    from memtx_ops.backends.causal_resample import RESAMPLE_BACKENDS
+
+    monkeypatch.setattr(backends.BACKENDS["triton"], "unavailable_reason", lambda device: None)
+    ran = []
+    def attention(q, *args, **kwargs):
+        ran.append("attention")
+        return torch.zeros_like(q), torch.zeros(q.shape[:3])
+
+    monkeypatch.setattr(backends.BACKENDS["triton"], "forward", attention)
+    monkeypatch.setattr(RESAMPLE_BACKENDS["triton"], "causal_downsample", lambda *args: ran.append("resample"))
+    q = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
+    r = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    u = torch.zeros(2, 16, dtype=torch.bfloat16)
+    x = torch.randn(1, 6, 8, dtype=torch.bfloat16)
+    lacks = "backend 'triton' cannot run on cpu: Triton's CPU interpreter computes bfloat16 wrong"
+    with pytest.raises(RuntimeError, match=f"rel_memory_attention: {lacks}"):
+        memtx_ops.rel_memory_attention(q, q, q, r, u, u, backend="triton")
+    with pytest.raises(RuntimeError, match=f"causal_downsample: {lacks}"):
+        memtx_ops.causal_downsample(x, 3, backend="triton")
+    assert ran == []
+    memtx_ops.rel_memory_attention(q.half(), q.half(), q.half(), r.half(), u.half(), u.half(), backend="triton")
+    memtx_ops.causal_downsample(x.half(), 3, backend="triton")
+    assert ran == ["attention", "resample"]
 
 
 def test_inference_calls_the_kernel_directly_and_training_the_custom_op(monkeypatch):

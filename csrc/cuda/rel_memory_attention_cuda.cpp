@@ -25,8 +25,8 @@
 namespace memtx {
 namespace {
 
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+cuda::DType dtype_of(at::ScalarType scalar_type) {
+  switch (scalar_type) {
     case at::kHalf:
       return cuda::DType::kHalf;
     case at::kBFloat16:
@@ -35,7 +35,7 @@ cuda::DType dtype_of(const at::Tensor& t) {
       return cuda::DType::kFloat;
     default:
       TORCH_CHECK(false, "rel_memory_attention (cuda backend): supports float16, bfloat16 and float32, got ",
-                  t.scalar_type());
+                  scalar_type);
   }
 }
 
@@ -58,7 +58,7 @@ int to_int(int64_t v, const char* what) {
 cuda::DType check_cuda(const at::Tensor& q, const RelAttnShape& s) {
   TORCH_CHECK(q.device().type() == kKernelDevice, "rel_memory_attention_fwd_cuda: expected ",
               c10::DeviceTypeName(kKernelDevice), " tensors, got ", q.device());
-  const cuda::DType dtype = dtype_of(q);
+  const cuda::DType dtype = dtype_of(q.scalar_type());
   TORCH_CHECK(s.D >= 1 && s.D <= cuda::max_head_dim(), "rel_memory_attention (cuda backend): head dim D=", s.D,
               " is not supported (D <= ", cuda::max_head_dim(), "); use backend='triton' or 'reference'");
   TORCH_CHECK(s.H <= 65535 && s.Hk <= 65535 && s.B <= 65535,
@@ -193,10 +193,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dr, du, dvb};
 }
 
+// The shared memory per block that check_cuda requires for (head_dim, dtype), for the Python dispatcher to refuse a
+// GPU that cannot give it before any launch (memtx_ops/backends/cuda.py; backend="auto" then takes Triton).
+int64_t cuda_shared_memory_bytes(int64_t head_dim, at::ScalarType scalar_type) {
+  TORCH_CHECK(head_dim >= 1 && head_dim <= cuda::max_head_dim(), "cuda_shared_memory_bytes: head dim ", head_dim,
+              " is not supported (D <= ", cuda::max_head_dim(), ")");
+  return cuda::shared_memory_bytes(int(head_dim), dtype_of(scalar_type));
+}
+
 #if !defined(MEMTX_HOST_EMULATION)  // the emulator registers the two in a namespace of its own (runner.cpp)
 TORCH_LIBRARY_IMPL(memtx_C, CUDA, m) {
   m.impl("rel_memory_attention_fwd", &rel_memory_attention_fwd_cuda);
   m.impl("rel_memory_attention_bwd", &rel_memory_attention_bwd_cuda);
+}
+
+// No tensor argument, so no dispatch key: the schema and its one kernel, in CUDA builds only.
+TORCH_LIBRARY_FRAGMENT(memtx_C, m) {
+  m.def("cuda_shared_memory_bytes(int head_dim, ScalarType dtype) -> int", &cuda_shared_memory_bytes);
 }
 #endif
 

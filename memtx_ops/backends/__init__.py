@@ -67,6 +67,9 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
         raise ValueError(
             f"rel_memory_attention: backend {name!r} supports head dims D <= {backend.max_head_dim}; got D={head_dim}"
         )
+    reason = backend.unfit_reason(device, dtype, head_dim)
+    if reason is not None:
+        raise RuntimeError(f"rel_memory_attention: backend {name!r} cannot run on {device}: {reason}")
     return backend
 
 
@@ -80,6 +83,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
         candidates = ((measured,) if measured else ()) + _CUDA_PREFERENCE
     for candidate in candidates:
         backend = BACKENDS[candidate]
-        if dtype in backend.dtypes and head_dim <= backend.max_head_dim and backend.unavailable_reason(device) is None:
+        if (dtype in backend.dtypes and head_dim <= backend.max_head_dim and backend.unavailable_reason(device) is None
+                and backend.unfit_reason(device, dtype, head_dim) is None):
             return candidate
     return "reference"

@@ -49,6 +49,12 @@ class Backend:
         """None when this backend can run on ``device``, else a sentence saying why not and what to do."""
         raise NotImplementedError
 
+    def unfit_reason(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+        """None when this backend, available on ``device`` (:meth:`unavailable_reason`) and supporting ``dtype`` and
+        ``head_dim``, can run them on that device, else a sentence saying what the device lacks. The default needs
+        nothing more."""
+        return None
+
     def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype of the saved log-sum-exp for inputs computed in ``dtype``: float64 for float64, else float32."""
         return torch.float64 if dtype == torch.float64 else torch.float32

@@ -30,6 +30,10 @@ class ResampleBackend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         raise NotImplementedError
 
+    def unfit_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None when this backend, available on ``device`` and supporting ``dtype``, runs it there, else why not."""
+        return None
+
     def causal_downsample(self, x, prev, weights, factor) -> Tensor:
         """-> y ``[B, L / k, d]``."""
         raise NotImplementedError
@@ -81,6 +85,9 @@ class TritonResample(ResampleBackend):
     def unavailable_reason(self, device):
         return triton.BACKEND.unavailable_reason(device)
 
+    def unfit_reason(self, device, dtype):
+        return triton.interpreter_dtype_reason(device, dtype)
+
     @staticmethod
     def _kernels():
         from memtx_ops.kernels import causal_resample
@@ -111,6 +118,9 @@ def get_resample_backend(name: str, device: torch.device, dtype: torch.dtype, op
     """The backend called ``name``, checked to run on ``device`` and ``dtype``; raises a clear error naming ``op``."""
     backend = RESAMPLE_BACKENDS[name]
     check_usable(backend, op, device, dtype)
+    reason = backend.unfit_reason(device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {name!r} cannot run on {device}: {reason}")
     return backend
 
 
@@ -120,6 +130,7 @@ def resolve_resample_backend(name: str, device: torch.device, dtype: torch.dtype
     if name != "auto":
         return name
     candidate = RESAMPLE_BACKENDS["cpu" if device.type == "cpu" else "triton"]
-    if dtype in candidate.dtypes and candidate.unavailable_reason(device) is None:
+    if (dtype in candidate.dtypes and candidate.unavailable_reason(device) is None
+            and candidate.unfit_reason(device, dtype) is None):
         return candidate.name
     return "reference"
