@@ -207,6 +207,27 @@ def test_inference_out(splits, monkeypatch):
     assert not bad and not torch.equal(out, out32.to(torch.float16)), bad
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"splits{n}")
+def test_rows_whose_scores_are_all_minus_inf_are_nan_like_the_reference(splits, monkeypatch):
+    """An inf in u makes every score of one (batch, head) -inf: softmax is 0 / 0 there, NaN in the reference and the
+    C++ kernels. Unsplit, the kernel put 1 for the sum of such a row and returned 0, silently finite; NaN must
+    propagate, and the other heads stay exact."""
+    from memtx_ops.kernels.rel_memory_attention import fwd
+
+    monkeypatch.setattr(fwd, "key_splits", lambda programs, keys, device: splits)
+    q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=2, H=2, L=3, M=2, D=4), torch.float32, DEVICE))
+    k = k.abs() + 0.1
+    u = u.clone()
+    u[0, 0] = -float("inf")  # (q + u) . k = -inf for every key of head 0
+    for needs_grad in (False, True):
+        with torch.set_grad_enabled(needs_grad):
+            out = memtx_ops.rel_memory_attention(q, k, v, r, u, vb, backend="triton")
+        want = memtx_ops.reference.rel_memory_attention(q.double(), k.double(), v.double(), r.double(), u.double(),
+                                                        vb.double())
+        assert want[:, 0].isnan().all() and out[:, 0].isnan().all()
+        torch.testing.assert_close(out[:, 1].double(), want[:, 1], rtol=1e-5, atol=1e-5)
+
+
 def test_backward_wants_the_float32_out():
     q, k, v, r, u, vb = (t.detach() for t in make_inputs(Case(B=1, H=1, L=4, M=0, D=16), torch.float16, DEVICE))
     from memtx_ops.kernels.rel_memory_attention import rel_memory_attention_bwd

@@ -133,10 +133,11 @@ def _fwd_kernel(
                                   BLOCK_M, BLOCK_N, BLOCK_W, PRECISION, EXACT_PV)
 
     if not PARTIAL:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past L see no key
-        out = tl.where(g_valid, acc / l_safe[:, None], float("nan"))
+        # every row < L sees its own key, so l_i is 0 only where its scores were all -inf (an inf input): out is then
+        # 0 / 0, NaN as in the reference; the padding rows past L (0 / 0 too) are not stored
+        out = tl.where(g_valid, acc / l_i[:, None], float("nan"))
         store_rows(O + b * stride_ob + h * stride_oh, i0, L, stride_om, offs_d, mask_d, out, BLOCK_M)
-        lse = tl.where(g_valid, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("nan"))
+        lse = tl.where(g_valid, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, float("nan"))
         tl.store(LSE + pid_bh.to(tl.int64) * L + offs_i, lse, mask=offs_i < L)
     else:
         rows = (split * B * H + pid_bh).to(tl.int64) * L  # first row of this (split, batch, head)
