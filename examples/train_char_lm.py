@@ -233,9 +233,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must lie in (0, 1], got {args.top_p}")
     for name in ("lr", "replay_alpha", "temperature"):
-        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
-            parser.error(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
-                         f"got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not (0 < value < math.inf if name == "lr" else 0 <= value < math.inf):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                         f"got {value}")
     if args.eval_chars and args.eval_chars <= args.tgt_len:
         parser.error(f"--eval-chars must be 0 (the whole split) or more than --tgt-len ({args.tgt_len}), "
                      f"got {args.eval_chars}")

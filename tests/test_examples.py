@@ -112,7 +112,8 @@ def test_bad_flags_exit_with_a_message_naming_them():
     one-cycle schedule takes every --steps (5% of 20 steps made a warm-up of length 0, a division by zero)."""
     cases = {"--steps 0": "--steps must be >= 1", "--eval-every 0": "--eval-every must be >= 1",
              "--batch-size 0": "--batch-size must be >= 1", "--top-p 1.5": r"--top-p must lie in (0, 1]",
-             "--top-p 0": r"--top-p must lie in (0, 1]", "--temperature -1": "--temperature must be >= 0",
+             "--top-p 0": r"--top-p must lie in (0, 1]", "--temperature -1": "--temperature must be a finite number >= 0",
+             "--temperature inf": "--temperature must be a finite number >= 0", "--lr nan": "--lr must be a finite",
              "--stop-at 0": "--stop-at must be >= 1", "--eval-chars 10": "--eval-chars must be 0 (the whole split) or",
              "--cross-head-p 1.5": "--cross-head-p must lie in [0, 1]", "--sample -5": "--sample must be >= 0",
              "--replay-segments 2 --skip-retain-p 0.5": "--replay-segments does not combine with --skip-retain-p"}

@@ -71,7 +71,8 @@ def test_top_k_and_top_p_restrict_the_draws():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(temperature=-1.0), "temperature must be a float >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite float >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite float >= 0"),  # -inf / inf: NaN probabilities
     (dict(top_k=0), "top_k must be None or an int >= 1"),
     (dict(top_p=1.5), r"top_p must be None or a float in \(0, 1\]"),
     (dict(max_new_tokens=-2), "max_new_tokens must be an int >= 0"),

@@ -9,6 +9,7 @@ the tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,9 +19,8 @@ Tensor = torch.Tensor
 
 def check_sampling(temperature, top_k, top_p) -> None:
     """Raises ``TypeError``/``ValueError`` naming the argument unless the sampling options are well formed."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0 \
-            or temperature != temperature:
-        raise ValueError(f"temperature must be a float >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite float >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
