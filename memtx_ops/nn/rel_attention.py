@@ -21,7 +21,7 @@ from torch import nn
 from memtx_ops import reference
 from memtx_ops.nn.dropout import Dropout
 from memtx_ops.nn.generation import KeyValueCache
-from memtx_ops.ops.rel_memory_attention import MAX_SPAN, rel_memory_attention, values_readable
+from memtx_ops.ops.rel_memory_attention import check_span, rel_memory_attention, values_readable
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts to its own dtype
 
@@ -207,15 +207,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
                   f"pass pos_emb[:, :1], not an expansion over bsz), got {tuple(r.shape)}")
         if r.device != w.device:
             _fail(f"r is on {r.device} but w is on {w.device}")
-        if window != "mask" and window is not None:
-            if isinstance(window, bool) or not isinstance(window, int):
-                _fail(f"window must be 'mask', None or an int, got {window!r}", TypeError)
-            if not 1 <= window < MAX_SPAN:
-                _fail(f"window must be >= 1 (the query itself is always visible) and < 2**62, got {window}")
-        if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
-            _fail(f"mem_offset must be an int, got {mem_offset!r}", TypeError)
-        if not 0 <= mem_offset < MAX_SPAN:
-            _fail(f"mem_offset must be >= 0 and < 2**62, got {mem_offset}")
+        check_span(None if window == "mask" else window, mem_offset, _fail, "'mask', None or an int")
         if kv_head_index is not None:
             self._check_kv_head_index(kv_head_index, w.device)
         klen = qlen + (0 if mems is None else mems.shape[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,20 @@ def values_readable(t: Tensor) -> bool:
     """Whether the values of ``t`` can be checked here: not under ``torch.compile`` (a read would break the graph),
     not on the meta device, not fake."""
     return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
+
+
+def check_span(window, mem_offset, fail: Callable[..., None] = _fail, window_kinds: str = "an int or None") -> None:
+    """Raises ``TypeError``/``ValueError`` through ``fail`` unless ``window`` is None or an int in ``[1, 2**62)`` and
+    ``mem_offset`` an int in ``[0, 2**62)``; ``window_kinds`` says what a window may be, for the message."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            fail(f"window must be {window_kinds}, got {window!r}", TypeError)
+        if not 1 <= window < MAX_SPAN:
+            fail(f"window must be >= 1 (the query itself is always visible) and < 2**62, got {window}")
+    if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
+        fail(f"mem_offset must be an int, got {mem_offset!r}", TypeError)
+    if not 0 <= mem_offset < MAX_SPAN:
+        fail(f"mem_offset must be >= 0 and < 2**62, got {mem_offset}")
 
 
 def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, backend) -> None:
@@ -103,15 +117,7 @@ def check_inputs(q, k, v, r, u, vb, kv_head_index, window, mem_offset, scale, ba
             if lo < 0 or hi >= Hk:
                 _fail(f"kv_head_index values must lie in [0, Hk={Hk}), got values in [{lo}, {hi}]")
 
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int):
-            _fail(f"window must be an int or None, got {type(window).__name__}", TypeError)
-        if not 1 <= window < MAX_SPAN:
-            _fail(f"window must be >= 1 (the query itself is always visible) and < 2**62, got {window}")
-    if isinstance(mem_offset, bool) or not isinstance(mem_offset, int):
-        _fail(f"mem_offset must be an int, got {type(mem_offset).__name__}", TypeError)
-    if not 0 <= mem_offset < MAX_SPAN:
-        _fail(f"mem_offset must be >= 0 and < 2**62, got {mem_offset}")
+    check_span(window, mem_offset)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             _fail(f"scale must be a float or None, got {type(scale).__name__}", TypeError)
