@@ -150,6 +150,26 @@ def test_triton_refuses_bfloat16_in_its_cpu_interpreter(monkeypatch):
     assert ran == ["attention", "resample"]
 
 
+def test_auto_warns_when_it_falls_back_because_the_extension_did_not_load(monkeypatch):
+    """A broken build is not silently slow: without memtx_ops._C, "auto" on CPU tensors runs the eager reference
+    (attention and resampling) and says why; with it, no warning."""
+    import warnings
+
+    import memtx_ops._extension as extension
+    from memtx_ops.backends.causal_resample import resolve_resample_backend
+
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", cpu, torch.float32, 64) == "cpu"
+    monkeypatch.setattr(extension, "_load_error", ImportError("undefined symbol: stand-in"))
+    with pytest.warns(RuntimeWarning, match=r"rel_memory_attention: backend='auto' runs the eager reference: the "
+                                            r"compiled extension memtx_ops._C could not be imported \(undefined symbol"):
+        assert backends.resolve_backend("auto", cpu, torch.float32, 64) == "reference"
+    with pytest.warns(RuntimeWarning, match="causal resampling: backend='auto' runs the eager reference"):
+        assert resolve_resample_backend("auto", cpu, torch.float32) == "reference"
+
+
 def test_inference_calls_the_kernel_directly_and_training_the_custom_op(monkeypatch):
     """Under no_grad (or with no input that requires grad) the public op calls the backend's kernel without the
     custom op's dispatch; with grad it goes through the custom op, so autograd and torch.compile see one op."""

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from . import cpu, cuda, triton
-from .base import Backend, check_usable
+from .base import Backend, check_usable, warn_unavailable_extension
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (cpu.BACKEND, triton.BACKEND, cuda.BACKEND)}
 BACKEND_NAMES = ("auto", "reference") + tuple(BACKENDS)
@@ -86,4 +86,5 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
         if (dtype in backend.dtypes and head_dim <= backend.max_head_dim and backend.unavailable_reason(device) is None
                 and backend.unfit_reason(device, dtype, head_dim) is None):
             return candidate
+    warn_unavailable_extension("rel_memory_attention")
     return "reference"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,6 +22,17 @@ def check_usable(backend, op: str, device: torch.device, dtype: torch.dtype) -> 
         raise TypeError(
             f"{op}: backend {backend.name!r} supports dtypes {supported}; got {str(dtype).replace('torch.', '')}"
         )
+
+
+def warn_unavailable_extension(op: str) -> None:
+    """Warns that ``op``'s ``backend="auto"`` runs the eager reference when the compiled extension did not load (its
+    C++ kernels would have run on the CPU): a broken build is not silently slow. Python shows it once per process;
+    not under torch.compile, where a warning would break the graph."""
+    from memtx_ops._extension import extension_error
+
+    error = extension_error()
+    if error is not None and not torch.compiler.is_compiling():
+        warnings.warn(f"{op}: backend='auto' runs the eager reference: {error}", RuntimeWarning, stacklevel=3)
 
 
 class Backend:

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import cpu, triton
-from .base import check_usable
+from .base import check_usable, warn_unavailable_extension
 
 Tensor = torch.Tensor
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,4 +133,5 @@ def resolve_resample_backend(name: str, device: torch.device, dtype: torch.dtype
     if (dtype in candidate.dtypes and candidate.unavailable_reason(device) is None
             and candidate.unfit_reason(device, dtype) is None):
         return candidate.name
+    warn_unavailable_extension("causal resampling")
     return "reference"
