@@ -66,8 +66,8 @@ def _none_if_empty(cotangents: Optional[Sequence[Optional[Tensor]]]) -> Optional
     return tuple(cotangents)
 
 
-def _shares_storage(t: Tensor, buffers: Sequence[Optional[Tensor]]) -> bool:
-    """Whether ``t`` is a view of one of ``buffers`` (None entries skipped)."""
+def shares_storage(t: Tensor, buffers: Sequence[Optional[Tensor]]) -> bool:
+    """Whether ``t`` is a view of one of ``buffers`` (None entries skipped): a write to that buffer would change it."""
     storage = t.untyped_storage().data_ptr()
     return any(b is not None and b.untyped_storage().data_ptr() == storage for b in buffers)
 
@@ -373,7 +373,7 @@ class _Tape:
                     elif slot < param_slots.start:
                         # A segment input whose gradient is dmem_{t+1} passed through (mem_next = mem + x, or x
                         # itself) gets autograd's alias of that carried slot, which step t - 1 overwrites.
-                        grads[slot] = g.clone() if g is not None and _shares_storage(g, carried) else g
+                        grads[slot] = g.clone() if g is not None and shares_storage(g, carried) else g
                     else:
                         grads[slot] = _add(grads[slot], g)
                 if t == 0:

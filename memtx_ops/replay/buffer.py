@@ -37,6 +37,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from memtx_ops.ops.memory_replay import shares_storage
+
 from .structures import DEFAULT_BRANCHING, STRUCTURES, make_structure
 
 RULES = ("loss", "loss_difference", "grad_norm")
@@ -230,7 +232,8 @@ class PrioritizedReplay:
         if self.device is None:
             self._allocate(tensors[0].device, "examples")
         # stored without their autograd history, and read before the ring overwrites them if they are the buffer's own
-        tensors = tuple(t.detach().clone() if self._shares_storage(t) else t.detach() for t in tensors)
+        # (views of the storage, as examples() returns)
+        tensors = tuple(t.detach().clone() if shares_storage(t, self._storage or ()) else t.detach() for t in tensors)
         k = tensors[0].shape[0]
         given = None if priorities is None else self._check_values("priorities", priorities, k)
         seen = None if losses is None else self._check_values("losses", losses, k)
@@ -330,11 +333,6 @@ class PrioritizedReplay:
                             f"and so must its sum with the masses held; a priority that far from 1 under this alpha "
                             f"cannot be sampled by its mass")
         return masses
-
-    def _shares_storage(self, t: Tensor) -> bool:
-        """Whether ``t`` is a view of the stored examples (:meth:`examples` returns such views)."""
-        return self._storage is not None and any(
-            t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in self._storage)
 
     # -- views and checkpoints --------------------------------------------------------------------------------------
 
