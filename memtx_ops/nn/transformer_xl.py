@@ -457,11 +457,10 @@ class TransformerXL(nn.Module):
             if h.dtype != self.word_emb.weight.dtype:
                 raise TypeError(f"{name}: memory[{index}].hidden must have the model's dtype "
                                 f"{self.word_emb.weight.dtype} (the layers' inputs), got {h.dtype}")
-            for field in ("age", "mem_offset"):
+            for field, least in (("age", 1), ("mem_offset", 0)):
                 value = getattr(mem, field)
-                if isinstance(value, bool) or not isinstance(value, int) or value < (field == "age"):
-                    raise ValueError(f"{name}: memory[{index}].{field} must be an int >= {int(field == 'age')}, "
-                                     f"got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise ValueError(f"{name}: memory[{index}].{field} must be an int >= {least}, got {value!r}")
 
     def forward(self, tokens: torch.Tensor, memory: Optional[Memory] = None, targets: Optional[torch.Tensor] = None,
                 *, kv_caches: Optional[List[KeyValueCache]] = None):
